@@ -1,0 +1,130 @@
+"""``host`` command line. Heavy imports (torch, transformers, pydantic) happen inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from host.errors import HostError
+
+app = typer.Typer(help="host: fine-tune LLMs with plugins.", no_args_is_help=True, add_completion=False)
+plugins_app = typer.Typer(help="List installed plugins or scaffold a new one.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+
+CONFIG = typer.Argument(..., help="Path to the run's YAML config.", show_default=False)
+
+
+def _user_errors(fn):
+    """Turn HostError into 'error: ...' on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HostError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _load(config: Path):
+    from host.config import load_config
+
+    return load_config(config)
+
+
+@app.command()
+@_user_errors
+def train(config: Path = CONFIG) -> None:
+    """Train (or resume) as the config says; writes adapter, loss.png and run_summary.json."""
+    _setup_logging()
+    cfg, pm, warnings = _load(config)
+    from host.train import train as run
+
+    summary = run(cfg, pm, warnings)
+    if summary:
+        typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+@_user_errors
+def preprocess(config: Path = CONFIG) -> None:
+    """Tokenize the datasets into `dataset_prepared_path` without training."""
+    _setup_logging()
+    cfg, pm, warnings = _load(config)
+    for w in warnings:
+        logging.getLogger("host").warning(w)
+    from host.train import preprocess as run
+
+    n_train, n_eval = run(cfg, pm)
+    typer.echo(f"prepared {n_train} train rows" + (f" and {n_eval} eval rows" if n_eval is not None else ""))
+
+
+@app.command()
+@_user_errors
+def validate(config: Path = CONFIG) -> None:
+    """Print the resolved config (plugin keys included); exit 2 on any error."""
+    import yaml
+
+    cfg, _pm, warnings = _load(config)
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+@app.command("merge-lora")
+@_user_errors
+def merge_lora(
+    config: Path = CONFIG,
+    out: Path = typer.Option(None, help="Where to write the merged model (default: output_dir/merged)."),
+) -> None:
+    """Merge the trained LoRA adapter in output_dir into the base model and save it."""
+    _setup_logging()
+    cfg, pm, _ = _load(config)
+    from host.merge import merge
+
+    path = merge(cfg, pm, out)
+    typer.echo(f"merged model written to {path}")
+
+
+@plugins_app.command("list")
+def plugins_list() -> None:
+    """Installed plugins with distribution, version and hooks (imports no plugin code)."""
+    from host.plugins import installed_plugins
+
+    infos = installed_plugins()
+    if not infos:
+        typer.echo("no plugins installed")
+        return
+    rows = [("name", "distribution", "version", "hooks")]
+    rows += [(i.name, i.distribution, i.version, ", ".join(i.hooks) or "-") for i in infos]
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    for r in rows:
+        typer.echo("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3])
+
+
+@plugins_app.command("new")
+@_user_errors
+def plugins_new(
+    name: str = typer.Argument(..., help="Plugin name (a Python identifier, e.g. my_feature)."),
+    path: Path = typer.Option(Path("."), help="Directory in which to create the plugin's folder."),
+) -> None:
+    """Scaffold a plugin distribution: pyproject, entry point, config model, hook, README, test."""
+    from host.scaffold import scaffold
+
+    target = scaffold(name, path)
+    typer.echo(f"created {target}\nnext: pip install -e {target} && pytest {target}/tests")
+
+
+def main() -> None:
+    app()

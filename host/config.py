@@ -1,0 +1,232 @@
+"""The host's config schema, merged per run with each enabled plugin's own keys.
+
+Keys follow axolotl's names and meanings for the subset the host supports. Unknown keys are
+errors (with the closest valid key suggested); wrong types name the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from host.errors import ConfigError, PluginError
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, defaults are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+
+class DatasetConfig(StrictModel):
+    """One ``datasets:`` entry; a dataset type's model subclasses this to add its own keys."""
+
+    path: str = Field(description="Local file, directory of files, saved dataset dir, or hub id.")
+    type: str = Field(description="Dataset type, owned by the host or a plugin.")
+    split: str = "train"
+    data_files: str | list[str] | None = None
+    name: str | None = Field(None, description="Dataset config name (hub datasets).")
+
+
+class HostConfig(StrictModel):
+    """Keys the host itself understands."""
+
+    base_model: str
+    tokenizer: str | None = None
+    processor_type: str | None = None
+    trust_remote_code: bool = False
+    plugins: list[str] = []
+
+    datasets: list[DatasetConfig] = []
+    val_set_size: float = 0.0
+    dataset_prepared_path: str | None = None
+    sequence_len: int = Field(512, gt=0)
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
+    pad_to_sequence_len: bool = False
+
+    adapter: Literal["lora"] | None = None
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: float = 16
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | str | None = None
+    lora_target_parameters: list[str] | None = None
+    lora_modules_to_save: list[str] | None = None
+
+    micro_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = None
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float | None = None
+    warmup_steps: int | None = None
+    optimizer: str = "adamw_torch"
+    weight_decay: float = 0.0
+    bf16: bool | Literal["auto"] = "auto"
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int | None = None
+    saves_per_epoch: int | None = None
+    eval_steps: int | None = None
+    evals_per_epoch: int | None = None
+    output_dir: str = "./outputs/run"
+    resume_from_checkpoint: bool | str | None = None
+    seed: int = 42
+
+    torch_compile: bool | Literal["auto"] = False
+    torch_compile_mode: str | None = None
+    experts_implementation: str | None = None
+
+    def config_hash(self) -> str:
+        """A stable hash of the resolved config (for summaries and cache keys)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file into a dict, turning every failure into a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found. Check the path.") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror}).") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}. Fix the syntax there.") from None
+    if data is None:
+        raise ConfigError(f"{path}: config file is empty. Start from examples/quickstart.yaml.")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}.")
+    return data
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_errors(source: str, exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        key = prefix + _loc(loc)
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else " Remove it or enable the plugin that owns it."
+            lines.append(f"{source}: unknown key {key!r}.{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: missing required key {key!r}.")
+        else:
+            lines.append(f"{source}: key {key!r}: {err['msg']} (got {err.get('input')!r}).")
+    return "\n".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model at ``loc``, for 'did you mean' hints."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        inner = getattr(ann, "__args__", (ann,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def merged_model(pm) -> type[HostConfig]:
+    """HostConfig extended with every enabled plugin's config model; collisions are errors."""
+    owners: dict[str, str] = {name: "host" for name in HostConfig.model_fields}
+    bases: list[type[BaseModel]] = []
+    for impl in reversed(pm.hook.config_model.get_hookimpls()):  # plugins: order
+        model = impl.function()
+        if model is None:
+            continue
+        for key in model.model_fields:
+            if key in owners:
+                raise PluginError(
+                    f"plugins: config key {key!r} is claimed by both {owners[key]!r} and "
+                    f"{impl.plugin_name!r}; one of them must rename it."
+                )
+            owners[key] = impl.plugin_name
+        bases.append(model)
+    if not bases:
+        return HostConfig
+    return create_model("Config", __base__=(HostConfig, *bases))
+
+
+def dataset_type_models(pm) -> dict[str, tuple[str, type[DatasetConfig]]]:
+    """``{type: (owning plugin, entry model)}``; two owners of one type is an error."""
+    types: dict[str, tuple[str, type[DatasetConfig]]] = {}
+    for impl in reversed(pm.hook.dataset_types.get_hookimpls()):
+        for name, model in (impl.function() or {}).items():
+            if name in types:
+                raise PluginError(
+                    f"plugins: dataset type {name!r} is claimed by both {types[name][0]!r} and "
+                    f"{impl.plugin_name!r}; disable one of them."
+                )
+            types[name] = (impl.plugin_name, model)
+    return types
+
+
+def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
+    """Validate raw YAML data against the merged schema, dataset entries and plugin rules."""
+    model = merged_model(pm)
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc, model)) from None
+    types = dataset_type_models(pm)
+    typed = []
+    for i, entry in enumerate(data.get("datasets") or []):
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind not in types:
+            close = difflib.get_close_matches(str(kind), list(types), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{source}: datasets[{i}].type: unknown dataset type {kind!r}.{hint} "
+                f"Known types: {', '.join(sorted(types))} (plugins add more)."
+            )
+        entry_model = types[kind][1]
+        try:
+            typed.append(entry_model.model_validate(entry))
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(source, exc, entry_model, prefix=f"datasets[{i}].")) from None
+    cfg.datasets = typed
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
+    """Read, build the plugin manager for, and validate a config file.
+
+    Returns ``(cfg, pm, warnings)``. ``overrides`` replace top-level keys (used by tests).
+    """
+    from host.plugins import build_plugin_manager
+
+    data = read_yaml(path)
+    data.update(overrides or {})
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"{path}: key 'plugins' must be a list of plugin names, got {plugins!r}.")
+    pm = build_plugin_manager(plugins)
+    cfg = validate(data, pm, source=str(path))
+    warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
+    return cfg, pm, warnings

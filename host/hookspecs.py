@@ -1,0 +1,121 @@
+"""The plugin API: every hook a plugin may implement, grouped by lifecycle phase.
+
+This module is the whole contract between the host and its plugins. A plugin is a module
+(named by a ``host.plugins`` entry point) whose functions carry ``@host.hookimpl`` and whose
+names match the specs below. Implement only the hooks you need; arguments may be omitted from
+an implementation's signature (pluggy passes only those it asks for).
+
+Call order: hooks are called in the order of the config's ``plugins:`` list, then the host's
+built-in plugin. Broadcast hooks run every implementation; "firstresult" hooks stop at the
+first non-``None`` answer.
+
+A plugin module may also define ``REQUIRES = ["other_plugin", ...]``: plugins that must be
+enabled (and listed before it) for it to work. The host checks this before anything loads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from host.config import DatasetConfig, HostConfig
+    from host.data import DatasetStrategy
+
+hookspec = pluggy.HookspecMarker("host")
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@hookspec
+def config_model() -> type[BaseModel] | None:
+    """Return a pydantic model whose fields are this plugin's top-level config keys.
+
+    Called once per run, before the YAML is validated. The host merges the models of all enabled
+    plugins with its own; a key declared by two plugins (or by a plugin and the host) is an error
+    naming both. Unknown keys in the YAML remain errors, so a plugin that owns keys must declare
+    them here. Give every field a default so configs without the plugin's keys still validate.
+    """
+
+
+@hookspec
+def dataset_types() -> dict[str, type[BaseModel]] | None:
+    """Return ``{type_name: entry_model}`` for every ``datasets[].type`` this plugin owns.
+
+    ``entry_model`` subclasses :class:`host.config.DatasetConfig` and declares the entry's extra
+    keys; the host validates each ``datasets:`` entry against its type's model at config time (so
+    ``host validate`` catches a bad entry without loading a tokenizer). Two plugins declaring the
+    same type is an error naming both.
+    """
+
+
+@hookspec
+def validate_config(cfg: HostConfig) -> list[str] | None:
+    """Check rules that span several keys, after pydantic validation and before any model loads.
+
+    Raise :class:`host.errors.ConfigError` naming the key and the fix for an invalid combination;
+    return a list of warning strings for allowed-but-risky ones (the host logs them). Exists
+    because a plugin's rules often depend on host keys (``torch_compile``, ``datasets``) that its
+    own config model cannot see.
+    """
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+@hookspec
+def pre_model_load(cfg: HostConfig) -> None:
+    """Called before the model is built (and before the tokenizer/processor are loaded).
+
+    Broadcast, in ``plugins:`` order. Use it for patches that must precede construction:
+    registering an experts implementation, setting Inductor flags, planning quantization.
+    """
+
+
+@hookspec
+def post_model_build(cfg: HostConfig, model: Any) -> None:
+    """Called once the model (and its peft adapter, when ``adapter`` is set) exists.
+
+    Broadcast, in ``plugins:`` order. Mutate ``model`` in place: swap modules, wrap weights,
+    convert LoRA layouts. It runs before the Trainer is created, so optimizer groups see the
+    result.
+    """
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def dataset_strategy(
+    cfg: HostConfig, dataset_cfg: DatasetConfig, tokenizer: Any, processor: Any
+) -> DatasetStrategy | None:
+    """Return the :class:`host.data.DatasetStrategy` that turns one ``datasets:`` entry into
+    tokenized rows, or ``None`` when ``dataset_cfg.type`` is not yours.
+
+    Called once per entry, after ``dataset_types`` proved that exactly one plugin owns the type.
+    """
+
+
+@hookspec(firstresult=True)
+def collator(cfg: HostConfig, tokenizer: Any, processor: Any) -> Any | None:
+    """Return a data collator (a callable from a list of rows to a batch dict) or ``None``.
+
+    The first plugin (in ``plugins:`` order) that answers wins; the host's padding collator is
+    used when none does.
+    """
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+@hookspec
+def trainer_callbacks(cfg: HostConfig) -> list[Any] | None:
+    """Return a list of ``transformers.TrainerCallback`` instances for this run.
+
+    Every plugin's lists are concatenated in ``plugins:`` order. Use ``on_train_begin`` /
+    ``on_train_end`` to apply and undo process-wide settings around training.
+    """

@@ -1,0 +1,34 @@
+"""``host merge-lora``: fold a trained LoRA adapter into the base weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from host.errors import ConfigError
+
+
+def merge(cfg, pm, out: Path | None = None) -> Path:
+    """Load base + adapter from ``output_dir``, merge, and save a plain transformers model.
+
+    Plugins run their ``pre_model_load``/``post_model_build`` hooks as in training, so a plugin
+    that cannot be merged (e.g. quantized experts) can refuse there with a clear error.
+    """
+    from peft import PeftModel
+
+    from host import model as model_mod
+
+    adapter_dir = Path(cfg.output_dir)
+    if cfg.adapter != "lora":
+        raise ConfigError("adapter: merge-lora needs adapter: lora; a full fine-tune is already merged.")
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ConfigError(f"output_dir: no trained adapter in {adapter_dir} (adapter_config.json missing); run `host train` first.")
+    pm.hook.pre_model_load(cfg=cfg)
+    tokenizer, processor = model_mod.load_tokenizer_and_processor(cfg)
+    base = model_mod.load_model(cfg)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    pm.hook.post_model_build(cfg=cfg, model=model)
+    merged = model.merge_and_unload()
+    target = Path(out) if out else adapter_dir / "merged"
+    merged.save_pretrained(target)
+    (processor or tokenizer).save_pretrained(target)
+    return target

@@ -1,0 +1,105 @@
+"""Load tokenizer, processor and model with transformers, and attach a peft adapter."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from host.errors import ConfigError
+
+log = logging.getLogger("host.model")
+
+
+def use_bf16(cfg) -> bool:
+    import torch
+
+    if cfg.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(cfg.bf16)
+
+
+def load_tokenizer_and_processor(cfg) -> tuple[Any, Any]:
+    """The processor (when ``processor_type`` is set) and its tokenizer, or a plain tokenizer."""
+    import transformers
+
+    source = cfg.tokenizer or cfg.base_model
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    processor = None
+    try:
+        if cfg.processor_type:
+            cls = getattr(transformers, cfg.processor_type, None)
+            if cls is None:
+                raise ConfigError(f"processor_type: transformers has no class {cfg.processor_type!r}; try AutoProcessor.")
+            processor = cls.from_pretrained(cfg.base_model, **kwargs)
+            tokenizer = getattr(processor, "tokenizer", None) or transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        else:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer/base_model: cannot load a tokenizer from {source!r}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, processor
+
+
+def load_model(cfg):
+    """Build the model from ``base_model`` (a local dir or hub id) in the training dtype."""
+    import torch
+    import transformers
+
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": torch.bfloat16 if use_bf16(cfg) else torch.float32,
+    }
+    if cfg.experts_implementation:
+        kwargs["experts_implementation"] = cfg.experts_implementation
+    # A processor means a vision-language model: try the image-text class first.
+    classes = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
+    if cfg.processor_type:
+        classes.reverse()
+    errors = []
+    for cls in classes:
+        try:
+            return cls.from_pretrained(cfg.base_model, **kwargs)
+        except ValueError as exc:  # "Unrecognized configuration class" for this auto class
+            errors.append(str(exc).splitlines()[0])
+        except OSError as exc:
+            raise ConfigError(f"base_model: cannot load a model from {cfg.base_model!r}: {exc}") from None
+    raise ConfigError(f"base_model: {cfg.base_model!r} is neither a causal LM nor an image-text model: {errors}")
+
+
+def attach_adapter(cfg, model):
+    """Wrap ``model`` with LoRA when ``adapter: lora``; leave it for full fine-tuning otherwise."""
+    if cfg.adapter != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if not cfg.lora_target_modules and not cfg.lora_target_parameters:
+        raise ConfigError(
+            "lora_target_modules: adapter is lora but no targets are set; set lora_target_modules "
+            "(e.g. [q_proj, v_proj] or all-linear) and/or lora_target_parameters."
+        )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules or [],
+        target_parameters=cfg.lora_target_parameters or None,
+        modules_to_save=cfg.lora_modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"lora_target_modules/lora_target_parameters: {exc}") from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def build(cfg, pm):
+    """Run the model phase of the lifecycle: pre_model_load, load, adapter, post_model_build."""
+    pm.hook.pre_model_load(cfg=cfg)
+    tokenizer, processor = load_tokenizer_and_processor(cfg)
+    model = attach_adapter(cfg, load_model(cfg))
+    pm.hook.post_model_build(cfg=cfg, model=model)
+    return model, tokenizer, processor

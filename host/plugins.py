@@ -1,0 +1,159 @@
+"""Find plugins through entry points, load exactly the enabled ones, register them with pluggy.
+
+The manager is built per run from the config's ``plugins:`` list (never at import time), so tests
+can build as many as they like. Plugins that are installed but not named are never imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+
+import pluggy
+
+from host import hookspecs
+from host.errors import PluginError
+
+ENTRY_POINT_GROUP = "host.plugins"
+BUILTIN_NAME = "host"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What ``host plugins list`` shows, read from metadata and source without importing."""
+
+    name: str
+    distribution: str
+    version: str
+    module: str
+    hooks: tuple[str, ...]
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _hooks_in_source(module: str) -> tuple[str, ...]:
+    """Names of hookimpl-decorated functions in ``module``'s source, found without executing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return ()
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return ()
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=spec.origin)
+    known = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "host_spec")}
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in known and node.decorator_list:
+            found.append(node.name)
+    return tuple(found)
+
+
+def installed_plugins() -> list[PluginInfo]:
+    """Every plugin registered under the ``host.plugins`` entry-point group."""
+    infos = []
+    for ep in sorted(_entry_points().values(), key=lambda e: e.name):
+        dist = ep.dist
+        module = ep.value.split(":")[0]
+        infos.append(
+            PluginInfo(
+                name=ep.name,
+                distribution=dist.name if dist else "?",
+                version=dist.version if dist else "?",
+                module=module,
+                hooks=_hooks_in_source(module),
+            )
+        )
+    return infos
+
+
+def _unknown_plugin(name: str, installed: list[str]) -> PluginError:
+    close = difflib.get_close_matches(name, installed, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listing = ", ".join(installed) if installed else "none"
+    return PluginError(
+        f"plugins: unknown plugin {name!r}.{hint} Installed plugins: {listing}. "
+        f"Install it (pip install host-plugin-{name.replace('_', '-')}) or remove it from `plugins:`."
+    )
+
+
+def load_plugin_modules(names: list[str]) -> list[tuple[str, object]]:
+    """Import the named plugins (and only them) through stevedore, in the given order."""
+    from stevedore import NamedExtensionManager
+
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise PluginError(f"plugins: {', '.join(dupes)} listed more than once; list each plugin once.")
+    installed = sorted(_entry_points())
+    for name in names:
+        if name not in installed:
+            raise _unknown_plugin(name, installed)
+
+    def on_failure(_manager, ep, exc):
+        raise PluginError(
+            f"plugins: plugin {ep.name!r} ({ep.value}) failed to import: "
+            f"{type(exc).__name__}: {exc}. Reinstall it or remove it from `plugins:`."
+        ) from exc
+
+    manager = NamedExtensionManager(
+        namespace=ENTRY_POINT_GROUP,
+        names=names,
+        invoke_on_load=False,
+        name_order=True,
+        on_load_failure_callback=on_failure,
+    )
+    return [(ext.name, ext.plugin) for ext in manager.extensions]
+
+
+def check_requirements(modules: list[tuple[str, object]]) -> None:
+    """A plugin's ``REQUIRES`` names must all be enabled."""
+    enabled = [name for name, _ in modules]
+    for name, module in modules:
+        for needed in getattr(module, "REQUIRES", ()):
+            if needed not in enabled:
+                raise PluginError(
+                    f"plugins: plugin {name!r} requires plugin {needed!r}, which is not enabled. "
+                    f"Add {needed!r} to `plugins:` (before {name!r})."
+                )
+
+
+def build_plugin_manager(names: list[str]) -> pluggy.PluginManager:
+    """A fresh manager with the built-in plugin plus the named plugins, hooks checked."""
+    from host import builtin
+
+    modules = load_plugin_modules(list(names))
+    check_requirements(modules)
+    pm = pluggy.PluginManager("host")
+    pm.add_hookspecs(hookspecs)
+    # pluggy calls the most recently registered plugin first: register in reverse so that hooks
+    # run in `plugins:` order, with the host's built-in plugin last.
+    for name, module in [(BUILTIN_NAME, builtin), *reversed(modules)]:
+        try:
+            pm.register(module, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugins: plugin {name!r} breaks the hook contract: {exc}") from exc
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(
+            f"plugins: {exc}. Hook names must match host.hookspecs "
+            f"({', '.join(sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), 'host_spec')))})."
+        ) from exc
+    return pm
+
+
+def plugin_versions(pm: pluggy.PluginManager) -> dict[str, str]:
+    """``{plugin name: distribution version}`` of the enabled plugins, for summaries and cache keys."""
+    eps = _entry_points()
+    out = {}
+    for name, _ in pm.list_name_plugin():
+        if name == BUILTIN_NAME:
+            continue
+        dist = eps[name].dist if name in eps else None
+        out[name] = dist.version if dist else "?"
+    return dict(sorted(out.items()))

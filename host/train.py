@@ -1,0 +1,200 @@
+"""The training phase: data, model, HF Trainer, then the run's artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from host import checkpoints, data, model as model_mod
+from host.errors import ConfigError
+
+log = logging.getLogger("host.train")
+
+
+def pad_collator(tokenizer, pad_to: int | None = None):
+    """Right-pad ``input_ids``/``attention_mask``/``labels`` (labels with -100)."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate(rows):
+        width = pad_to or max(len(r["input_ids"]) for r in rows)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for r in rows:
+            n = len(r["input_ids"])
+            batch["input_ids"].append(list(r["input_ids"]) + [pad_id] * (width - n))
+            batch["attention_mask"].append(list(r.get("attention_mask") or [1] * n) + [0] * (width - n))
+            batch["labels"].append(list(r["labels"]) + [-100] * (width - n))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+    return collate
+
+
+def _steps_ratio(per_epoch: int | None, num_epochs: float) -> float | None:
+    """HF Trainer reads a float < 1 as a fraction of total steps."""
+    return None if not per_epoch else min(1.0, 1.0 / (per_epoch * num_epochs))
+
+
+def training_arguments(cfg, has_eval: bool):
+    from transformers import TrainingArguments
+
+    if cfg.warmup_ratio is not None and cfg.warmup_steps is not None:
+        raise ConfigError("warmup_ratio/warmup_steps: set one of them, not both.")
+    save_steps = cfg.save_steps or _steps_ratio(cfg.saves_per_epoch, cfg.num_epochs)
+    eval_steps = cfg.eval_steps or _steps_ratio(cfg.evals_per_epoch, cfg.num_epochs)
+    bf16 = model_mod.use_bf16(cfg)
+    compile_on = cfg.torch_compile is True or (cfg.torch_compile == "auto" and _cuda())
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps else -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0.0),
+        optim=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        bf16=bf16,
+        fp16=cfg.fp16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        eval_strategy=("steps" if eval_steps else "epoch") if has_eval else "no",
+        eval_steps=eval_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        torch_compile=compile_on,
+        torch_compile_mode=cfg.torch_compile_mode,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        dataloader_num_workers=0,
+        save_total_limit=None,
+        # passed only when on: newer transformers warn that the name is deprecated
+        **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _callbacks(cfg, pm):
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        """Mark a checkpoint complete once the Trainer has written all of it."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    (ckpt / checkpoints.COMPLETE_MARKER).write_text(str(state.global_step))
+
+    extra = [cb for cbs in pm.hook.trainer_callbacks(cfg=cfg) for cb in (cbs or [])]
+    return [MarkComplete(), *extra]
+
+
+def train(cfg, pm, warnings=()):
+    """Run one training job end to end; returns the run summary dict."""
+    import torch
+    from transformers import Trainer
+
+    for w in warnings:
+        log.warning(w)
+    resume = checkpoints.resolve_resume(cfg)
+    model, tokenizer, processor = model_mod.build(cfg, pm)
+    train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
+    if not hasattr(train_ds, "__len__") and not cfg.max_steps:
+        raise ConfigError("max_steps: a streaming dataset has no length; set max_steps.")
+    collate = pm.hook.collator(cfg=cfg, tokenizer=tokenizer, processor=processor) or pad_collator(
+        tokenizer, cfg.sequence_len if cfg.pad_to_sequence_len else None
+    )
+    args = training_arguments(cfg, has_eval=eval_ds is not None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collate,
+        processing_class=tokenizer,
+        callbacks=_callbacks(cfg, pm),
+    )
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    wall = time.time() - start
+    trainer.save_model(cfg.output_dir)
+    summary = {}
+    if trainer.is_world_process_zero():
+        (processor or tokenizer).save_pretrained(cfg.output_dir)
+        summary = write_summary(cfg, pm, trainer, result, eval_metrics, wall)
+        plot_losses(trainer.state.log_history, Path(cfg.output_dir) / "loss.png")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return summary
+
+
+def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
+    from host import __version__
+    from host.plugins import plugin_versions
+
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    summary = {
+        "config_hash": cfg.config_hash(),
+        "host_version": __version__,
+        "plugins": plugin_versions(pm),
+        "steps": trainer.state.global_step,
+        "tokens": tokens,
+        "wall_time_s": round(wall, 3),
+        "train_runtime_s": round(result.metrics.get("train_runtime", wall), 3),
+        "tokens_per_s": round(tokens / max(result.metrics.get("train_runtime", wall), 1e-9), 1),
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "final_eval_loss": eval_metrics.get("eval_loss", eval_losses[-1] if eval_losses else None),
+    }
+    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    path = Path(cfg.output_dir) / "run_summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s", path)
+    return summary
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and eval loss against step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def preprocess(cfg, pm) -> tuple[int, int | None]:
+    """Fill the prepared-dataset cache; returns (train rows, eval rows)."""
+    if not cfg.dataset_prepared_path:
+        raise ConfigError("dataset_prepared_path: set it so `host preprocess` has somewhere to write.")
+    tokenizer, processor = model_mod.load_tokenizer_and_processor(cfg)
+    train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
+    return len(train_ds), (len(eval_ds) if eval_ds is not None else None)
