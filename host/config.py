@@ -190,13 +190,15 @@ def dataset_type_models(pm) -> dict[str, tuple[str, type[DatasetConfig]]]:
 def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
     """Validate raw YAML data against the merged schema, dataset entries and plugin rules."""
     model = merged_model(pm)
+    entries = data.get("datasets") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: key 'datasets' must be a list of entries, got {type(entries).__name__}.")
     try:
-        cfg = model.model_validate(data)
+        cfg = model.model_validate({**data, "datasets": []})
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc, model)) from None
     types = dataset_type_models(pm)
-    typed = []
-    for i, entry in enumerate(data.get("datasets") or []):
+    for i, entry in enumerate(entries):
         kind = entry.get("type") if isinstance(entry, dict) else None
         if kind not in types:
             close = difflib.get_close_matches(str(kind), list(types), n=1)
@@ -207,10 +209,9 @@ def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
             )
         entry_model = types[kind][1]
         try:
-            typed.append(entry_model.model_validate(entry))
+            cfg.datasets.append(entry_model.model_validate(entry))
         except ValidationError as exc:
             raise ConfigError(_format_errors(source, exc, entry_model, prefix=f"datasets[{i}].")) from None
-    cfg.datasets = typed
     return cfg
 
 

@@ -84,7 +84,7 @@ def _unknown_plugin(name: str, installed: list[str]) -> PluginError:
 
 def load_plugin_modules(names: list[str]) -> list[tuple[str, object]]:
     """Import the named plugins (and only them) through stevedore, in the given order."""
-    from stevedore import NamedExtensionManager
+    from stevedore import ExtensionManager, NamedExtensionManager
 
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -100,6 +100,9 @@ def load_plugin_modules(names: list[str]) -> list[tuple[str, object]]:
             f"{type(exc).__name__}: {exc}. Reinstall it or remove it from `plugins:`."
         ) from exc
 
+    # stevedore memoises a group's entry points per process; drop that so plugins installed since
+    # (a notebook's pip install, a test's local plugin) are seen, as our own check above saw them.
+    ExtensionManager.ENTRY_POINT_CACHE.pop(ENTRY_POINT_GROUP, None)
     manager = NamedExtensionManager(
         namespace=ENTRY_POINT_GROUP,
         names=names,

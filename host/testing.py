@@ -216,3 +216,36 @@ def run_host(monkeypatch, tmp_path):
         return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+def write_plugin_dist(site: str | Path, name: str, source: str, version: str = "0.1.0") -> Path:
+    """Make ``name`` an installed plugin in directory ``site``: its module plus a ``.dist-info``
+    with the ``host.plugins`` entry point, exactly what pip would leave. Put ``site`` on
+    ``sys.path`` (or PYTHONPATH for a subprocess) to use it."""
+    site = Path(site)
+    site.mkdir(parents=True, exist_ok=True)
+    module = f"host_plugin_{name}"
+    (site / f"{module}.py").write_text(inspect.cleandoc(source) + "\n")
+    info = site / f"host_plugin_{name}-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: host-plugin-{name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[host.plugins]\n{name} = {module}\n")
+    (info / "RECORD").write_text("")
+    return site
+
+
+@pytest.fixture
+def local_plugin(tmp_path, monkeypatch):
+    """``local_plugin(name, source) -> site dir``: install a one-file plugin for this test only."""
+    import importlib
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+
+    def make(name: str, source: str) -> Path:
+        write_plugin_dist(site, name, source)
+        importlib.invalidate_caches()
+        return site
+
+    return make

@@ -18,11 +18,11 @@ for dir in plugins/*/; do
   p=$(basename "$dir")
   [ -f "plugins/$p/pyproject.toml" ] || continue
   all+=("$p")
-  need=("$p" $(deps_of "$p"))
+  need=($(deps_of "$p") "$p")
   echo "=== plugin $p (installed: host ${need[*]})"
   installed=$("$BIN/pip" list --format=freeze 2>/dev/null | grep -oE '^host-plugin-[a-z0-9-]+' || true)
   [ -n "$installed" ] && "$BIN/pip" uninstall -q -y $installed
-  for n in "${need[@]}"; do "$BIN/pip" install -q --no-deps -e "plugins/$n"; done
+  for n in "${need[@]}"; do "$BIN/pip" install -q -e "plugins/$n"; done
   "${PYTEST[@]}" "plugins/$p/tests" --rootdir "plugins/$p"
 done
 
