@@ -105,11 +105,12 @@ def _callbacks(cfg, pm):
 def train(cfg, pm, warnings=()):
     """Run one training job end to end; returns the run summary dict."""
     import torch
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
 
     for w in warnings:
         log.warning(w)
     resume = checkpoints.resolve_resume(cfg)
+    set_seed(cfg.seed)  # before the adapter exists: LoRA initialisation draws from the RNG
     model, tokenizer, processor = model_mod.build(cfg, pm)
     train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
     if not hasattr(train_ds, "__len__") and not cfg.max_steps:
