@@ -1,0 +1,539 @@
+"""Triton kernels of the ScatterMoE experts path (internal launchers; the stable entry is ``ops``).
+
+All kernels work on the routing of :func:`host_plugin_scattermoe.routing.sort_tokens` and the
+kernel layout of :mod:`host_plugin_scattermoe.reference` (``W [E, K, N]``, ``A [E, r, K]``,
+``B [E, N, r]``, any strides; transposed views are free).
+
+* ``scatter2scatter``: for every block of ``BLOCK_M`` sorted rows of *one* expert (blocks never
+  straddle experts: each program finds its expert from ``expert_offsets`` on the device, so there
+  is no host synchronisation and no padding), gathers the input rows in the GEMM prologue
+  (``x[ssi // k]`` or grouped rows), computes ``x W_e`` and, with LoRA, either
+
+  - ``LORA=1`` (fused): ``x A_eᵀ`` accumulated in the same K loop (one extra ``[BLOCK_M, r]``
+    accumulator), then ``+ scaling · (x A_eᵀ) B_eᵀ`` in the epilogue, or
+  - ``LORA=2`` (split epilogue): the rank-``r`` intermediate ``x A_eᵀ`` was produced by a separate
+    rank-``r`` grouped GEMM (this same kernel with ``W = Aᵀ``) and only ``· B_eᵀ`` runs here,
+
+  adds the per-expert bias and scatters the rows straight to their destination in the epilogue
+  (grouped order, or the flat ``t*k+j`` order). ``WRITE_XA`` stores the rank-``r`` intermediate
+  (grouped, fp32) for the backward pass. The backward ``dX = dY Wᵀ + s (dY B) A`` is this same
+  kernel on transposed views (``W → Wᵀ``, ``A → Bᵀ``, ``B → Aᵀ``), LoRA fused, writing ``dY·B``.
+* ``group_outer``: per expert, ``out_e = scaling · Σ_rows L[row]ᵀ R[row]`` with either operand
+  gathered through ``ssi``; grid ``(E, P/BLOCK_P, Q/BLOCK_Q)``, each program walks its expert's
+  rows from the device-side offsets. ``dA = s·(dY B)ᵀ X``, ``dB = s·dYᵀ (X Aᵀ)`` and the
+  full-fine-tune ``dW = Xᵀ dY`` are all this one kernel: the LoRA gradients are grouped products
+  over the rank-sized intermediates, never an ``[N, K]`` product.
+* ``combine``: ``out[t] = Σ_j gates[t, j] · y[t*k + j]`` (fp32 accumulation).
+
+Index arithmetic is int32 unless a buffer reaches ``2**31`` elements, in which case the
+``INT64`` variant (a separate specialisation, so the int32 path pays nothing) is launched.
+On a GPU, tiles are autotuned: the candidate list is pruned by the device's shared memory per
+block and registers per block (read from the driver), and the token count enters the autotune key
+bucketed to a power of two, so varying sequence lengths reuse the tuned entry. Under
+``TRITON_INTERPRET=1`` one small fixed configuration is used (the interpreter cannot autotune).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INT32_LIMIT = 2**31
+
+
+def needs_int64(*tensors) -> bool:
+    """True when any buffer reaches 2**31 elements (or its last element's offset would)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.numel() >= INT32_LIMIT:
+            return True
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if span >= INT32_LIMIT:
+            return True
+    return False
+
+
+def m_bucket(m: int) -> int:
+    """Autotune bucket of a row count: the next power of two (at least 256)."""
+    return max(256, triton.next_power_of_2(max(int(m), 1)))
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"scattermoe kernels support float32/float16/bfloat16, got {dtype}") from None
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(r), 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# device-aware autotune pruning
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(index: int | None = None) -> dict:
+    """Shared memory (bytes) and registers per block of the current CUDA device."""
+    if index is None:
+        index = torch.cuda.current_device()
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        return {"smem": int(props["max_shared_mem"]), "regs": int(props["max_num_regs"])}
+    except Exception:  # pragma: no cover - older triton / no driver
+        p = torch.cuda.get_device_properties(index)
+        smem = getattr(p, "shared_memory_per_block_optin", 99 * 1024)
+        return {"smem": int(smem), "regs": int(getattr(p, "regs_per_multiprocessor", 65536))}
+
+
+_SMEM_SLACK = 8 * 1024  # layout conversion scratch / barriers
+_MAX_REGS_PER_THREAD = 255
+
+
+def _fits(smem_bytes: int, acc_elems: int, num_warps: int, limits: dict) -> bool:
+    threads = num_warps * 32
+    # fp32 accumulators live in registers; operands are staged through shared memory.
+    est_regs = acc_elems / threads + 40
+    reg_cap = min(_MAX_REGS_PER_THREAD, limits["regs"] // threads)
+    return smem_bytes <= limits["smem"] - _SMEM_SLACK and est_regs <= reg_cap
+
+
+def _elt(named_args, name) -> int:
+    t = named_args.get(name)
+    return t.element_size() if hasattr(t, "element_size") else 2
+
+
+def _prune_s2s(configs, named_args, **kwargs):
+    limits = device_limits()
+    lora = named_args.get("LORA", kwargs.get("LORA", 0))
+    br = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
+    elt = _elt(named_args, "X")
+    N = named_args.get("N", 1 << 30)
+    kept, scored = [], []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bn > max(16, triton.next_power_of_2(N)):
+            continue  # tile wider than the output: wasted work
+        smem = c.num_stages * (bm * bk + bk * bn) * elt
+        acc = bm * bn
+        if lora == 1:
+            smem += c.num_stages * br * bk * elt + bn * br * elt
+            acc += bm * br
+        elif lora == 2:
+            smem += bn * br * elt + bm * br * 4
+        scored.append((smem + acc, c))
+        if _fits(smem, acc, c.num_warps, limits):
+            kept.append(c)
+    if kept:
+        return kept
+    scored.sort(key=lambda sc: sc[0])
+    return [scored[0][1]] if scored else [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune_outer(configs, named_args, **kwargs):
+    limits = device_limits()
+    elt = _elt(named_args, "Rp")
+    P, Q = named_args.get("P", 1 << 30), named_args.get("Q", 1 << 30)
+    kept, scored = [], []
+    for c in configs:
+        bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+        if bp > max(16, triton.next_power_of_2(P)) or bq > max(16, triton.next_power_of_2(Q)):
+            continue
+        smem = c.num_stages * bm * (bp + bq) * 4  # operands may be fp32 (rank intermediates)
+        acc = bp * bq
+        scored.append((smem + acc, c))
+        if _fits(smem, acc, c.num_warps, limits):
+            kept.append(c)
+    if kept:
+        return kept
+    scored.sort(key=lambda sc: sc[0])
+    if scored:
+        return [scored[0][1]]
+    return [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
+
+
+def _s2s_configs():
+    out = []
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (64, 256, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (64, 32, 64, 4, 4),
+        (64, 16, 128, 4, 3),
+    ]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return out
+
+
+def _outer_configs():
+    out = []
+    for bm, bp, bq, w, s in [
+        (64, 16, 128, 4, 3),
+        (128, 16, 128, 4, 3),
+        (64, 16, 256, 8, 3),
+        (64, 64, 128, 4, 3),
+        (64, 128, 16, 4, 3),
+        (128, 128, 16, 4, 3),
+        (64, 256, 16, 8, 3),
+        (64, 128, 64, 4, 3),
+        (64, 128, 128, 8, 3),
+        (32, 128, 128, 4, 4),
+    ]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq}, num_warps=w, num_stages=s))
+    return out
+
+
+def _bench(fn, quantiles=None):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Map a program's M index to (expert, first sorted row, expert's end row)."""
+    eidx = tl.arange(0, E_POW2)
+    emask = eidx < E
+    ends = tl.load(offsets_ptr + eidx, mask=emask, other=0).to(tl.int32)
+    starts = tl.load(offsets_ptr + eidx - 1, mask=emask & (eidx > 0), other=0).to(tl.int32)
+    nblk = tl.where(emask, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    cum = tl.cumsum(nblk, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    sel = eidx == e
+    first_blk = tl.sum(tl.where(sel, cum - nblk, 0), 0)
+    start = tl.sum(tl.where(sel, starts, 0), 0)
+    end = tl.sum(tl.where(sel, ends, 0), 0)
+    return e, start + (pid_m - first_blk) * BLOCK_M, end
+
+
+@triton.jit
+def _s2s_kernel(
+    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
+    K, N, R, E, FAN_OUT, M_BUCKET,
+    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn,
+    s_ae, s_ar, s_ak, s_be, s_bn, s_br,
+    s_xam, s_xar, s_bias_e, s_bias_n,
+    scaling,
+    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e, row0, end = _locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    e64 = e.to(tl.int64)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    m_mask = rows < end
+    sidx = tl.load(ssi_ptr + rows, mask=m_mask, other=0)
+    if INT64:
+        rows = rows.to(tl.int64)
+        sidx = sidx.to(tl.int64)
+    else:
+        sidx = sidx.to(tl.int32)
+    if X_GROUPED:
+        x_rows = rows
+    else:
+        x_rows = sidx // FAN_OUT
+    if Y_GROUPED:
+        y_rows = rows
+    else:
+        y_rows = sidx
+
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < N
+    k_base = tl.arange(0, BLOCK_K)
+    r_offs = tl.arange(0, BLOCK_R)
+    r_mask = r_offs < R
+
+    x_ptrs = X + x_rows[:, None] * s_xm + k_base[None, :] * s_xk
+    w_ptrs = W + e64 * s_we + k_base[:, None] * s_wk + n_offs[None, :] * s_wn
+    a_ptrs = A + e64 * s_ae + r_offs[:, None] * s_ar + k_base[None, :] * s_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + k_base) < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
+        if LORA == 1:
+            a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=DOT_PREC)
+            a_ptrs += BLOCK_K * s_ak
+        x_ptrs += BLOCK_K * s_xk
+        w_ptrs += BLOCK_K * s_wk
+
+    if LORA != 0:
+        if LORA == 2:
+            xa = tl.load(
+                XA_in + rows[:, None] * s_xam + r_offs[None, :] * s_xar,
+                mask=m_mask[:, None] & r_mask[None, :], other=0.0,
+            ).to(tl.float32)
+        if WRITE_XA:
+            if pid_n == 0:
+                tl.store(
+                    XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa,
+                    mask=m_mask[:, None] & r_mask[None, :],
+                )
+        b = tl.load(
+            Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br,
+            mask=n_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        b = b.to(X.dtype.element_ty)
+        acc += scaling * tl.dot(xa.to(X.dtype.element_ty), tl.trans(b), input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(Bias + e64 * s_bias_e + n_offs * s_bias_n, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(
+        Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
+        acc.to(Y.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+@triton.jit
+def _group_outer_kernel(
+    Lp, Rp, Out, ssi_ptr, offsets_ptr,
+    P, Q, E, M_BUCKET,
+    s_lm, s_lp, s_rm, s_rq, s_oe, s_op, s_oq,
+    L_FAN, R_FAN, scaling,
+    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, INT64: tl.constexpr,
+    COMPUTE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    e = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    end = tl.load(offsets_ptr + e).to(tl.int32)
+    start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
+    p_offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_offs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = p_offs < P
+    q_mask = q_offs < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mm = rows < end
+        sidx = tl.load(ssi_ptr + rows, mask=mm, other=0)
+        if INT64:
+            rows = rows.to(tl.int64)
+            sidx = sidx.to(tl.int64)
+        else:
+            sidx = sidx.to(tl.int32)
+        if L_GATHER:
+            l_rows = sidx // L_FAN
+        else:
+            l_rows = rows
+        if R_GATHER:
+            r_rows = sidx // R_FAN
+        else:
+            r_rows = rows
+        lt = tl.load(Lp + l_rows[:, None] * s_lm + p_offs[None, :] * s_lp, mask=mm[:, None] & p_mask[None, :], other=0.0)
+        rt = tl.load(Rp + r_rows[:, None] * s_rm + q_offs[None, :] * s_rq, mask=mm[:, None] & q_mask[None, :], other=0.0)
+        acc += tl.dot(tl.trans(lt.to(COMPUTE)), rt.to(COMPUTE), input_precision=DOT_PREC)
+    acc = acc * scaling
+    e64 = e.to(tl.int64)
+    tl.store(
+        Out + e64 * s_oe + p_offs[:, None] * s_op + q_offs[None, :] * s_oq,
+        acc.to(Out.dtype.element_ty),
+        mask=p_mask[:, None] & q_mask[None, :],
+    )
+
+
+@triton.jit
+def _combine_kernel(Y, G, Out, N, s_ym, s_yn, s_gt, s_gk, s_ot, s_on, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(TOP_K):
+        g = tl.load(G + t * s_gt + j * s_gk).to(tl.float32)
+        y = tl.load(Y + (t * TOP_K + j) * s_ym + n * s_yn, mask=nm, other=0.0).to(tl.float32)
+        acc += g * y
+    tl.store(Out + t * s_ot + n * s_on, acc.to(Out.dtype.element_ty), mask=nm)
+
+
+if not INTERPRET:
+    _s2s_tuned = triton.autotune(
+        configs=_s2s_configs(),
+        key=["M_BUCKET", "N", "K", "R", "X_GROUPED", "Y_GROUPED", "LORA", "INT64"],
+        prune_configs_by={"early_config_prune": _prune_s2s},
+        do_bench=_bench,
+    )(_s2s_kernel)
+    _outer_tuned = triton.autotune(
+        configs=_outer_configs(),
+        key=["M_BUCKET", "P", "Q", "L_GATHER", "R_GATHER", "INT64"],
+        prune_configs_by={"early_config_prune": _prune_outer},
+        do_bench=_bench,
+    )(_group_outer_kernel)
+
+# The interpreter runs one fixed, small configuration (it cannot autotune, and small tiles keep it fast).
+_INTERP_S2S = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+_INTERP_OUTER = {"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_Q": 32}
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def scatter2scatter(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    fan_out: int,
+    *,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    xa_in: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+    write_xa: bool = False,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+):
+    """``y = gather(x) W_e [+ s (x A_eᵀ) B_eᵀ] [+ b_e]`` scattered; returns ``(y, xa or None)``.
+
+    ``A``+``B``: fused LoRA (``LORA=1``). ``xa_in``+``B``: split epilogue (``LORA=2``).
+    ``write_xa`` also returns the grouped ``[L, r]`` fp32 rank intermediate.
+    """
+    L = sorted_scattered_idxs.numel()
+    E, K, N = W.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but W expects {K}")
+    if out is None:
+        out = torch.empty(L, N, device=x.device, dtype=out_dtype or x.dtype)
+    lora = 0
+    R = 0
+    if B is not None:
+        R = B.shape[-1]
+        lora = 2 if xa_in is not None else 1
+        if lora == 1 and A is None:
+            raise ValueError("fused LoRA needs A")
+    xa_out = None
+    if lora and write_xa:
+        xa_out = torch.empty(L, R, device=x.device, dtype=torch.float32)
+    xa_buf = xa_in if lora == 2 else xa_out
+    if lora == 2 and write_xa:
+        xa_out = xa_in
+        write_xa = False
+    dummy = out
+    Am = A if (A is not None and lora == 1) else dummy.new_empty(1, 1, 1)
+    Bm = B if B is not None else dummy.new_empty(1, 1, 1)
+    xab = xa_buf if xa_buf is not None else dummy.new_empty(1, 1)
+    bb = bias if bias is not None else dummy.new_empty(1, 1)
+    if L == 0:
+        return out, xa_out
+    int64 = needs_int64(x, out, xab)
+    args = (
+        x, W, out, Am, Bm, xab, xab, bb, sorted_scattered_idxs, expert_offsets,
+        K, N, R, E, fan_out, m_bucket(L),
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), W.stride(2), out.stride(0), out.stride(1),
+        Am.stride(0), Am.stride(1), Am.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
+        xab.stride(0), xab.stride(1), bb.stride(0), bb.stride(1),
+        float(scaling),
+    )
+    meta = dict(
+        X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
+        HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
+        E_POW2=triton.next_power_of_2(E), BLOCK_R=_rank_block(R),
+    )
+
+    def grid(META):
+        return (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(L, META["BLOCK_M"]) + E)
+
+    if INTERPRET or not x.is_cuda:
+        _s2s_kernel[grid](*args, **meta, **_INTERP_S2S)
+    else:
+        _s2s_tuned[grid](*args, **meta)
+    return out, xa_out
+
+
+def group_outer(
+    Lmat: torch.Tensor,
+    Rmat: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    *,
+    l_fan: int = 0,
+    r_fan: int = 0,
+    scaling: float = 1.0,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``out[e] = scaling · Σ_{rows of e} L[row]ᵀ R[row]`` → ``[E, P, Q]``.
+
+    ``l_fan``/``r_fan`` = 0: the operand is grouped (row = sorted position); ``f > 0``: gathered,
+    row = ``ssi[p] // f``. Experts without rows get zeros.
+    """
+    E = expert_offsets.numel()
+    P, Q = Lmat.shape[1], Rmat.shape[1]
+    if out is None:
+        out = torch.empty(E, P, Q, device=Rmat.device, dtype=out_dtype or Rmat.dtype)
+    if compute_dtype is None:
+        compute_dtype = Rmat.dtype if Rmat.dtype != torch.float32 else Lmat.dtype
+    L = sorted_scattered_idxs.numel()
+    int64 = needs_int64(Lmat, Rmat)
+    args = (
+        Lmat, Rmat, out, sorted_scattered_idxs, expert_offsets,
+        P, Q, E, m_bucket(L),
+        Lmat.stride(0), Lmat.stride(1), Rmat.stride(0), Rmat.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        max(l_fan, 1), max(r_fan, 1), float(scaling),
+    )
+    meta = dict(
+        L_GATHER=l_fan > 0, R_GATHER=r_fan > 0, INT64=int64, COMPUTE=_tl_dtype(compute_dtype),
+        DOT_PREC=_dot_prec(compute_dtype),
+    )
+
+    def grid(META):
+        return (E, triton.cdiv(P, META["BLOCK_P"]), triton.cdiv(Q, META["BLOCK_Q"]))
+
+    if INTERPRET or not Rmat.is_cuda:
+        _group_outer_kernel[grid](*args, **meta, **_INTERP_OUTER)
+    else:
+        _outer_tuned[grid](*args, **meta)
+    return out
+
+
+def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out[t] = Σ_j gates[t, j] · y[t*k + j]`` (no autograd; see ``ops.combine``)."""
+    T, k = gates.shape
+    N = y.shape[1]
+    out = torch.empty(T, N, device=y.device, dtype=out_dtype or y.dtype)
+    if T == 0:
+        return out
+    BLOCK_N = min(1024, triton.next_power_of_2(N)) if not INTERPRET else min(64, triton.next_power_of_2(N))
+    grid = (T, triton.cdiv(N, BLOCK_N))
+    _combine_kernel[grid](
+        y, gates, out, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
+        TOP_K=k, BLOCK_N=BLOCK_N,
+    )
+    return out
