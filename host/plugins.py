@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 import pluggy
 
@@ -36,22 +37,38 @@ def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def _module_file(module: str) -> str | None:
+    """The source file of a (dotted) module, found without importing any package on the way."""
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level lookup executes nothing
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    origin, dirs = spec.origin, list(spec.submodule_search_locations or [])
+    for part in rest:
+        candidates = [Path(d) / f"{part}.py" for d in dirs] + [Path(d) / part / "__init__.py" for d in dirs]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            return None
+        origin, dirs = str(found), [str(found.parent)] if found.name == "__init__.py" else []
+    return origin if origin and origin.endswith(".py") else None
+
+
 def _hooks_in_source(module: str) -> tuple[str, ...]:
     """Names of hookimpl-decorated functions in ``module``'s source, found without executing it."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
+    origin = _module_file(module)
+    if origin is None:
         return ()
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return ()
-    with open(spec.origin, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=spec.origin)
+    with open(origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=origin)
     known = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "host_spec")}
-    found = []
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name in known and node.decorator_list:
-            found.append(node.name)
-    return tuple(found)
+    return tuple(
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name in known and node.decorator_list
+    )
 
 
 def installed_plugins() -> list[PluginInfo]:

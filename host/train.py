@@ -46,8 +46,10 @@ def training_arguments(cfg, has_eval: bool):
     save_steps = cfg.save_steps or _steps_ratio(cfg.saves_per_epoch, cfg.num_epochs)
     eval_steps = cfg.eval_steps or _steps_ratio(cfg.evals_per_epoch, cfg.num_epochs)
     bf16 = model_mod.use_bf16(cfg)
-    compile_on = cfg.torch_compile is True or (cfg.torch_compile == "auto" and _cuda())
+    cuda = _cuda()
+    compile_on = cfg.torch_compile is True or (cfg.torch_compile == "auto" and cuda)
     return TrainingArguments(
+        use_cpu=not cuda,  # without it, torchrun on CPU runs N independent copies instead of gloo DDP
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
@@ -111,14 +113,15 @@ def train(cfg, pm, warnings=()):
         log.warning(w)
     resume = checkpoints.resolve_resume(cfg)
     set_seed(cfg.seed)  # before the adapter exists: LoRA initialisation draws from the RNG
+    args = training_arguments(cfg, has_eval=bool(cfg.val_set_size))
     model, tokenizer, processor = model_mod.build(cfg, pm)
-    train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
+    with args.main_process_first(desc="dataset preparation"):  # rank 0 fills the cache, others read it
+        train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
     if not hasattr(train_ds, "__len__") and not cfg.max_steps:
         raise ConfigError("max_steps: a streaming dataset has no length; set max_steps.")
     collate = pm.hook.collator(cfg=cfg, tokenizer=tokenizer, processor=processor) or pad_collator(
         tokenizer, cfg.sequence_len if cfg.pad_to_sequence_len else None
     )
-    args = training_arguments(cfg, has_eval=eval_ds is not None)
     trainer = Trainer(
         model=model,
         args=args,

@@ -1,0 +1,72 @@
+"""CLI start-up stays light, the scaffold produces a working plugin, DDP runs on 2 CPU ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from host.testing import base_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plugins", "list"]])
+def test_light_commands_import_no_torch(argv):
+    code = (
+        "import sys; from host.cli import app\n"
+        f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env(), capture_output=True)
+
+
+def test_scaffolded_plugin_installs_lists_and_runs(tmp_path):
+    """`host plugins new demo`, pip-installed, is listed and its hook runs in `host train`."""
+    host = [sys.executable, "-m", "host"]
+    subprocess.run([*host, "plugins", "new", "demo", "--path", str(tmp_path)], check=True, env=_env())
+    plugin = tmp_path / "host-plugin-demo"
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(plugin)],
+        check=True, env=_env(),
+    )
+    env = _env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    listing = subprocess.run([*host, "plugins", "list"], env=env, capture_output=True, text=True, check=True)
+    assert "demo" in listing.stdout and "host-plugin-demo" in listing.stdout and "trainer_callbacks" in listing.stdout
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(plugin / "tests")],
+        env=env, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+    assert "2 passed" in tests.stdout
+
+
+def test_scaffold_refuses_existing_dir(run_host, tmp_path):
+    (tmp_path / "host-plugin-demo").mkdir()
+    result = run_host("plugins", "new", "demo", "--path", str(tmp_path))
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert run_host("plugins", "new", "Bad-Name", "--path", str(tmp_path)).exit_code == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(write_config, tiny_model, text_file, tmp_path):
+    out = tmp_path / "out"
+    cfg = write_config(base_config(tiny_model("qwen3_moe"), text_file, out, max_steps=4, save_steps=2, val_set_size=0.1))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533", "-m", "host", "train", str(cfg)]
+    done = subprocess.run(cmd, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # both ranks trained (gloo DDP), only rank 0 reported and wrote the run's artifacts
+    assert done.stderr.count("INFO host.train: wrote") == 1, [l for l in done.stderr.splitlines() if "wrote" in l]
+    assert done.stdout.count('"config_hash"') == 1
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["tokens"] == 4 * 2 * 2 * 64  # 2 ranks x micro batch 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-4" / "rng_state_1.pth").exists()  # rank 1 took part
