@@ -34,6 +34,30 @@ class DatasetConfig(StrictModel):
     name: str | None = Field(None, description="Dataset config name (hub datasets).")
 
 
+class FSDPConfig(StrictModel):
+    """``fsdp_config:`` keys (axolotl's, without the ``fsdp_`` prefix), passed to accelerate."""
+
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: list[str] | str | None = Field(
+        None, description="Layer classes to shard as units (default: the model's _no_split_modules)."
+    )
+    min_num_params: int = 0
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    cpu_ram_efficient_loading: bool = False
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "SHARDED_STATE_DICT"
+    reshard_after_forward: bool | str = True
+    # FSDP1 only
+    backward_prefetch: str | None = None
+    forward_prefetch: bool | None = None
+    use_orig_params: bool | None = None
+    sync_module_states: bool | None = None
+    limit_all_gathers: bool | None = None
+
+
+FSDP1_ONLY = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers")
+
+
 class HostConfig(StrictModel):
     """Keys the host itself understands."""
 
@@ -81,9 +105,21 @@ class HostConfig(StrictModel):
     resume_from_checkpoint: bool | str | None = None
     seed: int = 42
 
+    fsdp: bool | list[Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard", "auto_wrap", "offload"]] | None = None
+    fsdp_version: Literal[1, 2] = 2
+    fsdp_config: FSDPConfig | None = None
+    ddp_find_unused_parameters: bool | None = None
+    ddp_bucket_cap_mb: int | None = None
+    ddp_broadcast_buffers: bool | None = None
+    ddp_timeout: int = 1800
+
     torch_compile: bool | Literal["auto"] = False
     torch_compile_mode: str | None = None
     experts_implementation: str | None = None
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return bool(self.fsdp) or self.fsdp_config is not None
 
     def config_hash(self) -> str:
         """A stable hash of the resolved config (for summaries and cache keys)."""
@@ -215,6 +251,36 @@ def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
     return cfg
 
 
+def check_host_rules(cfg: HostConfig, source: str) -> None:
+    """Rules that span several host keys (plugins add theirs through ``validate_config``)."""
+    if cfg.warmup_ratio is not None and cfg.warmup_steps is not None:
+        raise ConfigError(f"{source}: warmup_ratio/warmup_steps: set one of them, not both.")
+    if cfg.save_steps and cfg.saves_per_epoch:
+        raise ConfigError(f"{source}: save_steps/saves_per_epoch: set one of them, not both.")
+    if cfg.eval_steps and cfg.evals_per_epoch:
+        raise ConfigError(f"{source}: eval_steps/evals_per_epoch: set one of them, not both.")
+    if not cfg.fsdp_enabled:
+        return
+    fc = cfg.fsdp_config or FSDPConfig()
+    if cfg.fsdp_version == 2:
+        used = [k for k in FSDP1_ONLY if getattr(fc, k) is not None]
+        strategies = [s for s in (cfg.fsdp if isinstance(cfg.fsdp, list) else []) if s in ("hybrid_shard", "no_shard")]
+        if used or strategies:
+            raise ConfigError(
+                f"{source}: fsdp_config: {', '.join(used + strategies)} exist only in FSDP1, but fsdp_version is 2. "
+                f"Remove them (FSDP2 prefetches on its own), or set fsdp_version: 1 (deprecated in transformers)."
+            )
+        if not isinstance(fc.reshard_after_forward, bool):
+            raise ConfigError(f"{source}: fsdp_config.reshard_after_forward must be true or false with fsdp_version 2.")
+    if cfg.gradient_checkpointing:
+        raise ConfigError(
+            f"{source}: gradient_checkpointing with FSDP adds a redundant all-gather in backward; set "
+            f"fsdp_config.activation_checkpointing: true instead and gradient_checkpointing: false."
+        )
+    if cfg.ddp_find_unused_parameters or cfg.ddp_bucket_cap_mb or cfg.ddp_broadcast_buffers is not None:
+        raise ConfigError(f"{source}: ddp_* options apply to DDP, not FSDP; remove them or disable fsdp.")
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
     """Read, build the plugin manager for, and validate a config file.
 
@@ -229,5 +295,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
         raise ConfigError(f"{path}: key 'plugins' must be a list of plugin names, got {plugins!r}.")
     pm = build_plugin_manager(plugins)
     cfg = validate(data, pm, source=str(path))
+    check_host_rules(cfg, str(path))
     warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
     return cfg, pm, warnings

@@ -41,8 +41,6 @@ def _steps_ratio(per_epoch: int | None, num_epochs: float) -> float | None:
 def training_arguments(cfg, has_eval: bool):
     from transformers import TrainingArguments
 
-    if cfg.warmup_ratio is not None and cfg.warmup_steps is not None:
-        raise ConfigError("warmup_ratio/warmup_steps: set one of them, not both.")
     save_steps = cfg.save_steps or _steps_ratio(cfg.saves_per_epoch, cfg.num_epochs)
     eval_steps = cfg.eval_steps or _steps_ratio(cfg.evals_per_epoch, cfg.num_epochs)
     bf16 = model_mod.use_bf16(cfg)
@@ -77,9 +75,33 @@ def training_arguments(cfg, has_eval: bool):
         report_to="none",
         dataloader_num_workers=0,
         save_total_limit=None,
+        ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
+        ddp_bucket_cap_mb=cfg.ddp_bucket_cap_mb,
+        ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
+        ddp_timeout=cfg.ddp_timeout,
+        **fsdp_arguments(cfg),
         # passed only when on: newer transformers warn that the name is deprecated
         **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
     )
+
+
+def fsdp_arguments(cfg) -> dict:
+    """``fsdp``/``fsdp_config`` for TrainingArguments (the form both transformers 5.17 and 5.23 read)."""
+    if not cfg.fsdp_enabled:
+        return {}
+    if not _cuda():
+        raise ConfigError(
+            "fsdp: FSDP needs CUDA GPUs; on CPU accelerate would silently run plain DDP instead. Remove "
+            "fsdp/fsdp_config for CPU runs (DDP under torchrun works there)."
+        )
+    fc = (cfg.fsdp_config.model_dump(exclude_none=True) if cfg.fsdp_config else {})
+    options = cfg.fsdp if isinstance(cfg.fsdp, list) else []
+    if "offload" in options:
+        fc["cpu_offload"] = True
+    if "shard_grad_op" in options:
+        fc["reshard_after_forward"] = False if cfg.fsdp_version == 2 else "shard_grad_op"
+    fc["version"] = cfg.fsdp_version
+    return {"fsdp": True, "fsdp_config": fc}
 
 
 def _cuda() -> bool:
@@ -135,6 +157,8 @@ def train(cfg, pm, warnings=()):
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
     wall = time.time() - start
+    if trainer.is_fsdp_enabled:  # the final model loads on one device: gather it, whatever checkpoints used
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(cfg.output_dir)
     summary = {}
     if trainer.is_world_process_zero():
