@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from host import hookimpl
 
+# NOTE: no submodule may share a hook's name (e.g. ``collator``): importing it would replace the hook
+# function on this package, and a later plugin manager would not see the hook.
+
 from host_plugin_mmcpt.config import TYPE, MMCPTConfig, MultimodalPretrainDataset
 
 REQUIRES: list[str] = []
@@ -59,7 +62,7 @@ def dataset_strategy(cfg, dataset_cfg, tokenizer, processor):
 def collator(cfg, tokenizer, processor):
     if not in_use(cfg):
         return None
-    from host_plugin_mmcpt.collator import MultimodalCollator
+    from host_plugin_mmcpt.collate import MultimodalCollator
 
     return MultimodalCollator(cfg, tokenizer, processor)
 

@@ -110,3 +110,14 @@ def mm_config(model_dir, output_dir, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+def summary(out: str | Path) -> dict:
+    return json.loads((Path(out) / "run_summary.json").read_text())
+
+
+def entry(data_root: str | Path, **kw) -> dict:
+    """A multimodal_pretrain entry for ``data_root/data.jsonl`` with images under ``data_root/images``."""
+    data_root = Path(data_root)
+    return {"path": str(data_root / "data.jsonl"), "type": "multimodal_pretrain",
+            "image_base_dir": str(data_root / "images"), **kw}
