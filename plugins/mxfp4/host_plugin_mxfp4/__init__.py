@@ -1,12 +1,116 @@
 """host plugin ``mxfp4``: LoRA training on MoE models whose expert weights stay 4-bit.
 
 Expert parameters are held as packed FP4 (MXFP4, or NVFP4) in :class:`formats.FP4Weights`
-containers; LoRA adapters (PEFT ``target_parameters``) train on top through the ``scattermoe``
-plugin's routing and LoRA helpers. See README.md.
+containers, quantized layer by layer while the model loads (or loaded straight from gpt-oss-format
+``*_blocks``/``*_scales`` checkpoints); LoRA adapters (peft ``target_parameters``) train on top
+through the ``scattermoe`` plugin's routing, LoRA helpers and kernels. See README.md.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Literal
+
+from pydantic import Field
+
 from host import hookimpl
+from host.config import StrictModel
+from host.errors import ConfigError
 
 REQUIRES = ["scattermoe"]
+
+log = logging.getLogger("host.mxfp4")
+
+
+class Mxfp4Config(StrictModel):
+    """Config keys of the mxfp4 plugin."""
+
+    quantize_moe_experts: Literal["mxfp4", "nvfp4"] | None = Field(
+        None,
+        description="Keep MoE expert weights in this 4-bit format (quantized layer by layer at load; gpt-oss "
+        "MXFP4 checkpoints load packed as they are). None: leave the experts alone.",
+    )
+    mxfp4_strategy: Literal["auto", "selective", "fused"] = Field(
+        "auto",
+        description="selective: dequantize the routed experts, then scattermoe's bf16 kernels; fused: dequantize "
+        "inside the Triton K loop; auto: time both per layer shape / batch and keep the faster.",
+    )
+
+
+@hookimpl
+def config_model():
+    return Mxfp4Config
+
+
+@hookimpl
+def validate_config(cfg):
+    if cfg.quantize_moe_experts is None:
+        return ["mxfp4: quantize_moe_experts is not set, so the plugin does nothing (set it to mxfp4 or nvfp4)."]
+    if cfg.adapter != "lora":
+        raise ConfigError(
+            f"quantize_moe_experts: {cfg.quantize_moe_experts} freezes the experts in 4 bits, so they cannot be fully "
+            f"fine-tuned (adapter is {cfg.adapter!r}). Set adapter: lora (with lora_target_parameters: "
+            "[experts.gate_up_proj, experts.down_proj] to train LoRA on the experts)."
+        )
+    warnings = []
+    targets = cfg.lora_target_parameters or []
+    if not any(t.endswith(("gate_up_proj", "down_proj", "up_proj")) for t in targets):
+        warnings.append(
+            "mxfp4: lora_target_parameters names no expert parameter; the 4-bit experts stay frozen without LoRA "
+            "(add experts.gate_up_proj / experts.down_proj to train them)."
+        )
+    return warnings
+
+
+@hookimpl
+def pre_model_load(cfg):
+    if cfg.quantize_moe_experts is None:
+        return
+    from host_plugin_mxfp4 import experts, loading
+
+    experts.SETTINGS["strategy"] = cfg.mxfp4_strategy
+    loading.begin(cfg.quantize_moe_experts)
+
+
+@hookimpl
+def post_model_build(cfg, model):
+    if cfg.quantize_moe_experts is None:
+        return
+    from host_plugin_mxfp4 import experts, loading
+
+    plan = loading.end()
+    found = loading.finalize(model)
+    if not found:
+        raise ConfigError(
+            f"quantize_moe_experts: {cfg.base_model!r} has no MoE experts module with 3-D gate_up_proj/down_proj "
+            "parameters, so nothing was quantized. Remove quantize_moe_experts (or the mxfp4 plugin) for this model."
+        )
+    if plan is not None:
+        loading._LAST_EVENTS = list(plan.events)
+        loading._LAST_PLAN_COUNTS = (plan.quantized, plan.prequantized)
+        peak = max((b for _, b in plan.events), default=0)
+        log.info(
+            "mxfp4: %d experts modules in %s (%d tensors quantized at load, %d loaded packed); peak high-precision "
+            "expert bytes during load: %.1f MiB",
+            found, cfg.quantize_moe_experts, plan.quantized, plan.prequantized, peak / 2**20,
+        )
+    if _peft_inference_mode(model):
+        # `host merge-lora`: peft loaded the adapter for inference and will fold it into the base.
+        # Give it real (dequantized) expert tensors so merge_and_unload writes a valid bf16 model.
+        for m in model.modules():
+            if loading.is_quantized(m):
+                loading.dequantize_module(m)
+        base_cfg = getattr(getattr(model, "base_model", model), "config", None)
+        for c in {id(x): x for x in (getattr(model, "config", None), base_cfg) if x is not None}.values():
+            if getattr(c, "quantization_config", None) is not None:
+                del c.quantization_config
+        log.info("mxfp4: experts dequantized for merging; the merged model is written in the training dtype")
+        return
+    experts.install(model)
+
+
+def _peft_inference_mode(model) -> bool:
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return False
+    return all(getattr(c, "inference_mode", False) for c in peft_config.values())

@@ -307,10 +307,26 @@ class FP4Weights:
         raise TypeError(f"from_torchao: unsupported type {name}")
 
     # --- use
-    def dequantize(self, dtype=torch.bfloat16) -> torch.Tensor:
-        if self.scale_kind == "e8m0":
-            return dequantize_mxfp4(self.packed, self.scales, dtype)
-        return dequantize_nvfp4(self.packed, self.scales, self.tensor_scale, dtype)
+    def dequantize(self, dtype=torch.bfloat16, k_major: bool = False, chunk_bytes: int = 256 << 20) -> torch.Tensor:
+        """The ``[..., N, K]`` values in ``dtype`` (exact for bf16/fp32). ``k_major=True`` stores them
+        K-major (the result is the transpose of a contiguous ``[..., K, N]``, the layout of
+        transformers' transposed experts). fp32 scratch is bounded by ``chunk_bytes`` (chunks along dim 0)."""
+        def one(packed, scales):
+            if self.scale_kind == "e8m0":
+                return dequantize_mxfp4(packed, scales, torch.float32)
+            return dequantize_nvfp4(packed, scales, self.tensor_scale, torch.float32)
+
+        N, K = self.shape[-2:]
+        if len(self.shape) == 2:
+            v = one(self.packed, self.scales)
+            return v.t().contiguous().to(dtype).t() if k_major else v.to(dtype)
+        lead = self.shape[0]
+        out = torch.empty(*((lead, *self.shape[1:-2], K, N) if k_major else self.shape), dtype=dtype, device=self.device)
+        per = max(1, chunk_bytes // max(1, 4 * (self.packed[0].numel() * 2)))
+        for s0 in range(0, lead, per):
+            v = one(self.packed[s0 : s0 + per], self.scales[s0 : s0 + per])
+            out[s0 : s0 + per].copy_(v.transpose(-1, -2) if k_major else v)
+        return out.transpose(-1, -2) if k_major else out
 
     def select(self, index: torch.Tensor) -> FP4Weights:
         """The experts ``index`` (along dim 0) as a new container (packed data gathered, 4.25 bits/weight)."""

@@ -1,0 +1,301 @@
+"""Strategy B: scatter2scatter grouped GEMMs that read packed FP4 experts and dequantize in the K loop.
+
+One kernel, two modes, both on the *same* container layout (``packed [E, N, K/2]``, scales
+``[E, N, K/block]``; K = the input features, the axis the blocks run along):
+
+* forward (``RED_IS_K=1``): ``y = gather(x) · W_eᵀ (+ s·(x·A_eᵀ)·B_eᵀ) (+ b_e)``, reduction over K;
+* dX (``RED_IS_K=0``): ``dx = dY · W_e (+ s·(dY·B_e)·A_e)``, reduction over N, reading the
+  forward's packed bytes with K as the *output* axis. No transposed or re-quantised copy of the
+  weights exists; the dX numerics see exactly the forward's FP4 values.
+
+Each program owns ``BLOCK_M`` sorted rows of one expert (located with scattermoe's device-side
+``_locate_block``, no host sync, no padding) and a ``BLOCK_J`` slice of the output; per reduction
+tile it loads the packed bytes (``[BLOCK_I, BLOCK_J]`` uint8, two lanes per byte pick their nibble),
+the block scales (E8M0 bytes -> ``2**(s-127)`` built from the exponent bits, or linear fp32 scales
+for NVFP4 = E4M3 x tensor scale), decodes E2M1 arithmetically, multiplies, casts to the activation
+dtype and feeds ``tl.dot``. The reduction tile is a multiple of the FP4 block size so a tile never
+splits a scale block. LoRA is fused exactly like scattermoe's fused path (a ``[BLOCK_M, r]``
+accumulator in the same loop, ``·Bᵀ`` in the epilogue); the rank intermediate is written for the
+backward. dA/dB never touch the base weights: they are scattermoe's ``group_outer`` over the rank
+intermediates.
+
+Autotune pruning counts the extra shared memory per pipeline stage: the packed tile and the scale
+tile are loaded as full ``[BLOCK_I, BLOCK_J]`` tiles (uint8, or fp32 for linear scales) on top of
+the activation and LoRA tiles, plus the decoded operand staged once for the MMA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from host_plugin_scattermoe.kernels import _fits, _locate_block, _rank_block, device_limits, m_bucket, needs_int64
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SCALE_E8M0 = 0
+SCALE_LINEAR = 1
+
+
+def _prune(configs, named_args, **kwargs):
+    limits = device_limits()
+    lora = named_args.get("LORA", kwargs.get("LORA", 0))
+    br = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
+    fp4_block = named_args.get("FP4_BLOCK", kwargs.get("FP4_BLOCK", 32))
+    scale_elt = 4 if named_args.get("SCALE_KIND", kwargs.get("SCALE_KIND", 0)) == SCALE_LINEAR else 1
+    x = named_args.get("X")
+    elt = x.element_size() if hasattr(x, "element_size") else 2
+    J = named_args.get("J", 1 << 30)
+    red_is_k = named_args.get("RED_IS_K", kwargs.get("RED_IS_K", 1))
+    kept, scored = [], []
+    for c in configs:
+        bm, bj, bi = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"]
+        # the K axis (reduction in the forward, output in dX) must hold whole FP4 blocks
+        if (bi if red_is_k else bj) % fp4_block:
+            continue
+        if bj > max(32, triton.next_power_of_2(J)):
+            continue
+        per_stage = bm * bi * elt + bi * bj * (1 + scale_elt)  # activations + packed bytes + scales
+        if lora:
+            per_stage += br * bi * elt
+        smem = c.num_stages * per_stage + bi * bj * elt  # + decoded operand staged for the MMA
+        if lora:
+            smem += bj * br * elt
+        acc = bm * bj + (bm * br if lora else 0) + bi * bj  # fp32 acc + decode temporaries
+        scored.append((smem + acc, c))
+        if _fits(smem, acc, c.num_warps, limits):
+            kept.append(c)
+    if kept:
+        return kept
+    scored.sort(key=lambda sc: sc[0])
+    return [scored[0][1]] if scored else configs[:1]
+
+
+def _configs():
+    out = []
+    for bm, bj, bi, w, s in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (128, 128, 128, 8, 3),
+        (64, 128, 128, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 256, 64, 8, 3),
+        (128, 64, 128, 8, 3),
+        (64, 32, 128, 4, 3),
+    ]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_I": bi}, num_warps=w, num_stages=s))
+    return out
+
+
+@triton.jit
+def _decode_e2m1(code):
+    """4-bit E2M1 codes (int32) -> fp32 values, built from the exponent/mantissa bits."""
+    mag = code & 7
+    e = mag >> 1
+    m = mag & 1
+    normal = ((e + 126) << 23) | (m << 22)
+    sub = m * (126 << 23)  # 0 or 0.5
+    bits = tl.where(e == 0, sub, normal) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode_e8m0(s):
+    """E8M0 bytes (int32) -> 2**(s-127) in fp32 (2**-127 is the subnormal 1<<22; 255 is NaN)."""
+    bits = tl.where(s == 0, 1 << 22, s << 23)
+    v = bits.to(tl.float32, bitcast=True)
+    return tl.where(s == 255, float("nan"), v)
+
+
+@triton.jit
+def _fp4_s2s_kernel(
+    X, Wq, Sc, Y, A, Bm, XA_out, Bias, ssi_ptr, offsets_ptr,
+    I, J, R, E, FAN_OUT, M_BUCKET,
+    s_xm, s_xi,
+    s_we, s_wn, s_wk,
+    s_se, s_sn, s_sk,
+    s_ym, s_yj,
+    s_ae, s_ar, s_ai, s_be, s_bj, s_br,
+    s_xam, s_xar, s_bias_e, s_bias_j,
+    scaling,
+    RED_IS_K: tl.constexpr, SCALE_KIND: tl.constexpr, FP4_BLOCK: tl.constexpr,
+    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e, row0, end = _locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    e64 = e.to(tl.int64)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    m_mask = rows < end
+    sidx = tl.load(ssi_ptr + rows, mask=m_mask, other=0)
+    if INT64:
+        rows = rows.to(tl.int64)
+        sidx = sidx.to(tl.int64)
+    else:
+        sidx = sidx.to(tl.int32)
+    if X_GROUPED:
+        x_rows = rows
+    else:
+        x_rows = sidx // FAN_OUT
+    if Y_GROUPED:
+        y_rows = rows
+    else:
+        y_rows = sidx
+
+    j_offs = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j_offs < J
+    i_base = tl.arange(0, BLOCK_I)
+    r_offs = tl.arange(0, BLOCK_R)
+    r_mask = r_offs < R
+
+    x_ptrs = X + x_rows[:, None] * s_xm + i_base[None, :] * s_xi
+    a_ptrs = A + e64 * s_ae + r_offs[:, None] * s_ar + i_base[None, :] * s_ai
+    w_base = Wq + e64 * s_we
+    s_base = Sc + e64 * s_se
+    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        i_offs = i0 + i_base
+        i_mask = i_offs < I
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & i_mask[None, :], other=0.0)
+        # weight tile [BLOCK_I, BLOCK_J] of W_kernel[i, j]
+        if RED_IS_K:
+            k_idx = i_offs[:, None]
+            n_idx = j_offs[None, :]
+        else:
+            k_idx = j_offs[None, :]
+            n_idx = i_offs[:, None]
+        wmask = i_mask[:, None] & j_mask[None, :]
+        byte = tl.load(w_base + n_idx * s_wn + (k_idx // 2) * s_wk, mask=wmask, other=0).to(tl.int32)
+        code = tl.where((k_idx % 2) == 1, byte >> 4, byte & 15)
+        val = _decode_e2m1(code)
+        if SCALE_KIND == 0:
+            sb = tl.load(s_base + n_idx * s_sn + (k_idx // FP4_BLOCK) * s_sk, mask=wmask, other=127).to(tl.int32)
+            sc = _decode_e8m0(sb)
+        else:
+            sc = tl.load(s_base + n_idx * s_sn + (k_idx // FP4_BLOCK) * s_sk, mask=wmask, other=0.0).to(tl.float32)
+        w = (val * sc).to(x.dtype)
+        acc += tl.dot(x, w, input_precision=DOT_PREC)
+        if LORA:
+            a = tl.load(a_ptrs, mask=r_mask[:, None] & i_mask[None, :], other=0.0)
+            xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=DOT_PREC)
+            a_ptrs += BLOCK_I * s_ai
+        x_ptrs += BLOCK_I * s_xi
+
+    if LORA:
+        if WRITE_XA:
+            if pid_j == 0:
+                tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa, mask=m_mask[:, None] & r_mask[None, :])
+        b = tl.load(
+            Bm + e64 * s_be + j_offs[:, None] * s_bj + r_offs[None, :] * s_br,
+            mask=j_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        b = b.to(X.dtype.element_ty)
+        acc += scaling * tl.dot(xa.to(X.dtype.element_ty), tl.trans(b), input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(Bias + e64 * s_bias_e + j_offs * s_bias_j, mask=j_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(Y + y_rows[:, None] * s_ym + j_offs[None, :] * s_yj, acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & j_mask[None, :])
+
+
+if not INTERPRET:
+
+    def _bench(fn, quantiles=None):
+        return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+    _fp4_tuned = triton.autotune(
+        configs=_configs(),
+        key=["M_BUCKET", "I", "J", "R", "RED_IS_K", "SCALE_KIND", "X_GROUPED", "Y_GROUPED", "LORA", "INT64"],
+        prune_configs_by={"early_config_prune": _prune},
+        do_bench=_bench,
+    )(_fp4_s2s_kernel)
+
+_INTERP_CFG = {"BLOCK_M": 16, "BLOCK_J": 32, "BLOCK_I": 32}
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kernel_scales(w) -> tuple[torch.Tensor, int]:
+    """``(scale tensor, SCALE_KIND)`` the kernel reads: E8M0 bytes as is, NVFP4 as linear fp32."""
+    if w.scale_kind == "e8m0":
+        return w.scales, SCALE_E8M0
+    return w.linear_scales(), SCALE_LINEAR
+
+
+def fp4_scatter2scatter(
+    x: torch.Tensor,
+    w,  # FP4Weights [E, N, K]
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    fan_out: int,
+    *,
+    reduce_k: bool = True,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+    write_xa: bool = False,
+    scales: tuple | None = None,
+):
+    """Forward (``reduce_k``: ``y = x W_eᵀ``, ``x [., K]`` -> ``[L, N]``) or dX (``x [., N]`` ->
+    ``[L, K]``) on packed FP4 weights. ``A`` ``[E, r, I]`` / ``B`` ``[E, J, r]`` in the reduction/output
+    axes of this call (for dX pass ``Bᵀ``/``Aᵀ`` views, as scattermoe does). Returns ``(y, xa)``."""
+    L = sorted_scattered_idxs.numel()
+    E, N, K = w.shape
+    I, J = (K, N) if reduce_k else (N, K)
+    if x.shape[-1] != I:
+        raise ValueError(f"x has {x.shape[-1]} features, the FP4 weights expect {I}")
+    out = torch.empty(L, J, device=x.device, dtype=x.dtype)
+    R = 0 if B is None else B.shape[-1]
+    lora = B is not None
+    xa_out = torch.empty(L, R, device=x.device, dtype=torch.float32) if (lora and write_xa) else None
+    if L == 0:
+        return out, xa_out
+    sc, kind = scales if scales is not None else kernel_scales(w)
+    dummy = out
+    Am = A if lora else dummy.new_empty(1, 1, 1)
+    Bm = B if lora else dummy.new_empty(1, 1, 1)
+    xab = xa_out if xa_out is not None else dummy.new_empty(1, 1)
+    bb = bias if bias is not None else dummy.new_empty(1, 1)
+    int64 = needs_int64(x, out, w.packed)
+    args = (
+        x, w.packed, sc, out, Am, Bm, xab, bb, sorted_scattered_idxs, expert_offsets,
+        I, J, R, E, fan_out, m_bucket(L),
+        x.stride(0), x.stride(1),
+        w.packed.stride(0), w.packed.stride(1), w.packed.stride(2),
+        sc.stride(0), sc.stride(1), sc.stride(2),
+        out.stride(0), out.stride(1),
+        Am.stride(0), Am.stride(1), Am.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
+        xab.stride(0), xab.stride(1), bb.stride(0), bb.stride(1),
+        float(scaling),
+    )
+    meta = dict(
+        RED_IS_K=bool(reduce_k), SCALE_KIND=kind, FP4_BLOCK=w.block_size,
+        X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=int(lora), WRITE_XA=bool(write_xa and lora),
+        HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
+        E_POW2=triton.next_power_of_2(E), BLOCK_R=_rank_block(R),
+    )
+
+    def grid(META):
+        return (triton.cdiv(J, META["BLOCK_J"]), triton.cdiv(L, META["BLOCK_M"]) + E)
+
+    if INTERPRET or not x.is_cuda:
+        _fp4_s2s_kernel[grid](*args, **meta, **_INTERP_CFG)
+    else:
+        _fp4_tuned[grid](*args, **meta)
+    return out, xa_out

@@ -1,0 +1,134 @@
+"""Strategy B kernels (Triton; CPU under TRITON_INTERPRET=1) against the scattermoe torch reference
+run on the dequantized weights: forward, dX, dA, dB, in fp32 and fp16, MXFP4 and NVFP4."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+
+from host_plugin_scattermoe import reference  # noqa: E402
+from host_plugin_scattermoe.routing import sort_tokens  # noqa: E402
+
+from host_plugin_mxfp4 import kernels as K  # noqa: E402
+from host_plugin_mxfp4.formats import FP4Weights  # noqa: E402
+from host_plugin_mxfp4.ops import fp4_scattered_experts  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or K.INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1 set before import"
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def uniform_scale_factor(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Least-squares a in out ~ a * ref: 1 when right, 2 or 0.5 for an off-by-one E8M0 exponent."""
+    o, r = out.double().flatten(), ref.double().flatten()
+    return float((o @ r) / (r @ r))
+
+
+def assert_matches(out, ref, rtol, name):
+    err = (out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)
+    assert err < rtol, f"{name}: relative error {err:.2e} >= {rtol}"
+    a = uniform_scale_factor(out, ref)
+    assert abs(a - 1) < 0.02, f"{name}: outputs are {a:.3f} x the reference (uniform scale error)"
+
+
+def _case(fmt, dtype, E=4, N=64, Kd=96, T=20, k=2, r=4, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = FP4Weights.quantize(torch.randn(E, N, Kd, generator=g) * 0.1, fmt).to(DEV)
+    x = torch.randn(T, Kd, generator=g).to(DEV, dtype)
+    # skewed routing: expert 0 gets most rows, the last expert none
+    idx = torch.stack([torch.randint(0, E - 1, (T,), generator=g) * (torch.rand(T, generator=g) > 0.5), torch.randint(0, E - 1, (T,), generator=g)], 1)
+    idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % (E - 1), idx[:, 1])
+    A = (torch.randn(E, r, Kd, generator=g) * 0.1).to(DEV, dtype)
+    B = (torch.randn(E, N, r, generator=g) * 0.1).to(DEV, dtype)
+    b = (torch.randn(E, N, generator=g) * 0.1).to(DEV, dtype) if bias else None
+    return w, x, idx.to(DEV), A, B, b
+
+
+def _run(fn, w, x, idx, A, B, b, gin, gout, k):
+    E = w.shape[0]
+    sei, ssi, offs = sort_tokens(idx, E)
+    if gin:
+        x = x.repeat_interleave(k, 0)[ssi]  # grouped rows
+        k = 1
+    x = x.detach().requires_grad_(True)
+    A = A.detach().requires_grad_(True)
+    B = B.detach().requires_grad_(True)
+    y = fn(x, w, k, sei, ssi, offs, A, B, 2.0, b, gin, gout)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g).to(y.device, y.dtype)
+    y.backward(dy)
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+def _ref(x, w, k, sei, ssi, offs, A, B, s, b, gin, gout):
+    # float64 oracle on the exactly dequantized weights
+    W = w.dequantize(torch.float64).transpose(1, 2)
+    cast = lambda t: None if t is None else t.double()  # noqa: E731
+    out = reference.scattered_linear(cast(x), W, k, sei, ssi, offs, cast(A), cast(B), s, cast(b), gin, gout)
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("gin,gout", [(False, True), (True, False)])
+def test_fused_matches_reference_fp32(fmt, gin, gout):
+    w, x, idx, A, B, b = _case(fmt, torch.float32, bias=gout is False)
+    got = _run(fp4_scattered_experts, w, x, idx, A, B, b, gin, gout, 2)
+    want = _run(_ref, w, x, idx, A, B, b, gin, gout, 2)
+    for name, o, r in zip(["y", "dX", "dA", "dB"], got, want):
+        assert_matches(o, r, 1e-5, f"{fmt} {name}")
+
+
+def test_fused_matches_reference_fp16():
+    w, x, idx, A, B, b = _case("mxfp4", torch.float16, N=96, Kd=64)
+    got = _run(fp4_scattered_experts, w, x, idx, A, B, b, False, True, 2)
+    want = _run(_ref, w, x, idx, A, B, b, False, True, 2)
+    for name, o, r in zip(["y", "dX", "dA", "dB"], got, want):
+        assert_matches(o, r, 3e-3, f"fp16 {name}")
+
+
+def test_uniform_scale_error_is_caught():
+    """An off-by-one E8M0 exponent doubles every output: small per-element noise checks with loose
+    tolerances can miss it, the uniform-scale guard cannot."""
+    w, x, idx, A, B, b = _case("mxfp4", torch.float32)
+    bad = FP4Weights(w.packed, w.scales + 1, w.shape, 32, "e8m0")
+    got = _run(fp4_scattered_experts, bad, x, idx, A * 0, B * 0, None, False, True, 2)[0]
+    want = _run(_ref, w, x, idx, A * 0, B * 0, None, False, True, 2)[0]
+    assert abs(uniform_scale_factor(got, want) - 2.0) < 1e-6
+    with pytest.raises(AssertionError, match="uniform scale error|relative error"):
+        assert_matches(got, want, 1e-5, "bad scales")
+
+
+def test_dx_reads_forward_layout_without_copies(monkeypatch):
+    """The backward launches the same kernel in dX mode on the forward's container objects."""
+    calls = []
+    real = K.fp4_scatter2scatter
+
+    def spy(x, w, *a, **kw):
+        calls.append((kw.get("reduce_k"), w.packed.data_ptr(), w.scales.data_ptr()))
+        return real(x, w, *a, **kw)
+
+    monkeypatch.setattr(K, "fp4_scatter2scatter", spy)
+    w, x, idx, A, B, b = _case("mxfp4", torch.float32)
+    _run(fp4_scattered_experts, w, x, idx, A, B, b, False, True, 2)
+    assert [c[0] for c in calls] == [True, False]
+    assert calls[0][1:] == calls[1][1:] == (w.packed.data_ptr(), w.scales.data_ptr())
+
+
+def test_prune_requires_whole_fp4_blocks_and_counts_extra_smem(monkeypatch):
+    import triton
+
+    # 90 KiB: a 64x128x64, 3-stage tile fits when only bf16 operands are counted (72 KiB) but not
+    # with the packed bytes, the scale tile and the decoded operand (88 KiB)
+    monkeypatch.setattr(K, "device_limits", lambda index=None: {"smem": 90 * 1024, "regs": 65536})
+    split = triton.Config({"BLOCK_M": 64, "BLOCK_J": 64, "BLOCK_I": 16}, num_warps=4, num_stages=2)
+    big = triton.Config({"BLOCK_M": 64, "BLOCK_J": 128, "BLOCK_I": 64}, num_warps=4, num_stages=3)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_J": 64, "BLOCK_I": 32}, num_warps=4, num_stages=2)
+    x = torch.empty(1, 1, dtype=torch.bfloat16)
+    args = {"X": x, "J": 4096, "LORA": 0, "BLOCK_R": 16, "FP4_BLOCK": 32, "SCALE_KIND": 0, "RED_IS_K": 1}
+    assert K._prune([split, big, small], args) == [small]
+    # dX mode: the output axis is K, so BLOCK_J must hold whole blocks
+    odd = triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "BLOCK_I": 32}, num_warps=4, num_stages=2)
+    assert K._prune([odd, small], {**args, "RED_IS_K": 0}) == [small]
