@@ -9,7 +9,9 @@ The hook sits on the inner base model because peft calls the outer model's ``for
   transformers skips its packed-sequence detection (it runs only when the mask is ``None``) and builds
   one causal mask over all documents. The hook drops the mask (padding positions get position 0, so
   each is its own one-token "document" that no real token can see) so transformers builds
-  per-document causal (and sliding-window) masks.
+  per-document causal (and sliding-window) masks. ``use_cache`` is set to False too: with a cache
+  (``Gemma4ForCausalLM`` creates an empty DynamicCache whenever use_cache is on) the detection is
+  skipped as well.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def make_hook(*, mm_token_type_ids: bool, packing: bool):
                     pos = pos.expand(mask.shape[0], -1).masked_fill(mask == 0, 0)
                     kwargs["position_ids"] = pos
                 kwargs["attention_mask"] = None
+                # a fresh DynamicCache (use_cache defaults to True) also disables the detection
+                kwargs["use_cache"] = False
                 changed = True
         return (args, kwargs) if changed else None
 

@@ -1,0 +1,104 @@
+"""Plugin wiring: config keys, Gemma-4-only action, the fused kernel inside attention, a real host run."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import host_plugin_gemma4 as plugin
+from host.errors import ConfigError
+from host_plugin_gemma4 import attention, model_utils, tiny
+
+
+def _cfg(**kw):
+    from types import SimpleNamespace
+
+    base = dict(gradient_checkpointing=True, **plugin.Gemma4Config().model_dump())
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_gemma4_config_keys_validate(make_plugin_manager, write_config, tmp_path):
+    from host.config import load_config
+
+    good = write_config({"base_model": "x", "plugins": ["gemma4"], "gemma4_hybrid_attention": True,
+                         "gemma4_attn_implementation": "eager"})
+    cfg, _, warnings = load_config(good)
+    assert cfg.gemma4_hybrid_attention and cfg.gemma4_fused_norm_rope is False and not warnings
+    bad = write_config({"base_model": "x", "plugins": ["gemma4"], "gemma4_attn_implementation": "flash"}, "bad.yaml")
+    with pytest.raises(ConfigError, match="gemma4_attn_implementation"):
+        load_config(bad)
+    typo = write_config({"base_model": "x", "plugins": ["gemma4"], "gemma4_fused_norm_rop": True}, "typo.yaml")
+    with pytest.raises(ConfigError, match="gemma4_fused_norm_rope"):
+        load_config(typo)
+    _, _, warnings = load_config(write_config({"base_model": "x", "plugins": ["gemma4"], "gemma4_hybrid_attention": True}, "w.yaml"))
+    assert any("changes nothing" in w for w in warnings)
+
+
+def test_gemma4_fused_needs_gpu_or_interpreter(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="gemma4_fused_norm_rope"):
+        plugin.validate_config(cfg=_cfg(gemma4_fused_norm_rope=True))
+
+
+def test_gemma4_other_models_untouched(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3"))
+    before = {n: (type(mod), dict(mod._forward_pre_hooks), "forward" in mod.__dict__) for n, mod in m.named_modules()}
+    plugin.post_model_build(cfg=_cfg(gemma4_hybrid_attention=True, gemma4_fused_norm_rope=True,
+                                     gemma4_shared_kv_side_channel=True, gemma4_text_only_mm_token_type_ids=True),
+                            model=m)
+    after = {n: (type(mod), dict(mod._forward_pre_hooks), "forward" in mod.__dict__) for n, mod in m.named_modules()}
+    assert before == after
+    assert not hasattr(m, "accepts_loss_kwargs") or "accepts_loss_kwargs" not in m.__dict__
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_gemma4_fused_kernel_wired_into_attention(moe, device):
+    """Every Gemma 4 attention layer on the fused kernel: same logits and gradients as transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    cfg = tiny.text_config(256, moe=moe, kv_shared=2)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device, dtype).train()
+    fused = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device, dtype).train()
+    fused.load_state_dict(ref.state_dict())
+    plugin.post_model_build(cfg=_cfg(gemma4_fused_norm_rope=True, gradient_checkpointing=False,
+                                     gemma4_fix_logged_loss=False), model=fused)
+    assert all(a._gemma4_fused_norm_rope for a in model_utils.attention_modules(fused))
+    ids = torch.randint(3, 250, (2, 16), device=device)
+    outs = []
+    for m in (ref, fused):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out.logits.detach().float())
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    for (n, p0), (_, p1) in zip(ref.named_parameters(), fused.named_parameters()):
+        if p0.grad is not None:
+            scale = p0.grad.float().abs().max().clamp_min(1e-6)
+            assert ((p1.grad.float() - p0.grad.float()).abs().max() / scale) < (5e-2 if dtype == torch.bfloat16 else 1e-3), n
+
+
+def test_gemma4_host_train_end_to_end(tiny_tokenizer, tmp_path, write_config, run_host, text_file):
+    """`host train` with the plugin on a tiny multimodal Gemma 4: checkpointing + side channel + hybrid."""
+    from host.testing import base_config
+
+    model_dir = tiny.build(tmp_path / "g4", tiny_tokenizer, multimodal=True, moe=True)
+    cfg = base_config(
+        model_dir, text_file, tmp_path / "out", plugins=["gemma4"], gradient_checkpointing=True,
+        gradient_accumulation_steps=2, max_steps=3, sequence_len=32, val_set_size=0.02, eval_steps=3,
+        lora_target_modules=r".*language_model\.layers\.\d+\.self_attn\.(q|v)_proj",
+        lora_target_parameters=["experts.gate_up_proj"],
+        gemma4_attn_implementation="eager", gemma4_hybrid_attention=True,
+        gemma4_text_only_mm_token_type_ids=True,
+    )
+    result = run_host("train", write_config(cfg))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["steps"] == 3 and "gemma4" in summary["plugins"]
+    assert summary["final_train_loss"] is not None and summary["final_eval_loss"] is not None
