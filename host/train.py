@@ -110,20 +110,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _callbacks(cfg, pm):
-    from transformers import TrainerCallback
-
-    class MarkComplete(TrainerCallback):
-        """Mark a checkpoint complete once the Trainer has written all of it."""
-
-        def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    (ckpt / checkpoints.COMPLETE_MARKER).write_text(str(state.global_step))
+def _callbacks(cfg, pm) -> list:
+    from host.callbacks import MarkComplete, StepTimer
 
     extra = [cb for cbs in pm.hook.trainer_callbacks(cfg=cfg) for cb in (cbs or [])]
-    return [MarkComplete(), *extra]
+    return [MarkComplete(), StepTimer(), *extra]
 
 
 def train(cfg, pm, warnings=()):
@@ -174,6 +165,10 @@ def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
     from host import __version__
     from host.plugins import plugin_versions
 
+    from host.callbacks import StepTimer
+
+    timer = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepTimer))
+    step_s = timer.median_step_s()
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -187,6 +182,10 @@ def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
         "wall_time_s": round(wall, 3),
         "train_runtime_s": round(result.metrics.get("train_runtime", wall), 3),
         "tokens_per_s": round(tokens / max(result.metrics.get("train_runtime", wall), 1e-9), 1),
+        "median_step_s": round(step_s, 4) if step_s else None,
+        "steady_tokens_per_s": round(tokens / max(trainer.state.global_step, 1) / step_s, 1) if step_s else None,
+        "world_size": trainer.args.world_size,
+        "peak_memory_gib": _peak_memory_gib(),
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_eval_loss": eval_metrics.get("eval_loss", eval_losses[-1] if eval_losses else None),
@@ -196,6 +195,13 @@ def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
     path.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote %s", path)
     return summary
+
+
+def _peak_memory_gib() -> float | None:
+    """Peak allocated accelerator memory of this (rank 0) process, or None on CPU."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -1,0 +1,133 @@
+"""Scaling benchmark: tokens/s and peak memory per GPU for 1 GPU, 2-GPU DDP and 2-GPU FSDP2 on the
+same model and global batch, with and without the scattermoe plugin. Each variant is a real
+`host train` under torchrun in a fresh process; numbers come from its run_summary.json.
+
+Model: reduced-depth, real-width Qwen3-MoE (random weights; H=2048, E=128, I=768, top-8, 2 layers),
+LoRA r=16 on attention and expert parameters, sequence 2048, bf16, global batch 4 sequences.
+Targets: DDP >= 1.9x one GPU's tokens/s; FSDP2 peak memory per GPU <= 0.6x one GPU's.
+
+Usage (on a 2-GPU machine): python scripts/bench_scaling.py [--steps 12] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+LAYER = "Qwen3MoeDecoderLayer"
+
+
+def build_model(path: Path, layers: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from host.testing import build_tokenizer, sample_texts, tiny_config
+
+    if (path / "config.json").exists():
+        return
+    tok = build_tokenizer(sample_texts(), path, vocab_size=4096)
+    cfg = tiny_config(
+        "qwen3_moe", len(tok), hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, intermediate_size=6144, max_position_embeddings=4096,
+    )
+    cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+
+
+def write_data(path: Path) -> None:
+    from host.testing import sample_texts
+
+    texts = sample_texts() * 20
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: bool, steps: int) -> Path:
+    cfg = {
+        "base_model": str(work / "model"),
+        "plugins": ["scattermoe"] if scattermoe else [],
+        "datasets": [{"path": str(work / "data.jsonl"), "type": "completion"}],
+        "dataset_prepared_path": str(work / "prepared"),
+        "sequence_len": 2048,
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        "micro_batch_size": 4 // gpus,
+        "max_steps": steps,
+        "learning_rate": 1e-4,
+        "bf16": True,
+        "logging_steps": 1,
+        "output_dir": str(work / "runs" / name),
+        "seed": 0,
+    }
+    if fsdp:
+        cfg["fsdp_config"] = {"transformer_layer_cls_to_wrap": [LAYER], "state_dict_type": "SHARDED_STATE_DICT"}
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run(work: Path, name: str, gpus: int, cfg: Path, log_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", "--master-port=29577",
+           "-m", "host", "train", str(cfg)]
+    t = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    (log_dir / f"{name}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        return {"name": name, "error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "failed"}
+    summary = json.loads((work / "runs" / name / "run_summary.json").read_text())
+    return {"name": name, "gpus": gpus, **summary, "process_s": round(time.time() - t, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/host-scaling"))
+    ap.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp/host-scaling-logs")))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.logs.mkdir(parents=True, exist_ok=True)
+    build_model(args.work / "model", args.layers)
+    write_data(args.work / "data.jsonl")
+
+    import torch
+
+    device = torch.cuda.get_device_name(0)
+    results = []
+    for scattermoe in (False, True):
+        for name, gpus, fsdp in (("1gpu", 1, False), ("ddp2", 2, False), ("fsdp2x2", 2, True)):
+            tag = f"{name}{'-scattermoe' if scattermoe else ''}"
+            cfg = variant_config(args.work, tag, gpus, fsdp, scattermoe, args.steps)
+            results.append(run(args.work, tag, gpus, cfg, args.logs))
+            print(json.dumps(results[-1]), flush=True)
+
+    print(f"\n{device}, {time.strftime('%Y-%m-%d')}, Qwen3-MoE H=2048 E=128 I=768 k=8, {args.layers} layers, "
+          f"seq 2048, global batch 4, LoRA r=16, bf16, {args.steps} steps")
+    print(f"{'variant':<22} {'tokens/s':>9} {'vs 1 GPU':>9} {'peak GiB/GPU':>13} {'vs 1 GPU':>9} {'final loss':>10}")
+    base = {}
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:<22} ERROR {r['error']}")
+            continue
+        key = "scattermoe" if "scattermoe" in r["name"] else "plain"
+        base.setdefault(key, r)
+        b = base[key]
+        print(f"{r['name']:<22} {r['steady_tokens_per_s']:>9.0f} {r['steady_tokens_per_s'] / b['steady_tokens_per_s']:>8.2f}x "
+              f"{r['peak_memory_gib']:>13.2f} {r['peak_memory_gib'] / b['peak_memory_gib']:>8.2f}x {r['final_train_loss']:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
