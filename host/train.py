@@ -8,7 +8,8 @@ import math
 import time
 from pathlib import Path
 
-from host import checkpoints, data, model as model_mod
+from host import checkpoints, data
+from host import model as model_mod
 from host.errors import ConfigError
 
 log = logging.getLogger("host.train")
@@ -163,9 +164,8 @@ def train(cfg, pm, warnings=()):
 
 def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
     from host import __version__
-    from host.plugins import plugin_versions
-
     from host.callbacks import StepTimer
+    from host.plugins import plugin_versions
 
     timer = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepTimer))
     step_s = timer.median_step_s()

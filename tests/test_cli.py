@@ -1,14 +1,11 @@
 """CLI start-up stays light, the scaffold produces a working plugin, DDP runs on 2 CPU ranks."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from host.testing import base_config
 
 REPO = Path(__file__).resolve().parents[1]
 
