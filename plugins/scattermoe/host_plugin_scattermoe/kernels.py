@@ -123,8 +123,8 @@ def _prune_s2s(configs, named_args, **kwargs):
     kept, scored = [], []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if bn > max(16, triton.next_power_of_2(N)):
-            continue  # tile wider than the output: wasted work
+        if bn > max(16, triton.next_power_of_2(N)) or (N >= 128 and bn < 64):
+            continue  # tile wider than the output (wasted work) or needlessly thin
         smem = c.num_stages * (bm * bk + bk * bn) * elt
         acc = bm * bn
         if lora == 1:
@@ -150,6 +150,8 @@ def _prune_outer(configs, named_args, **kwargs):
         bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
         if bp > max(16, triton.next_power_of_2(P)) or bq > max(16, triton.next_power_of_2(Q)):
             continue
+        if (P >= 128 and bp < 64) or (Q >= 128 and bq < 64):
+            continue
         smem = c.num_stages * bm * (bp + bq) * 4  # operands may be fp32 (rank intermediates)
         acc = bp * bq
         scored.append((smem + acc, c))
@@ -170,10 +172,8 @@ def _s2s_configs():
         (128, 128, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
         (128, 256, 64, 8, 3),
-        (64, 256, 64, 8, 3),
-        (128, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
         (64, 32, 64, 4, 4),
         (64, 16, 128, 4, 3),
     ]:
@@ -187,13 +187,12 @@ def _outer_configs():
         (64, 16, 128, 4, 3),
         (128, 16, 128, 4, 3),
         (64, 16, 256, 8, 3),
-        (64, 64, 128, 4, 3),
         (64, 128, 16, 4, 3),
         (128, 128, 16, 4, 3),
         (64, 256, 16, 8, 3),
-        (64, 128, 64, 4, 3),
         (64, 128, 128, 8, 3),
-        (32, 128, 128, 4, 4),
+        (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 3),
     ]:
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq}, num_warps=w, num_stages=s))
     return out
@@ -387,9 +386,14 @@ if not INTERPRET:
         do_bench=_bench,
     )(_group_outer_kernel)
 
+#: Below this many routed rows a fixed configuration is used on the GPU (tuning tiny problems is waste).
+AUTOTUNE_MIN_ROWS = 2048
+_SMALL_S2S = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+_SMALL_OUTER = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 64, "num_warps": 4, "num_stages": 3}
+
 # The interpreter runs one fixed, small configuration (it cannot autotune, and small tiles keep it fast).
-_INTERP_S2S = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-_INTERP_OUTER = {"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_Q": 32}
+INTERP_S2S = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
+INTERP_OUTER = {"BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_Q": 64}
 
 
 def _dot_prec(dtype):
@@ -463,14 +467,16 @@ def scatter2scatter(
     meta = dict(
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
-        E_POW2=triton.next_power_of_2(E), BLOCK_R=_rank_block(R),
+        E_POW2=max(64, triton.next_power_of_2(E)), BLOCK_R=_rank_block(R),
     )
 
     def grid(META):
         return (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(L, META["BLOCK_M"]) + E)
 
     if INTERPRET or not x.is_cuda:
-        _s2s_kernel[grid](*args, **meta, **_INTERP_S2S)
+        _s2s_kernel[grid](*args, **meta, **INTERP_S2S)
+    elif L < AUTOTUNE_MIN_ROWS:
+        _s2s_kernel[grid](*args, **meta, **_SMALL_S2S)
     else:
         _s2s_tuned[grid](*args, **meta)
     return out, xa_out
@@ -517,7 +523,9 @@ def group_outer(
         return (E, triton.cdiv(P, META["BLOCK_P"]), triton.cdiv(Q, META["BLOCK_Q"]))
 
     if INTERPRET or not Rmat.is_cuda:
-        _group_outer_kernel[grid](*args, **meta, **_INTERP_OUTER)
+        _group_outer_kernel[grid](*args, **meta, **INTERP_OUTER)
+    elif L < AUTOTUNE_MIN_ROWS:
+        _group_outer_kernel[grid](*args, **meta, **_SMALL_OUTER)
     else:
         _outer_tuned[grid](*args, **meta)
     return out

@@ -1,0 +1,261 @@
+"""Every Triton kernel against the float64 torch reference (interpreter on CPU, native on CUDA).
+
+Covers forward (fused and split LoRA, all grouped_in/grouped_out layouts, bias), dX, dA, dB, dW,
+combine, experts without tokens, E not a power of two, odd H/I, top_k 1/2/8, rank 1/8/16/64, fp32
+and fp16 (the interpreter's bf16 arithmetic is unreliable, bf16 runs in the GPU tests), the int64
+index variant, the routing tensors and the autotune pruning.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from host_plugin_scattermoe import kernels as K  # noqa: E402
+from host_plugin_scattermoe import ops, reference  # noqa: E402
+from host_plugin_scattermoe.routing import sort_tokens  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (K.INTERPRET or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"
+)
+DEV = "cuda" if torch.cuda.is_available() and not K.INTERPRET else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def routing(T, E, k, seed=0, empty=(1,)):
+    """Random top-k routing over E experts that never picks the experts in ``empty``."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(E) if e not in empty])
+    scores = torch.rand(T, allowed.numel(), generator=g)
+    idx = allowed[scores.topk(k, dim=1).indices]
+    return idx.to(DEV)
+
+
+def make(T, E, Kd, N, k, r, dtype, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
+
+    x = rnd(T, Kd)
+    W = rnd(E, Kd, N, scale=Kd**-0.5)
+    A = rnd(E, r, Kd, scale=Kd**-0.5)
+    B = rnd(E, N, r, scale=r**-0.5)
+    b = rnd(E, N, scale=0.1) if bias else None
+    return x, W, A, B, b
+
+
+# (T, E, K, N, top_k, rank): E=5/7/6 are not powers of two, K/N odd, experts 1 (and more) get no tokens.
+CASES = [
+    (9, 5, 33, 19, 1, 1),
+    (11, 7, 40, 27, 2, 8),
+    (6, 11, 19, 33, 8, 16),
+    (13, 6, 35, 24, 2, 64),
+]
+LAYOUTS = [(False, True), (True, False), (False, False), (True, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T%d-E%d-K%d-N%d-k%d-r%d" % c)
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_forward_matches_reference(dtype, case, split):
+    T, E, Kd, N, k, r = case
+    x, W, A, B, b = make(T, E, Kd, N, k, r, dtype, bias=True)
+    sei, ssi, offs = sort_tokens(routing(T, E, k), E)
+    layouts = LAYOUTS if case is CASES[1] else LAYOUTS[:2]
+    for gin, gout in layouts:
+        xin = x if not gin else x[ssi // k]  # grouped input = rows already in sorted order
+        fan = 1 if gin else k
+        if split:
+            xa = ops._rank_xa(xin, A, ssi, offs, fan, gin)
+            y, _ = K.scatter2scatter(xin, W, ssi, offs, fan, B=B, xa_in=xa, scaling=0.7, bias=b, grouped_in=gin, grouped_out=gout)
+        else:
+            y, xa = K.scatter2scatter(
+                xin, W, ssi, offs, fan, A=A, B=B, scaling=0.7, bias=b, grouped_in=gin, grouped_out=gout, write_xa=True
+            )
+        d = torch.float64
+        y_ref = reference.scattered_linear(
+            xin.to(d), W.to(d), fan, sei, ssi, offs, A.to(d), B.to(d), 0.7, b.to(d), gin, gout
+        )
+        assert y.dtype == dtype and y.shape == (T * k, N)
+        assert rel(y, y_ref) < TOL[dtype], (gin, gout, rel(y, y_ref))
+        xs = xin.to(d) if gin else xin.to(d)[ssi // k]
+        xa_ref = torch.einsum("lk,lrk->lr", xs, A.to(d)[sei])
+        assert rel(xa, xa_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T%d-E%d-K%d-N%d-k%d-r%d" % c)
+@pytest.mark.parametrize(
+    "split,layout", [(False, (False, True)), (False, (True, False)), (True, (False, True)), (True, (True, False))],
+    ids=["fused-up", "fused-down", "split-up", "split-down"],
+)
+def test_backward_dx_da_db_match_reference(dtype, case, split, layout):
+    T, E, Kd, N, k, r = case
+    gin, gout = layout
+    x, W, A, B, _ = make(T, E, Kd, N, k, r, dtype, seed=1)
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=1), E)
+    if gin:
+        x = x[ssi // k].contiguous()
+    fan = 1 if gin else k
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(T * k, N, generator=g).to(DEV, dtype)
+
+    xs, As, Bs = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
+    y = ops.scattered_experts(
+        xs, W, fan, sei, ssi, offs, As, Bs, 0.5, None, gin, gout, fused_lora=not split, backend="triton"
+    )
+    y.backward(dy)
+    d = torch.float64
+    xr, Ar, Br = (t.detach().to(d).requires_grad_(True) for t in (x, A, B))
+    yr = reference.scattered_linear(xr, W.to(d), fan, sei, ssi, offs, Ar, Br, 0.5, None, gin, gout)
+    yr.backward(dy.to(d))
+    assert rel(y, yr) < TOL[dtype]
+    assert rel(xs.grad, xr.grad) < TOL[dtype], "dX"
+    assert rel(As.grad, Ar.grad) < TOL[dtype], "dA"
+    assert rel(Bs.grad, Br.grad) < TOL[dtype], "dB"
+    # experts that received no token get exactly zero LoRA gradient
+    assert As.grad[1].abs().max() == 0 and Bs.grad[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_full_finetune_dw_and_bias(dtype):
+    T, E, Kd, N, k, r = 10, 6, 37, 21, 2, 8
+    x, W, A, B, b = make(T, E, Kd, N, k, r, dtype, seed=2, bias=True)
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=2), E)
+    dy = torch.randn(T * k, N, generator=torch.Generator().manual_seed(3)).to(DEV, dtype)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, W, b)]
+    y = ops.scattered_experts(leaves[0], leaves[1], k, sei, ssi, offs, bias=leaves[2], grouped_out=True, backend="triton")
+    y.backward(dy)
+    d = torch.float64
+    refs = [t.detach().to(d).requires_grad_(True) for t in (x, W, b)]
+    reference.scattered_linear(refs[0], refs[1], k, sei, ssi, offs, bias=refs[2], grouped_out=True).backward(dy.to(d))
+    for name, got, want in zip(["dX", "dW", "dbias"], leaves, refs):
+        assert rel(got.grad, want.grad) < TOL[dtype], name
+    assert leaves[1].grad[1].abs().max() == 0  # expert without tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_combine_forward_backward(dtype, k):
+    T, N = 7, 45
+    g = torch.Generator().manual_seed(k)
+    y = torch.randn(T * k, N, generator=g).to(DEV, dtype).requires_grad_(True)
+    gates = torch.rand(T, k, generator=g).to(DEV, dtype).requires_grad_(True)
+    out = ops.combine(y, gates, backend="triton")
+    dout = torch.randn(T, N, generator=g).to(DEV, dtype)
+    out.backward(dout)
+    yr, gr = y.detach().double().requires_grad_(True), gates.detach().double().requires_grad_(True)
+    ref = reference.combine(yr, gr)
+    ref.backward(dout.double())
+    assert rel(out, ref) < TOL[dtype]
+    assert rel(y.grad, yr.grad) < TOL[dtype] and rel(gates.grad, gr.grad) < TOL[dtype]
+
+
+def test_group_outer_gathers_and_zero_experts():
+    T, E, k, P, Q = 12, 5, 2, 17, 23
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=4, empty=(0, 3)), E)
+    g = torch.Generator().manual_seed(5)
+    Lm = torch.randn(T, P, generator=g).to(DEV)  # gathered through ssi // k
+    Rm = torch.randn(T * k, Q, generator=g).to(DEV)  # grouped
+    out = K.group_outer(Lm, Rm, ssi, offs, l_fan=k, r_fan=0, scaling=2.0)
+    want = torch.zeros(E, P, Q, dtype=torch.float64)
+    Lg = Lm.double()[ssi // k]
+    for p in range(T * k):
+        want[sei[p]] += 2.0 * torch.outer(Lg[p], Rm.double()[p])
+    assert rel(out, want) < 1e-5
+    assert out[0].abs().max() == 0 and out[3].abs().max() == 0
+
+
+def test_multi_tile_loops(monkeypatch):
+    """Several K-loop steps, N tiles, M blocks per expert and rank tiles: small tiles, larger problem."""
+    if K.INTERPRET:
+        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+        monkeypatch.setattr(K, "INTERP_OUTER", {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_Q": 16})
+    T, E, Kd, N, k, r = 40, 3, 70, 45, 2, 8
+    x, W, A, B, _ = make(T, E, Kd, N, k, r, torch.float32, seed=8)
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=8, empty=()), E)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B)]
+    y = ops.scattered_experts(leaves[0], W, k, sei, ssi, offs, leaves[1], leaves[2], 0.5, grouped_out=True, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    refs = [t.detach().double().requires_grad_(True) for t in (x, A, B)]
+    yr = reference.scattered_linear(refs[0], W.double(), k, sei, ssi, offs, refs[1], refs[2], 0.5, grouped_out=True)
+    yr.backward(dy.double())
+    assert rel(y, yr) < 1e-4
+    for got, want in zip(leaves, refs):
+        assert rel(got.grad, want.grad) < 1e-4
+
+
+def test_int64_variant_is_bitwise_identical(monkeypatch):
+    """Force the 64-bit index specialisation on a small problem: same numbers as int32."""
+    T, E, Kd, N, k, r = 8, 5, 24, 20, 2, 8
+    x, W, A, B, _ = make(T, E, Kd, N, k, r, torch.float32, seed=6)
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=6), E)
+    y32, xa32 = K.scatter2scatter(x, W, ssi, offs, k, A=A, B=B, scaling=0.5, grouped_out=False, write_xa=True)
+    o32 = K.group_outer(x, xa32, ssi, offs, l_fan=k)
+    monkeypatch.setattr(K, "needs_int64", lambda *t: True)
+    y64, xa64 = K.scatter2scatter(x, W, ssi, offs, k, A=A, B=B, scaling=0.5, grouped_out=False, write_xa=True)
+    o64 = K.group_outer(x, xa64, ssi, offs, l_fan=k)
+    assert torch.equal(y32, y64) and torch.equal(xa32, xa64) and torch.equal(o32, o64)
+
+
+def test_needs_int64_threshold():
+    small = torch.empty(2**20, dtype=torch.uint8)
+    assert not K.needs_int64(small)
+    big = torch.empty(0).expand(0)  # empty never needs it
+    assert not K.needs_int64(big)
+
+    class View:  # a strided view whose last element sits past 2**31 needs it even with few elements
+        shape = (2, 2)
+
+        def numel(self):
+            return 4
+
+        def stride(self):
+            return (2**31, 1)
+
+    assert K.needs_int64(View())
+
+
+def test_sort_tokens_contract():
+    idx = torch.tensor([[2, 0], [2, 4], [0, 2]])
+    sei, ssi, offs = sort_tokens(idx, 6)
+    assert sei.tolist() == [0, 0, 2, 2, 2, 4]
+    assert ssi.tolist() == [1, 4, 0, 2, 5, 3]  # stable: token order kept within an expert
+    assert offs.tolist() == [2, 2, 5, 5, 6, 6]  # cumulative end offsets, length E
+    assert torch.equal(idx.reshape(-1)[ssi], sei)
+
+
+def test_m_bucket_and_pruning(monkeypatch):
+    assert K.m_bucket(1) == 256 and K.m_bucket(4000) == 4096 and K.m_bucket(4096) == 4096 and K.m_bucket(4097) == 8192
+    import triton
+
+    monkeypatch.setattr(K, "device_limits", lambda index=None: {"smem": 100 * 1024, "regs": 65536})
+    cfgs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=2),  # SMEM of a big GPU
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=4, num_stages=2),  # too many regs
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ]
+    x = torch.empty(1, 1, dtype=torch.bfloat16)
+    kept = K._prune_s2s(cfgs, {"X": x, "N": 4096, "LORA": 1, "BLOCK_R": 16})
+    assert kept == [cfgs[2]]
+    monkeypatch.setattr(K, "device_limits", lambda index=None: {"smem": 228 * 1024, "regs": 65536})
+    kept = K._prune_s2s(cfgs, {"X": x, "N": 4096, "LORA": 1, "BLOCK_R": 16})
+    assert cfgs[0] in kept and cfgs[1] not in kept
+    # never wider than the output
+    assert K._prune_s2s(cfgs, {"X": x, "N": 64, "LORA": 0, "BLOCK_R": 16}) == [cfgs[2]]
+
+
+def test_split_dispatch_threshold():
+    assert ops.use_split(8, 4096, 28672)  # Mixtral gate_up: few, large experts
+    assert not ops.use_split(128, 2048, 1536)  # Qwen3-30B-A3B: many small experts
+    assert ops.use_split(128, 2048, 1536, fused_lora=False)
+    assert not ops.use_split(8, 4096, 28672, split_threshold=10**12)
