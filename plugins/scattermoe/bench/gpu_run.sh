@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One GPU session: GPU tests (bf16 real shapes, int64 past 2**31, model-level bf16), then the block benchmark.
+# Usage (repo root, PYTHONPATH set to host + this plugin): bash plugins/scattermoe/bench/gpu_run.sh [tests|bench|all] [bench args]
+set -uo pipefail
+OUT=${OUT:-/tmp/scattermoe_out}
+mkdir -p "$OUT"
+what=${1:-all}
+shift || true
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests -x --durations=15 \
+    > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  python3 plugins/scattermoe/bench/bench_moe_block.py "$@" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; tail -40 "$OUT/bench.log"
+fi
