@@ -205,13 +205,14 @@ def run_wave(wave: list[str], a, log_dir: Path, env: dict, wave_timeout: float) 
             if Path(spec["ready"]).exists() or p.poll() is not None:
                 pending.discard(name)
         time.sleep(0.1)
+    compile_wait = round(time.time() - t0)
+    for name in pending:  # still compiling at the timeout: stop them before anything is timed
+        procs[name][0].kill()
     # phase 2: timed steps one process at a time, the others idle
     results = {}
     for name in wave:
         p, spec, logf = procs[name]
-        if name in pending:
-            p.kill()
-        else:
+        if name not in pending:
             Path(spec["go"]).write_text("1")
             try:
                 p.wait(timeout=max(30.0, wave_timeout - (time.time() - t0)))
@@ -223,7 +224,7 @@ def run_wave(wave: list[str], a, log_dir: Path, env: dict, wave_timeout: float) 
         res = json.loads(res_path.read_text()) if res_path.exists() else {"name": name, "ok": False}
         if not res.get("ok"):
             tail = (log_dir / f"{name.replace('.', '_')}.log").read_text().strip().splitlines()[-3:]
-            res["error"] = "timeout" if name in pending else (" | ".join(tail) or f"exit {p.returncode}")
+            res["error"] = f"still compiling after {compile_wait} s (killed)" if name in pending else (" | ".join(tail) or f"exit {p.returncode}")
         results[name] = res
         print(f"  {name}: {json.dumps(res)}", flush=True)
     return results
@@ -261,6 +262,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
     ap.add_argument("--conditions", help="comma-separated subset of conditions")
+    ap.add_argument("--waves", help="explicit waves: 'a,b;c,d' (overrides --conditions)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="logs and results.json go here")
     ap.add_argument("--cache", default=None, help="Inductor/Triton cache root (default: a fresh temp dir)")
     ap.add_argument("--deadline", type=float, default=1e9, help="start no wave after this many seconds")
@@ -277,6 +279,8 @@ def main() -> None:
         keep = a.conditions.split(",")
         waves = [[c for c in w if c in keep] for w in WAVES]
         waves = [w for w in waves if w]
+    if a.waves:
+        waves = [w.split(",") for w in a.waves.split(";")]
     order = [c for w in waves for c in w]
     out = Path(a.out)
     log_dir = out / "logs"
