@@ -64,13 +64,14 @@ class CompletionStrategy:
         eos = self.tokenizer.eos_token_id
         if eos is None:
             raise DataError(f"{where}: the tokenizer has no eos_token; completion data needs one between documents.")
-        field, seq = self.entry.field, self.cfg.sequence_len
+        field, seq, tokenizer = self.entry.field, self.cfg.sequence_len, self.tokenizer
 
+        # closes over plain values only, so `datasets` can fingerprint (pickle) it
         def chunk(batch):
             ids = []
             for text in batch[field]:
                 if text:
-                    ids.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+                    ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
             n = max(len(ids) // seq, 1 if ids else 0)
             blocks = [ids[i * seq : (i + 1) * seq] for i in range(n)]
             return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": blocks}
@@ -88,38 +89,6 @@ class ChatTemplateStrategy:
     def fingerprint(self) -> dict[str, Any]:
         return {"version": 1}
 
-    def _render(self, messages, generation_prompt: bool) -> list[int]:
-        out = self.tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
-        )
-        return list(out["input_ids"])
-
-    def tokenize(self, row, index: int, where: str) -> dict[str, list[int]]:
-        """Labels are the assistant turns' tokens; everything else is -100.
-
-        Each assistant turn's span is found by rendering the conversation up to it (with the
-        generation prompt) and up to its end; this needs no template markers, only that the
-        template renders a conversation's prefix as a prefix of the whole.
-        """
-        e = self.entry
-        messages = [
-            {"role": m[e.message_field_role], "content": m[e.message_field_content]} for m in row[e.field_messages]
-        ]
-        ids = self._render(messages, False)
-        labels = [-100] * len(ids)
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(self._render(messages[:i], True))
-            end_ids = self._render(messages[: i + 1], False)
-            if end_ids != ids[: len(end_ids)]:
-                raise DataError(
-                    f"{where}: row {index}: the chat template does not render a conversation's prefix as a "
-                    f"prefix of the whole; assistant-only labels cannot be located with this template."
-                )
-            labels[start : len(end_ids)] = ids[start : len(end_ids)]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
     def load(self):
         where = _where(self.cfg, self.entry)
         if not getattr(self.tokenizer, "chat_template", None):
@@ -128,8 +97,9 @@ class ChatTemplateStrategy:
         require_columns(raw, [self.entry.field_messages], where)
         try:
             out = raw.map(
-                lambda row, idx: self.tokenize(row, idx, where),
+                tokenize_conversation,
                 with_indices=True,
+                fn_kwargs={"entry": self.entry, "tokenizer": self.tokenizer, "where": where},
                 remove_columns=raw.column_names,
                 desc="chat template",
             )
@@ -139,6 +109,35 @@ class ChatTemplateStrategy:
                 f"{self.entry.message_field_role!r} and {self.entry.message_field_content!r}."
             ) from None
         return apply_length_policy(out, self.cfg, where)
+
+
+def _render(tokenizer, messages, generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
+    return list(out["input_ids"])
+
+
+def tokenize_conversation(row, index: int, entry: ChatTemplateDataset, tokenizer, where: str) -> dict[str, list[int]]:
+    """Labels are the assistant turns' tokens; everything else is -100.
+
+    Each assistant turn's span is found by rendering the conversation up to it (with the
+    generation prompt) and up to its end; this needs no template markers, only that the
+    template renders a conversation's prefix as a prefix of the whole.
+    """
+    messages = [{"role": m[entry.message_field_role], "content": m[entry.message_field_content]} for m in row[entry.field_messages]]
+    ids = _render(tokenizer, messages, False)
+    labels = [-100] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], True))
+        end_ids = _render(tokenizer, messages[: i + 1], False)
+        if end_ids != ids[: len(end_ids)]:
+            raise DataError(
+                f"{where}: row {index}: the chat template does not render a conversation's prefix as a "
+                f"prefix of the whole; assistant-only labels cannot be located with this template."
+            )
+        labels[start : len(end_ids)] = ids[start : len(end_ids)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def apply_length_policy(ds, cfg, where: str):

@@ -10,7 +10,11 @@ PYTEST=("$BIN/python" -m pytest -q -p no:cacheprovider --import-mode=importlib)
 
 # plugin folder -> plugin folders it depends on (read from its pyproject's host-plugin-* deps)
 deps_of() {
-  grep -oE '"host-plugin-[a-z0-9-]+' "plugins/$1/pyproject.toml" | sed 's/"host-plugin-//; s/-/_/g' || true
+  "$BIN/python" - "$1" <<'PY'
+import re, sys, tomllib
+deps = tomllib.load(open(f"plugins/{sys.argv[1]}/pyproject.toml", "rb"))["project"].get("dependencies", [])
+print(" ".join(m.group(1).replace("-", "_") for d in deps if (m := re.match(r"host-plugin-([a-z0-9-]+)", d))))
+PY
 }
 
 all=()
