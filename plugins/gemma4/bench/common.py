@@ -47,7 +47,7 @@ def mem(device):
     return 0.0, 0.0
 
 
-def train_steps(m, steps, seq, device, vocab, batch=1, lr=1e-4):
+def train_steps(m, steps, seq, device, vocab, batch=1, lr=1e-4, on_step=None):
     """Plain checkpointed training steps; returns per-step (allocated_after_GiB, peak_in_step_GiB, ms)."""
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -66,7 +66,26 @@ def train_steps(m, steps, seq, device, vocab, batch=1, lr=1e-4):
         sync(device)
         ms = (time.perf_counter() - t) * 1e3
         out.append((*mem(device), ms))
+        if on_step is not None:
+            on_step(len(out) - 1)
     return out
+
+
+def track_shared_v(m):
+    """weakrefs to every V tensor the 'store' layers put in the shared K/V container, per step.
+
+    Returns (refs, step) where refs[s] lists the weakrefs of step s; set step[0] before each step."""
+    import weakref
+
+    refs, step = {}, [0]
+
+    def hook(mod, inp, out):
+        refs.setdefault(step[0], []).append(weakref.ref(out))
+
+    for layer in m.model.layers:
+        if layer.self_attn.store_full_length_kv:
+            layer.self_attn.v_norm.register_forward_hook(hook)
+    return refs, step
 
 
 def slope(values):

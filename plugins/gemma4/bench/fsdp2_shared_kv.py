@@ -41,10 +41,19 @@ def run(with_plugin, device, smoke, steps, seq, mesh):
     m.train()
     if with_plugin:
         plugin.post_model_build(cfg=common.plugin_cfg(gemma4_fix_logged_loss=False), model=m)
+    refs, step = common.track_shared_v(m)
     for layer in m.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(m, mesh=mesh)
-    stats = common.train_steps(m, steps, seq, device, vocab)
+    stale = []
+
+    def on_step(s):  # V tensors stored by earlier steps still alive after step s
+        gc.collect()
+        stale.append(sum(r() is not None for k, v in refs.items() if k < s for r in v))
+        step[0] = s + 1
+
+    stats = common.train_steps(m, steps, seq, device, vocab, on_step=on_step)
+    stats = [(*st, n) for st, n in zip(stats, stale)]
     if with_plugin:
         shared_kv.set_store(None)
     del m
@@ -88,13 +97,13 @@ def main():
         (out / "fsdp2_shared_kv.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
         print(f"\n## FSDP2 ({world} ranks) + activation checkpointing, {meta['device']}, seq {seq}, "
               f"transformers {meta['transformers']}, rank 0")
-        print("| run | alloc after step 1 GiB | after last GiB | growth GiB/step | peak in step (first/last) GiB | median ms |")
-        print("|---|---|---|---|---|---|")
+        print("| run | alloc after step 1 GiB | after last GiB | growth GiB/step | peak in step (first/last) GiB | median ms | earlier steps' shared V alive (max) |")
+        print("|---|---|---|---|---|---|---|")
         for label, st in results.items():
             after = [s[0] for s in st]
             ms = sorted(s[2] for s in st)[len(st) // 2]
             print(f"| {label} | {after[0]:.3f} | {after[-1]:.3f} | {common.slope(after[1:]):+.5f} | "
-                  f"{st[0][1]:.3f}/{st[-1][1]:.3f} | {ms:.0f} |")
+                  f"{st[0][1]:.3f}/{st[-1][1]:.3f} | {ms:.0f} | {max(x[3] for x in st)} |")
     dist.destroy_process_group()
 
 
