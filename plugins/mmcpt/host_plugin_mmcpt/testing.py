@@ -121,3 +121,17 @@ def entry(data_root: str | Path, **kw) -> dict:
     data_root = Path(data_root)
     return {"path": str(data_root / "data.jsonl"), "type": "multimodal_pretrain",
             "image_base_dir": str(data_root / "images"), **kw}
+
+
+def pretokenize(rows: list[dict], processor, add_eos: bool = True) -> list[dict]:
+    """Already-tokenized rows (the ``skip_prepare_dataset`` route) made with the processor's tokenizer."""
+    from host_plugin_mmcpt.encode import ImageTokenSpec, mask_labels
+
+    spec = ImageTokenSpec.from_processor(processor)
+    out = []
+    for r in rows:
+        text = r["text"] + (processor.tokenizer.eos_token if add_eos else "")
+        ids = list(processor.tokenizer(text)["input_ids"])
+        out.append({"_mm_text": text, "images": r["images"], "input_ids": ids, "attention_mask": [1] * len(ids),
+                    "labels": mask_labels(ids, set(spec.masked_ids))})
+    return out
