@@ -136,15 +136,18 @@ class StreamStrategy(_Base):
         self.stream = None
 
     def cache_key(self, source) -> dict[str, Any]:
-        from host.plugins import _entry_points
+        from importlib.metadata import PackageNotFoundError, version
 
-        ep = _entry_points().get("mmcpt")
+        try:
+            plugin_version = version("host-plugin-mmcpt")
+        except PackageNotFoundError:
+            plugin_version = "?"
         return {
             "entry": self.entry.model_dump(mode="json"),
             "source": source.key(),
             "strategy": self.fingerprint(),
             "sequence_len": self.cfg.sequence_len,
-            "plugin_version": ep.dist.version if ep is not None and ep.dist else "?",
+            "plugin_version": plugin_version,
         }
 
     def load(self):

@@ -184,3 +184,31 @@ def test_stream_wraps_around_a_complete_cache(processor, tmp_path, complete):
     rows = [r["_mm_row"] for r in stream]
     assert rows == ([2, 3, 4] if complete else [])  # 7 % 5 = 2; an unfinished cache cannot wrap yet
     cache._lockfh.close()
+
+
+def test_parquet_stream_through_datasets_resumes(processor, tmp_path, image_stats):
+    from types import SimpleNamespace
+
+    import datasets
+
+    from host_plugin_mmcpt.config import MultimodalPretrainDataset
+    from host_plugin_mmcpt.encode import ImageTokenSpec, RowEncoder
+    from host_plugin_mmcpt.stream import DatasetsSource, MMStream, make_source
+
+    images = tmp_path / "images"
+    rows = mmt.make_rows(images, 6, prefix="s", text_every=3)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    entry = MultimodalPretrainDataset(path=str(tmp_path / "d.parquet"), image_base_dir=str(images))
+    src = make_source(entry, "w")
+    assert isinstance(src, DatasetsSource)
+    enc = RowEncoder(SimpleNamespace(sequence_len=128), entry, processor.tokenizer,
+                     ImageTokenSpec.from_processor(processor), str(images), 5)
+    cache = StreamCache(tmp_path / "c", {"k": 4}, src.start_state())
+    it = iter(MMStream(enc, src, cache, 0, False, "w"))
+    assert [next(it)["_mm_row"] for _ in range(3)] == [0, 1, 2]
+    it.close()  # the run stops mid-stream: the cache keeps what was read
+    assert cache.rows == 3 and cache.meta["source"] == {"rows": 3} and not cache.meta["complete"]
+    image_stats.reset()
+    assert [r["_mm_row"] for r in MMStream(enc, src, cache, 4, False, "w")] == [4, 5]
+    assert not any("s00000" in ref or "s00001" in ref for _, ref in image_stats.opened)
+    cache._lockfh.close()
