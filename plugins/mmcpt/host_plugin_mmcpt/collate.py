@@ -29,6 +29,7 @@ class MultimodalCollator:
         self.masked = sorted(set(self.spec.masked_ids))
         self.skip_bad = cfg.skip_bad_rows
         self.timeout = cfg.remote_image_timeout
+        self.not_inputs = _NOT_MODEL_INPUTS | set(getattr(processor, "unused_input_names", None) or [])
         self.type_id_keys = [k for k in _TYPE_ID_KEYS if k in (getattr(processor, "model_input_names", None) or [])]
         self.stats = {"batches": 0, "image_batches": 0, "images": 0, "tokens": 0, "dropped_rows": 0}
 
@@ -107,7 +108,7 @@ class MultimodalCollator:
             if not keep:
                 raise DataError("every row of a batch was too long (skip_bad_rows); raise sequence_len.")
             return self._collate([kept[i] for i in keep], [images[i] for i in keep])
-        out = {k: v for k, v in out.items() if k not in _NOT_MODEL_INPUTS}
+        out = {k: v for k, v in out.items() if k not in self.not_inputs}
         if out["input_ids"].shape[1] > self.cfg.sequence_len:  # longest padding never exceeds; max_length may
             raise DataError(f"a batch is {out['input_ids'].shape[1]} tokens wide, more than sequence_len.")
         labels = out["input_ids"].clone()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from host.errors import DataError
 from host_plugin_mmcpt import images as im
 from host_plugin_mmcpt import testing as mmt
 
