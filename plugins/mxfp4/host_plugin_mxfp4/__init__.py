@@ -100,13 +100,35 @@ def post_model_build(cfg, model):
         for m in model.modules():
             if loading.is_quantized(m):
                 loading.dequantize_module(m)
-        base_cfg = getattr(getattr(model, "base_model", model), "config", None)
-        for c in {id(x): x for x in (getattr(model, "config", None), base_cfg) if x is not None}.values():
-            if getattr(c, "quantization_config", None) is not None:
-                del c.quantization_config
+        _forget_mxfp4_checkpoint_format(model)
         log.info("mxfp4: experts dequantized for merging; the merged model is written in the training dtype")
         return
     experts.install(model)
+
+
+def _forget_mxfp4_checkpoint_format(model) -> None:
+    """After dequantizing: save as a plain model. Drop the gpt-oss ``quantization_config`` and the
+    loader's MXFP4 weight conversion, whose reverse would write dense tensors under ``*_blocks``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for c in {id(x): x for x in (getattr(model, "config", None), getattr(base, "config", None)) if x is not None}.values():
+        if getattr(c, "quantization_config", None) is not None:
+            del c.quantization_config
+    convs = getattr(base, "_weight_conversions", None)
+    if convs:
+        def is_mxfp4(conv):
+            ops = list(getattr(conv, "operations", []) or []) + [getattr(conv, "quantization_operation", None)]
+            return any(op is not None and "Mxfp4" in type(op).__name__ for op in ops) or any(
+                str(p).endswith(("_blocks", "_scales")) for p in getattr(conv, "source_patterns", []) or []
+            )
+
+        base._weight_conversions = [c for c in convs if not is_mxfp4(c)]
+    if getattr(base, "hf_quantizer", None) is not None:
+        base.hf_quantizer = None
+    if getattr(base, "is_quantized", False):
+        try:
+            base.is_quantized = False
+        except AttributeError:  # read-only property on some versions
+            pass
 
 
 def _peft_inference_mode(model) -> bool:

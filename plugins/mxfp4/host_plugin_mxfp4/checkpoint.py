@@ -109,3 +109,29 @@ def write_random_gpt_oss_checkpoint(config, out: str | Path, seed: int = 0, dtyp
         total += sum(v.numel() * v.element_size() for v in t.values())
     _write_config(config, out, index, total)
     return out
+
+
+def make_tiny_gpt_oss(out: str | Path) -> Path:
+    """A ~3M-parameter random gpt-oss in the MXFP4 checkpoint layout plus a BPE tokenizer trained on
+    examples/data/corpus.jsonl (when run from the repo) or stdlib docstrings."""
+    from host.testing import build_tokenizer, sample_texts, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    corpus = Path("examples/data/corpus.jsonl")
+    texts = [json.loads(line)["text"] for line in corpus.open()] if corpus.exists() else sample_texts()
+    tok = build_tokenizer(texts, out, vocab_size=2048)
+    cfg = tiny_config("gpt_oss", len(tok), hidden_size=128, intermediate_size=128, num_local_experts=8,
+                      num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    cfg.eos_token_id = cfg.pad_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    save_gpt_oss_mxfp4(model, out)
+    return out
+
+
+if __name__ == "__main__":  # python -m host_plugin_mxfp4.checkpoint OUT_DIR
+    import sys
+
+    dest = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/assets/tiny-gpt-oss-mxfp4")
+    print(f"wrote {make_tiny_gpt_oss(dest)}" if not (dest / "config.json").exists() else f"{dest} exists; nothing to do")
