@@ -14,6 +14,10 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 fi
+if [ "$what" = profile ]; then
+  python3 plugins/scattermoe/bench/profile_block.py "$@" > "$OUT/profile.log" 2>&1
+  echo "profile rc=$?"; grep -E "=====|Name|s2s|outer|_kernel|aten::|Self CUDA" "$OUT/profile.log" | cut -c1-200 | head -80
+fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 plugins/scattermoe/bench/bench_moe_block.py "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -40 "$OUT/bench.log"

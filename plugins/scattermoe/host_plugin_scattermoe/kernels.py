@@ -224,6 +224,12 @@ def _locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.const
     return e, start + (pid_m - first_blk) * BLOCK_M, end
 
 
+@triton.heuristics(
+    {
+        "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+    }
+)
 @triton.jit
 def _s2s_kernel(
     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
@@ -235,6 +241,7 @@ def _s2s_kernel(
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -271,12 +278,22 @@ def _s2s_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + k_base) < K
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            if EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + k_base) < K
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
         if LORA == 1:
-            a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=DOT_PREC)
             a_ptrs += BLOCK_K * s_ak
         x_ptrs += BLOCK_K * s_xk

@@ -166,7 +166,7 @@ def test_group_outer_gathers_and_zero_experts():
     Lm = torch.randn(T, P, generator=g).to(DEV)  # gathered through ssi // k
     Rm = torch.randn(T * k, Q, generator=g).to(DEV)  # grouped
     out = K.group_outer(Lm, Rm, ssi, offs, l_fan=k, r_fan=0, scaling=2.0)
-    want = torch.zeros(E, P, Q, dtype=torch.float64)
+    want = torch.zeros(E, P, Q, dtype=torch.float64, device=DEV)
     Lg = Lm.double()[ssi // k]
     for p in range(T * k):
         want[sei[p]] += 2.0 * torch.outer(Lg[p], Rm.double()[p])

@@ -1,0 +1,51 @@
+"""Per-kernel breakdown of one MoE block fwd+bwd (torch.profiler) and the autotuned configs.
+
+Usage: python bench/profile_block.py [shape ...]   (shapes from bench_moe_block.SHAPES)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_moe_block import SHAPES, build_block  # noqa: E402
+
+
+def main(names):
+    from host_plugin_scattermoe import experts, kernels, lora
+
+    experts.register()
+    for name in names:
+        family, E, H, I, k = SHAPES[name]
+        holder, cfg = build_block(family, E, H, I, k, 16)
+        lora.attach(holder)
+        cfg._experts_implementation = "scattermoe"
+        x = torch.randn(1, 4096, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn_like(x)
+
+        def step():
+            out = holder.mlp(x)
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(g)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"===== {name} (5 steps)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        for kname, kern in (("s2s", kernels._s2s_tuned), ("outer", kernels._outer_tuned)):
+            for key, conf in kern.cache.items():
+                print(kname, key[:8], conf)
+        kernels._s2s_tuned.cache.clear()
+        kernels._outer_tuned.cache.clear()
+        del holder, x, g
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["Qwen3-30B-A3B", "Mixtral-8x7B"])
