@@ -73,4 +73,4 @@ def trainer_callbacks(cfg):
     from host_plugin_mmcpt.strategy import RUNS
 
     start = RUNS.pop(id(cfg), {}).get("start", 0)
-    return [MMCPTStreamState(samples_consumed=start, ignore_data_skip=cfg.ignore_data_skip)]
+    return [MMCPTStreamState(samples_consumed=start, ignore_data_skip=cfg.ignore_data_skip, multimodal=in_use(cfg))]

@@ -12,13 +12,27 @@ class MMCPTStreamState(TrainerCallback, ExportableState):
     config asks for it (the host's TrainingArguments do not carry that key) and commits the stream
     caches whenever a checkpoint is saved, so a checkpoint never points past the cache."""
 
-    def __init__(self, samples_consumed: int = 0, ignore_data_skip: bool = False):
+    def __init__(self, samples_consumed: int = 0, ignore_data_skip: bool = False, multimodal: bool = False):
         self.samples_consumed = int(samples_consumed)
         self.ignore_data_skip = bool(ignore_data_skip)
+        self.multimodal = bool(multimodal)
 
     def state(self) -> dict:
-        return {"args": {"samples_consumed": self.samples_consumed, "ignore_data_skip": self.ignore_data_skip},
-                "attributes": {}}
+        return {"args": {"samples_consumed": self.samples_consumed, "ignore_data_skip": self.ignore_data_skip,
+                         "multimodal": self.multimodal}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # accelerate's default for an IterableDataset under several processes: rank 0 reads
+        # world_size batches, concatenates and re-slices them, which cannot work for multimodal
+        # batches (different widths; pixel_values are per image, not per row).
+        if self.multimodal and type(train_dataloader).__name__ == "DataLoaderDispatcher":
+            from host.errors import ConfigError
+
+            raise ConfigError(
+                "streaming: multi-process training of a multimodal stream needs every process to read its own "
+                "batches (accelerate dispatch_batches=False), but the Trainer dispatches batches from rank 0. Train "
+                "the streaming route on one process, or use the non-streaming `datasets:` route."
+            )
 
     def on_init_end(self, args, state, control, **kwargs):
         if self.ignore_data_skip:

@@ -120,3 +120,26 @@ def test_streaming_resume_fast_forward_without_ignore_data_skip(vl_model, write_
     result = run_host("train", write_config(dict(cfg, max_steps=4, resume_from_checkpoint=True), "s2.yaml"))
     assert result.exit_code == 0, result.output
     assert set(range(6)) <= _indices([x for x in STATS.opened if x[0] == "load"])
+
+
+def test_streaming_under_two_processes_is_refused_clearly(vl_model, write_config, tmp_path):
+    """Under torchrun, the Trainer dispatches an IterableDataset's batches from rank 0 (concatenate and
+    re-slice), which multimodal batches cannot survive: the run stops with a clear error, not deep in
+    accelerate."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    mmt.write_jsonl(tmp_path / "d.jsonl", mmt.make_rows(images, 8, prefix="s"))
+    cfg = write_config(_stream_cfg(vl_model, str(tmp_path / "d.jsonl"), images, tmp_path / "out", None, max_steps=1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           f"--master-port={port}", "-m", "host", "train", str(cfg)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "needs every process to read its own batches (accelerate dispatch_batches=False)" in proc.stderr
