@@ -10,7 +10,8 @@ One kernel, two modes, both on the *same* container layout (``packed [E, N, K/2]
 
 Each program owns ``BLOCK_M`` sorted rows of one expert (located with scattermoe's device-side
 ``_locate_block``, no host sync, no padding) and a ``BLOCK_J`` slice of the output; per reduction
-tile it loads the packed bytes (``[BLOCK_I, BLOCK_J]`` uint8, two lanes per byte pick their nibble),
+tile it loads the packed bytes once (vectorised along K; the low nibbles are the even-K elements,
+the high nibbles the odd ones, so K is processed as two half tiles instead of being interleaved),
 the block scales (E8M0 bytes -> ``2**(s-127)`` built from the exponent bits, or linear fp32 scales
 for NVFP4 = E4M3 x tensor scale), decodes E2M1 arithmetically, multiplies, casts to the activation
 dtype and feeds ``tl.dot``. The reduction tile is a multiple of the FP4 block size so a tile never
@@ -19,9 +20,9 @@ accumulator in the same loop, ``·Bᵀ`` in the epilogue); the rank intermediate
 backward. dA/dB never touch the base weights: they are scattermoe's ``group_outer`` over the rank
 intermediates.
 
-Autotune pruning counts the extra shared memory per pipeline stage: the packed tile and the scale
-tile are loaded as full ``[BLOCK_I, BLOCK_J]`` tiles (uint8, or fp32 for linear scales) on top of
-the activation and LoRA tiles, plus the decoded operand staged once for the MMA.
+Autotune pruning counts the extra shared memory per pipeline stage: the packed tile (one byte per
+two weights) and the scale values (one per half-tile element, uint8 or fp32 for linear scales) on
+top of the activation and LoRA tiles, plus the decoded operands staged once for the MMA.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if bj > max(32, triton.next_power_of_2(J)):
             continue
-        per_stage = bm * bi * elt + bi * bj * (1 + scale_elt)  # activations + packed bytes + scales
+        # activations + packed bytes (bi*bj/2, one per 2 weights) + scale values (loaded per half-tile element)
+        per_stage = bm * bi * elt + (bi * bj // 2) * (1 + scale_elt)
         if lora:
             per_stage += br * bi * elt
         smem = c.num_stages * per_stage + bi * bj * elt  # + decoded operand staged for the MMA
@@ -124,6 +126,14 @@ def _fp4_s2s_kernel(
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
+    """Forward (RED_IS_K) or dX. Every packed byte holds an even-k (low nibble) and an odd-k (high
+    nibble) element, so the K axis is split into its even and odd halves instead of interleaving:
+    the byte tile is loaded once (vectorised along K), decoded into two half tiles, and
+
+    * forward (K = reduction): ``acc += x[:, 0::2] @ W_lo + x[:, 1::2] @ W_hi``;
+    * dX (K = output): ``acc_even += dY @ W_lo``, ``acc_odd += dY @ W_hi``, stored to the even/odd
+      output columns.
+    """
     pid_j = tl.program_id(0)
     pid_m = tl.program_id(1)
     e, row0, end = _locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
@@ -146,61 +156,90 @@ def _fp4_s2s_kernel(
         y_rows = rows
     else:
         y_rows = sidx
-
-    j_offs = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_mask = j_offs < J
-    i_base = tl.arange(0, BLOCK_I)
     r_offs = tl.arange(0, BLOCK_R)
     r_mask = r_offs < R
-
-    x_ptrs = X + x_rows[:, None] * s_xm + i_base[None, :] * s_xi
-    a_ptrs = A + e64 * s_ae + r_offs[:, None] * s_ar + i_base[None, :] * s_ai
     w_base = Wq + e64 * s_we
     s_base = Sc + e64 * s_se
-    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_I):
-        i_offs = i0 + i_base
-        i_mask = i_offs < I
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & i_mask[None, :], other=0.0)
-        # weight tile [BLOCK_I, BLOCK_J] of W_kernel[i, j]
-        if RED_IS_K:
-            k_idx = i_offs[:, None]
-            n_idx = j_offs[None, :]
-        else:
-            k_idx = j_offs[None, :]
-            n_idx = i_offs[:, None]
-        wmask = i_mask[:, None] & j_mask[None, :]
-        byte = tl.load(w_base + n_idx * s_wn + (k_idx // 2) * s_wk, mask=wmask, other=0).to(tl.int32)
-        code = tl.where((k_idx % 2) == 1, byte >> 4, byte & 15)
-        val = _decode_e2m1(code)
-        if SCALE_KIND == 0:
-            sb = tl.load(s_base + n_idx * s_sn + (k_idx // FP4_BLOCK) * s_sk, mask=wmask, other=127).to(tl.int32)
-            sc = _decode_e8m0(sb)
-        else:
-            sc = tl.load(s_base + n_idx * s_sn + (k_idx // FP4_BLOCK) * s_sk, mask=wmask, other=0.0).to(tl.float32)
-        w = (val * sc).to(x.dtype)
-        acc += tl.dot(x, w, input_precision=DOT_PREC)
-        if LORA:
-            a = tl.load(a_ptrs, mask=r_mask[:, None] & i_mask[None, :], other=0.0)
-            xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=DOT_PREC)
-            a_ptrs += BLOCK_I * s_ai
-        x_ptrs += BLOCK_I * s_xi
 
-    if LORA:
-        if WRITE_XA:
-            if pid_j == 0:
-                tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa, mask=m_mask[:, None] & r_mask[None, :])
-        b = tl.load(
-            Bm + e64 * s_be + j_offs[:, None] * s_bj + r_offs[None, :] * s_br,
-            mask=j_mask[:, None] & r_mask[None, :], other=0.0,
-        )
-        b = b.to(X.dtype.element_ty)
-        acc += scaling * tl.dot(xa.to(X.dtype.element_ty), tl.trans(b), input_precision=DOT_PREC)
-    if HAS_BIAS:
-        bias = tl.load(Bias + e64 * s_bias_e + j_offs * s_bias_j, mask=j_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    tl.store(Y + y_rows[:, None] * s_ym + j_offs[None, :] * s_yj, acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & j_mask[None, :])
+    if RED_IS_K:
+        HALF_I: tl.constexpr = BLOCK_I // 2
+        j_offs = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)  # n
+        j_mask = j_offs < J
+        t = tl.arange(0, HALF_I)
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            k_even = i0 + 2 * t
+            t_mask = k_even < I
+            xm = m_mask[:, None] & t_mask[None, :]
+            x_even = tl.load(X + x_rows[:, None] * s_xm + k_even[None, :] * s_xi, mask=xm, other=0.0)
+            x_odd = tl.load(X + x_rows[:, None] * s_xm + (k_even + 1)[None, :] * s_xi, mask=xm, other=0.0)
+            wmask = t_mask[:, None] & j_mask[None, :]
+            byte = tl.load(w_base + j_offs[None, :] * s_wn + (k_even // 2)[:, None] * s_wk, mask=wmask, other=0).to(tl.int32)
+            s_ptrs = s_base + j_offs[None, :] * s_sn + (k_even // FP4_BLOCK)[:, None] * s_sk
+            if SCALE_KIND == 0:
+                sc = _decode_e8m0(tl.load(s_ptrs, mask=wmask, other=127).to(tl.int32))
+            else:
+                sc = tl.load(s_ptrs, mask=wmask, other=0.0).to(tl.float32)
+            w_lo = (_decode_e2m1(byte & 15) * sc).to(x_even.dtype)
+            w_hi = (_decode_e2m1(byte >> 4) * sc).to(x_even.dtype)
+            acc += tl.dot(x_even, w_lo, input_precision=DOT_PREC)
+            acc += tl.dot(x_odd, w_hi, input_precision=DOT_PREC)
+            if LORA:
+                am = r_mask[:, None] & t_mask[None, :]
+                a_even = tl.load(A + e64 * s_ae + r_offs[:, None] * s_ar + k_even[None, :] * s_ai, mask=am, other=0.0)
+                a_odd = tl.load(A + e64 * s_ae + r_offs[:, None] * s_ar + (k_even + 1)[None, :] * s_ai, mask=am, other=0.0)
+                xa += tl.dot(x_even, tl.trans(a_even.to(x_even.dtype)), input_precision=DOT_PREC)
+                xa += tl.dot(x_odd, tl.trans(a_odd.to(x_even.dtype)), input_precision=DOT_PREC)
+        if LORA:
+            if WRITE_XA:
+                if pid_j == 0:
+                    tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa, mask=m_mask[:, None] & r_mask[None, :])
+            b = tl.load(Bm + e64 * s_be + j_offs[:, None] * s_bj + r_offs[None, :] * s_br, mask=j_mask[:, None] & r_mask[None, :], other=0.0)
+            acc += scaling * tl.dot(xa.to(X.dtype.element_ty), tl.trans(b.to(X.dtype.element_ty)), input_precision=DOT_PREC)
+        if HAS_BIAS:
+            bias = tl.load(Bias + e64 * s_bias_e + j_offs * s_bias_j, mask=j_mask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        tl.store(Y + y_rows[:, None] * s_ym + j_offs[None, :] * s_yj, acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & j_mask[None, :])
+    else:
+        HALF_J: tl.constexpr = BLOCK_J // 2
+        t = tl.arange(0, HALF_J)
+        k_even = pid_j * BLOCK_J + 2 * t  # output columns (K)
+        t_mask = k_even < J
+        i_base = tl.arange(0, BLOCK_I)  # n (reduction)
+        acc_e = tl.zeros((BLOCK_M, HALF_J), dtype=tl.float32)
+        acc_o = tl.zeros((BLOCK_M, HALF_J), dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            n_offs = i0 + i_base
+            n_mask = n_offs < I
+            dy = tl.load(X + x_rows[:, None] * s_xm + n_offs[None, :] * s_xi, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            wmask = n_mask[:, None] & t_mask[None, :]
+            byte = tl.load(w_base + n_offs[:, None] * s_wn + (k_even // 2)[None, :] * s_wk, mask=wmask, other=0).to(tl.int32)
+            s_ptrs = s_base + n_offs[:, None] * s_sn + (k_even // FP4_BLOCK)[None, :] * s_sk
+            if SCALE_KIND == 0:
+                sc = _decode_e8m0(tl.load(s_ptrs, mask=wmask, other=127).to(tl.int32))
+            else:
+                sc = tl.load(s_ptrs, mask=wmask, other=0.0).to(tl.float32)
+            w_lo = (_decode_e2m1(byte & 15) * sc).to(dy.dtype)
+            w_hi = (_decode_e2m1(byte >> 4) * sc).to(dy.dtype)
+            acc_e += tl.dot(dy, w_lo, input_precision=DOT_PREC)
+            acc_o += tl.dot(dy, w_hi, input_precision=DOT_PREC)
+            if LORA:
+                a = tl.load(A + e64 * s_ae + r_offs[:, None] * s_ar + n_offs[None, :] * s_ai, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                xa += tl.dot(dy, tl.trans(a.to(dy.dtype)), input_precision=DOT_PREC)
+        if LORA:
+            if WRITE_XA:
+                if pid_j == 0:
+                    tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa, mask=m_mask[:, None] & r_mask[None, :])
+            bm_ = t_mask[:, None] & r_mask[None, :]
+            b_e = tl.load(Bm + e64 * s_be + k_even[:, None] * s_bj + r_offs[None, :] * s_br, mask=bm_, other=0.0)
+            b_o = tl.load(Bm + e64 * s_be + (k_even + 1)[:, None] * s_bj + r_offs[None, :] * s_br, mask=bm_, other=0.0)
+            xa_c = xa.to(X.dtype.element_ty)
+            acc_e += scaling * tl.dot(xa_c, tl.trans(b_e.to(X.dtype.element_ty)), input_precision=DOT_PREC)
+            acc_o += scaling * tl.dot(xa_c, tl.trans(b_o.to(X.dtype.element_ty)), input_precision=DOT_PREC)
+        ym = m_mask[:, None] & t_mask[None, :]
+        tl.store(Y + y_rows[:, None] * s_ym + k_even[None, :] * s_yj, acc_e.to(Y.dtype.element_ty), mask=ym)
+        tl.store(Y + y_rows[:, None] * s_ym + (k_even + 1)[None, :] * s_yj, acc_o.to(Y.dtype.element_ty), mask=ym)
 
 
 if not INTERPRET:
