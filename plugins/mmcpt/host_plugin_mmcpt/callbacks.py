@@ -25,7 +25,7 @@ class MMCPTStreamState(TrainerCallback, ExportableState):
         # accelerate's default for an IterableDataset under several processes: rank 0 reads
         # world_size batches, concatenates and re-slices them, which cannot work for multimodal
         # batches (different widths; pixel_values are per image, not per row).
-        if self.multimodal and type(train_dataloader).__name__ == "DataLoaderDispatcher":
+        if self.multimodal and args.world_size > 1 and type(train_dataloader).__name__ == "DataLoaderDispatcher":
             from host.errors import ConfigError
 
             raise ConfigError(
