@@ -324,6 +324,55 @@ def load_bench(layers, out_dir, checks):
     torch.cuda.empty_cache()
 
 
+def quantize_on_load_bench(layers, checks):
+    """A Qwen3-30B-A3B-shaped bf16 checkpoint (``layers`` deep, fused expert keys, random weights)
+    loaded onto the GPU with quantize-on-load: peak memory vs the bf16 experts it never holds at once."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from host_plugin_mxfp4 import loading
+
+    cfg = Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         intermediate_size=6144, vocab_size=32000)
+    path = "/tmp/qwen3_30b_shaped"
+    os.makedirs(path, exist_ok=True)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    index, shard = {}, {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    names = list(meta.state_dict().items())
+    for i, (n, t) in enumerate(names):
+        shard[n] = (torch.randn(t.shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16).cpu()
+        if ".experts." in n or i == len(names) - 1:
+            fname = f"shard-{len(set(index.values())):03d}.safetensors"
+            save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+            index.update({k: fname for k in shard})
+            shard = {}
+    json.dump({"metadata": {}, "weight_map": index}, open(os.path.join(path, "model.safetensors.index.json"), "w"))
+    cfg.save_pretrained(path)
+    del meta
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loading.begin("mxfp4")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    plan = loading.end()
+    loading.finalize(model)
+    torch.cuda.synchronize()
+    E, H, I = 128, 2048, 768
+    bf16_experts = layers * E * 3 * H * I * 2
+    one_param = E * 2 * I * H * 2
+    checks.append(dict(check=f"Qwen3-30B-A3B-shaped bf16 checkpoint, quantize-on-load ({layers} of 48 layers)",
+                       load_peak_gib=(torch.cuda.max_memory_allocated() - base) / GiB,
+                       resident_gib=(torch.cuda.memory_allocated() - base) / GiB,
+                       bf16_experts_gib=bf16_experts / GiB, largest_expert_tensor_gib=one_param / GiB,
+                       max_live_hp_expert_gib=max(b for _, b in plan.events) / GiB, quantized=plan.quantized))
+    print(checks[-1], flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
 def table(results, checks, device):
     lines = [f"device: {device}; date: {datetime.date.today().isoformat()}; T=4096, LoRA r=16, bf16, fwd+bwd (median)", ""]
     lines.append("| shape | routing | method | ms | peak GiB | vs scattermoe bf16 |")
@@ -367,7 +416,12 @@ def main():
             traceback.print_exc()
             checks.append(dict(check=f"{name} layer bench failed", error=traceback.format_exc(limit=2)[-300:]))
         torch.cuda.empty_cache()
-    if not args.skip_load:
+    if not args.skip_load and DEV == "cuda":
+        try:
+            quantize_on_load_bench(2, checks)
+        except Exception:
+            traceback.print_exc()
+            checks.append(dict(check="quantize-on-load bench failed", error=traceback.format_exc(limit=3)[-400:]))
         try:
             load_bench(args.layers, "/tmp", checks)
         except Exception:
