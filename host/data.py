@@ -35,13 +35,24 @@ class DatasetStrategy(Protocol):
         """Return a ``datasets.Dataset`` (cached by the host) or ``datasets.IterableDataset``."""
 
 
+#: Files above this size are fingerprinted by size, mtime and their first and last MiB, not read whole.
+FULL_HASH_LIMIT = 256 << 20
+
+
 def _hash_path(path: Path, h) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        st = f.stat()
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+            if st.st_size <= FULL_HASH_LIMIT:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                h.update(fh.read(1 << 20))
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
 
 
 def files_fingerprint(dataset_cfg) -> str:

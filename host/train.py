@@ -131,8 +131,12 @@ def train(cfg, pm, warnings=()):
     model, tokenizer, processor = model_mod.build(cfg, pm)
     with args.main_process_first(desc="dataset preparation"):  # rank 0 fills the cache, others read it
         train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
-    if not hasattr(train_ds, "__len__") and not cfg.max_steps:
-        raise ConfigError("max_steps: a streaming dataset has no length; set max_steps.")
+    if not hasattr(train_ds, "__len__"):
+        if not cfg.max_steps:
+            raise ConfigError("max_steps: a streaming dataset has no length; set max_steps.")
+        # each rank reads its own stream; dispatching from rank 0 would concatenate and re-slice
+        # batches, which breaks on variable widths and per-sample extras such as pixel_values
+        args.accelerator_config.dispatch_batches = False
     collate = pm.hook.collator(cfg=cfg, tokenizer=tokenizer, processor=processor) or pad_collator(
         tokenizer, cfg.sequence_len if cfg.pad_to_sequence_len else None
     )
@@ -231,4 +235,9 @@ def preprocess(cfg, pm) -> tuple[int, int | None]:
         raise ConfigError("dataset_prepared_path: set it so `host preprocess` has somewhere to write.")
     tokenizer, processor = model_mod.load_tokenizer_and_processor(cfg)
     train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
+    if not hasattr(train_ds, "__len__"):
+        raise ConfigError(
+            "datasets: a streaming dataset is tokenized as training consumes it; there is nothing for "
+            "`host preprocess` to prepare. Run `host train` directly."
+        )
     return len(train_ds), (len(eval_ds) if eval_ds is not None else None)

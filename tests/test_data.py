@@ -122,3 +122,71 @@ def test_data_errors_exit_2(run_host, write_config, tiny_model, tmp_path):
     cfg = base_config(tiny_model("qwen3_moe"), tmp_path / "missing.jsonl", tmp_path / "o", dataset_prepared_path=str(tmp_path / "p"))
     result = run_host("preprocess", write_config(cfg))
     assert result.exit_code == 2 and "missing.jsonl" in result.output and "not found" in result.output
+
+
+def test_large_files_fingerprinted_without_full_read(monkeypatch, tmp_path):
+    import host.data as data_mod
+    from host.config import DatasetConfig
+
+    monkeypatch.setattr(data_mod, "FULL_HASH_LIMIT", 8)
+    f = tmp_path / "big.txt"
+    f.write_bytes(b"a" * (3 << 20))
+    entry = DatasetConfig(path=str(f), type="completion")
+    before = data_mod.files_fingerprint(entry)
+    f.write_bytes(b"a" * (3 << 20) + b"b")
+    assert data_mod.files_fingerprint(entry) != before
+
+
+_STREAMING_PLUGIN = """
+from host import hookimpl
+from host.config import DatasetConfig
+
+
+class Stream(DatasetConfig):
+    pass
+
+
+class Strategy:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def fingerprint(self):
+        return {}
+
+    def load(self):
+        import datasets
+
+        ids = self.tokenizer("a stream of text " * 8)["input_ids"][:32]
+
+        def rows():
+            while True:
+                yield {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+
+        return datasets.IterableDataset.from_generator(rows)
+
+
+@hookimpl
+def dataset_types():
+    return {"stream": Stream}
+
+
+@hookimpl
+def dataset_strategy(dataset_cfg, tokenizer):
+    return Strategy(tokenizer) if isinstance(dataset_cfg, Stream) else None
+"""
+
+
+def test_streaming_strategy_trains_and_preprocess_refuses(run_host, write_config, local_plugin, tiny_model, tmp_path):
+    local_plugin("streamer", _STREAMING_PLUGIN)
+    out = tmp_path / "o"
+    cfg = base_config(tiny_model("qwen3_moe"), "unused", out, plugins=["streamer"], max_steps=3,
+                      dataset_prepared_path=str(tmp_path / "prep"))
+    cfg["datasets"] = [{"path": "unused", "type": "stream"}]
+    result = run_host("preprocess", write_config(cfg))
+    assert result.exit_code == 2 and "nothing for `host preprocess` to prepare" in result.output
+    no_steps = {**cfg, "max_steps": None}
+    result = run_host("train", write_config(no_steps, "nosteps.yaml"))
+    assert result.exit_code == 2 and "streaming dataset has no length; set max_steps" in result.output
+    result = run_host("train", write_config(cfg))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 3
