@@ -19,7 +19,7 @@ overlaps other work. Inductor/Triton caches start empty and are shared by all wo
 wave's `compile` first-step time is the cold start; later waves reuse Triton kernels that were
 already built (their first-step times are warm-ish and not comparable).
 
-    python bench_compile_opts.py [--layers 8] [--steps 10] [--out DIR]
+    python bench_compile_opts.py [--layers 8] [--steps 40] [--out DIR] [--waves 'compile,max_autotune_gemm;all']
     python bench_compile_opts.py --tiny --device cpu --conditions eager,compile   # smoke test
 """
 
@@ -57,6 +57,10 @@ assert sorted(c for w in WAVES for c in w if c not in ("eager", "compile", "all"
 
 def worker(spec: dict) -> None:
     t_start = time.time()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("host.compile_opts").setLevel(logging.INFO)  # what was set, and the precision repair
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen3Config, Trainer, TrainerCallback, TrainingArguments
@@ -257,8 +261,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps after the compile step")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps after warm-up")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps after the compile step")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny dims (smoke test of the script)")
     ap.add_argument("--conditions", help="comma-separated subset of conditions")
