@@ -128,6 +128,10 @@ def train(cfg, pm, warnings=()):
     resume = checkpoints.resolve_resume(cfg)
     set_seed(cfg.seed)  # before the adapter exists: LoRA initialisation draws from the RNG
     args = training_arguments(cfg, has_eval=bool(cfg.val_set_size))
+    if args.torch_compile:
+        from host.precision import fix_mixed_matmul_precision
+
+        fix_mixed_matmul_precision()
     model, tokenizer, processor = model_mod.build(cfg, pm)
     with args.main_process_first(desc="dataset preparation"):  # rank 0 fills the cache, others read it
         train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)

@@ -22,10 +22,9 @@ log = logging.getLogger("host.compile_opts")
 class CompileOptionsCallback(TrainerCallback):
     """Apply ``torch_compile_options`` at train begin; restore the previous values at train end.
 
-    Also repairs the fp32-matmul-precision state that transformers leaves behind when compiling on
-    an Ampere+ GPU (see :func:`options.fix_mixed_matmul_precision`); without it
-    ``max_autotune_gemm: true`` makes the first compile fail. That repair keeps every precision as
-    it was and is not undone.
+    (The host repairs the fp32-matmul-precision state that transformers leaves behind when compiling
+    on an Ampere+ GPU, which would otherwise make ``max_autotune_gemm: true`` fail: see
+    :mod:`host.precision`.)
     """
 
     def __init__(self, options: dict[str, Any]):
@@ -40,7 +39,6 @@ class CompileOptionsCallback(TrainerCallback):
             )
             return
         if self.previous is None:
-            opts.fix_mixed_matmul_precision()
             self.previous = opts.apply(self.options)
 
     def on_train_end(self, args, state, control, **kwargs):

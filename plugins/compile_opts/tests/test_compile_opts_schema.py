@@ -254,21 +254,3 @@ def test_callback_does_nothing_when_compile_resolved_off(caplog):
     assert "torch_compile_options not applied" in caplog.text
     cb.on_train_end(args, None, None)
     assert config.coordinate_descent_tuning is before
-
-
-def test_mixed_matmul_precision_api_is_repaired():
-    """transformers sets torch.backends.fp32_precision="tf32" when compiling on a GPU; Inductor's GEMM
-    autotuning then reads torch.get_float32_matmul_precision(), which raises on that state."""
-    import torch
-
-    torch.backends.fp32_precision = "tf32"
-    try:
-        with pytest.raises(RuntimeError, match="legacy and new"):
-            torch.get_float32_matmul_precision()
-        assert opts.fix_mixed_matmul_precision() == "high"
-        assert torch.get_float32_matmul_precision() == "high"
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-        assert torch.backends.mkldnn.matmul.fp32_precision == "tf32"
-        assert opts.fix_mixed_matmul_precision() is None  # consistent now: nothing to do
-    finally:
-        torch.set_float32_matmul_precision("highest")
