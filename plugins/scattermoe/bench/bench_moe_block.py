@@ -1,7 +1,8 @@
 """Benchmark one MoE block, forward + backward, bf16, LoRA r=16 on the expert parameters.
 
 (a) transformers ``grouped_mm`` experts + peft ``target_parameters`` (peft folds W + B·A per step)
-(b) this plugin's ``scattermoe`` experts (Triton, LoRA consumed as factors)
+(b) this plugin's ``scattermoe`` experts (Triton, LoRA consumed as factors), with the LoRA forward
+    path its default threshold picks; both paths (fused / split) are timed and shown too
 
 Same block, same weights, same routing; base weights and router frozen, the input requires grad
 (as inside a network). Prints ms (median), peak GiB of the step (allocated on top of the weights),
@@ -114,8 +115,12 @@ def main():
             return out
 
         res = {}
-        for impl in ("grouped_mm", "scattermoe"):
-            cfg._experts_implementation = impl
+        from host_plugin_scattermoe import ops
+
+        for impl in ("grouped_mm", "scattermoe-fused", "scattermoe-split"):
+            cfg._experts_implementation = impl.split("-")[0]
+            ops.SETTINGS["fused_lora"] = impl != "scattermoe-split"
+            ops.SETTINGS["split_threshold"] = 1 << 62  # fused unless fused_lora is off
             for _ in range(3):  # warm-up (Triton autotune happens here)
                 step()
             x.grad = None
@@ -146,14 +151,18 @@ def main():
             torch.cuda.synchronize()
             peak_mem = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
             res[impl] = (times[len(times) // 2], peak_mem, out, grads)
-        (ta, ma, oa, ga), (tb, mb, ob, gb) = res["grouped_mm"], res["scattermoe"]
+        ops.SETTINGS.update(fused_lora=True, split_threshold=20_000_000)
+        auto = "scattermoe-split" if ops.use_split(E, H, 2 * I) else "scattermoe-fused"
+        (ta, ma, oa, ga), (tb, mb, ob, gb) = res["grouped_mm"], res[auto]
+        t_fused, t_split = res["scattermoe-fused"][0], res["scattermoe-split"][0]
         rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()  # noqa: E731
         err_out = rel(ob, oa)
         err_grad = max(rel(b, a) for a, b in zip(ga, gb))
         fl = flops(E, H, I, k, T, R)
         row = dict(
             shape=name, E=E, H=H, I=I, k=k, T=T, r=R,
-            ms_a=ta, ms_b=tb, speedup=ta / tb, gib_a=ma, gib_b=mb,
+            ms_a=ta, ms_b=tb, ms_fused=t_fused, ms_split=t_split, auto=auto.split("-")[1],
+            speedup=ta / tb, gib_a=ma, gib_b=mb,
             tflops_b=fl / tb / 1e9, pct_peak=100 * fl / tb / 1e9 / peak,
             target_ms=TARGET_MS.get(name), err_out=err_out, err_grad=err_grad,
         )
@@ -163,12 +172,13 @@ def main():
     with open(args.json, "w") as f:
         json.dump({"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}, f, indent=1)
     print(f"\ndevice: {dev}  peak bf16 {peak:.0f} TFLOP/s  date {datetime.date.today()}  T={T} r={R} bf16 fwd+bwd")
-    hdr = f"{'shape':<16}{'E,H,I,k':>20}{'(a) ms':>9}{'(b) ms':>9}{'speedup':>8}{'(a) GiB':>9}{'(b) GiB':>9}{'TFLOP/s':>9}{'%peak':>7}{'target':>8}{'relerr':>9}"
+    hdr = f"{'shape':<16}{'E,H,I,k':>20}{'(a) ms':>9}{'(b) ms':>9}{'fused':>7}{'split':>7}{'speedup':>8}{'(a) GiB':>9}{'(b) GiB':>9}{'TFLOP/s':>9}{'%peak':>7}{'target':>8}{'relerr':>9}"
     print(hdr)
     for r in rows:
         tgt = f"{r['target_ms']:.1f}" if r["target_ms"] else "-"
         print(
             f"{r['shape']:<16}{str((r['E'], r['H'], r['I'], r['k'])):>20}{r['ms_a']:>9.2f}{r['ms_b']:>9.2f}"
+            f"{r['ms_fused']:>7.2f}{r['ms_split']:>7.2f}"
             f"{r['speedup']:>7.1f}x{r['gib_a']:>9.2f}{r['gib_b']:>9.2f}{r['tflops_b']:>9.0f}{r['pct_peak']:>6.0f}%"
             f"{tgt:>8}{max(r['err_out'], r['err_grad']):>9.1e}"
         )

@@ -39,12 +39,25 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
     h = ops.scattered_experts(x, W1k, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
-    h = self._apply_gate(h) if has_gate else self.act_fn(h)
+    if has_gate and _is_default_silu_gate(self):
+        h = ops.silu_glu(h)
+    else:
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
     y = ops.scattered_experts(h, W2k, 1, sei, ssi, offs, A2, B2, s2, b2, grouped_in=True, grouped_out=False)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
     out = ops.combine(y, top_k_weights.to(y.dtype))
     return out.to(hidden_states.dtype)
+
+
+def _is_default_silu_gate(module) -> bool:
+    """The module uses transformers' default ``act(gate) * up`` with SiLU (fused kernel applies)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    if getattr(type(module), "_apply_gate", None) is not _default_apply_gate:
+        return False
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def register() -> None:

@@ -389,6 +389,32 @@ def _combine_kernel(Y, G, Out, N, s_ym, s_yn, s_gt, s_gk, s_ot, s_on, TOP_K: tl.
     tl.store(Out + t * s_ot + n * s_on, acc.to(Out.dtype.element_ty), mask=nm)
 
 
+@triton.jit
+def _silu_glu_fwd_kernel(H, Out, I, s_hm, s_om, BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < I
+    g = tl.load(H + m * s_hm + c, mask=cm, other=0.0).to(tl.float32)
+    u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    tl.store(Out + m * s_om + c, out.to(Out.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _silu_glu_bwd_kernel(H, DO, DH, I, s_hm, s_dom, s_dhm, BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < I
+    g = tl.load(H + m * s_hm + c, mask=cm, other=0.0).to(tl.float32)
+    u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
+    do = tl.load(DO + m * s_dom + c, mask=cm, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)
+    dg = do * u * sg * (1.0 + g * (1.0 - sg))
+    du = do * g * sg
+    tl.store(DH + m * s_dhm + c, dg.to(DH.dtype.element_ty), mask=cm)
+    tl.store(DH + m * s_dhm + I + c, du.to(DH.dtype.element_ty), mask=cm)
+
+
 if not INTERPRET:
     _s2s_tuned = triton.autotune(
         configs=_s2s_configs(),
@@ -562,3 +588,31 @@ def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None 
         TOP_K=k, BLOCK_N=BLOCK_N,
     )
     return out
+
+
+def _glu_block(I: int) -> int:
+    return min(64 if INTERPRET else 1024, triton.next_power_of_2(max(I, 1)))
+
+
+def silu_glu_fwd(h: torch.Tensor) -> torch.Tensor:
+    """``silu(h[:, :I]) * h[:, I:]`` for ``h`` ``[M, 2I]`` (concatenated gate/up), fp32 math."""
+    M, I2 = h.shape
+    I = I2 // 2
+    out = torch.empty(M, I, device=h.device, dtype=h.dtype)
+    if M:
+        BLOCK = _glu_block(I)
+        _silu_glu_fwd_kernel[(M, triton.cdiv(I, BLOCK))](h, out, I, h.stride(0), out.stride(0), BLOCK=BLOCK)
+    return out
+
+
+def silu_glu_bwd(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`silu_glu_fwd` w.r.t. ``h``."""
+    M, I2 = h.shape
+    I = I2 // 2
+    dh = torch.empty_like(h)
+    if M:
+        BLOCK = _glu_block(I)
+        _silu_glu_bwd_kernel[(M, triton.cdiv(I, BLOCK))](
+            h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), BLOCK=BLOCK
+        )
+    return dh

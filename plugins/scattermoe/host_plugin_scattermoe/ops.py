@@ -31,6 +31,8 @@ computes ``dX = dY·Wᵀ + s·(dY·B)·A`` in one fused kernel (which also emits
 intermediates (``X·Aᵀ`` is kept from the forward); there is no per-expert host synchronisation.
 
 ``combine(y, gates) -> Tensor``: ``out[t] = Σ_j gates[t, j]·y[t*k + j]``, differentiable in both.
+
+``silu_glu(h) -> Tensor``: ``silu(h[:, :I]) * h[:, I:]`` fused (the default gate of most families).
 """
 
 from __future__ import annotations
@@ -178,7 +180,11 @@ def scattered_experts(
     if x.dtype != dt:
         x = x.to(dt)
     if lora_A is not None:
-        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        # Kernel-friendly strides (tiny copies, autograd-tracked): A [E, r, K] contiguous along K (forward
+        # K loop, dX epilogue), B [E, N, r] contiguous along N (forward epilogue, dX K loop). peft's
+        # rank-major lora_B would otherwise be read with an E-element stride inside the dX K loop.
+        lora_A = lora_A.to(dt).contiguous()
+        lora_B = lora_B.to(dt).transpose(1, 2).contiguous().transpose(1, 2)
     if bias is not None:
         bias = bias.to(dt)
     E, Kdim, N = W.shape
@@ -202,8 +208,8 @@ class _CombineFunction(torch.autograd.Function):
         dy = dg = None
         if ctx.needs_input_grad[0]:
             dy = (gates.to(dout.dtype).unsqueeze(-1) * dout.unsqueeze(1)).reshape(T * k, -1)
-        if ctx.needs_input_grad[1]:
-            dg = torch.bmm(y.view(T, k, -1).float(), dout.float().unsqueeze(-1)).squeeze(-1).to(gates.dtype)
+        if ctx.needs_input_grad[1]:  # cuBLAS accumulates in fp32; no fp32 copies of y
+            dg = torch.bmm(y.view(T, k, -1), dout.to(y.dtype).unsqueeze(-1)).squeeze(-1).to(gates.dtype)
         return dy, dg
 
 
@@ -212,3 +218,22 @@ def combine(y: torch.Tensor, gates: torch.Tensor, *, backend: str | None = None)
     if not _use_triton(y, backend):
         return reference.combine(y, gates)
     return _CombineFunction.apply(y.contiguous(), gates.contiguous())
+
+
+class _SiluGluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return K.silu_glu_fwd(h)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        return K.silu_glu_bwd(h, dout.contiguous())
+
+
+def silu_glu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` for the concatenated ``[gate | up]`` layout, one fused Triton kernel each way."""
+    if not _use_triton(h, backend) or h.stride(-1) != 1:
+        return reference.glu(h)
+    return _SiluGluFunction.apply(h)

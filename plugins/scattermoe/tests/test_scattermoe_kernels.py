@@ -259,3 +259,16 @@ def test_split_dispatch_threshold():
     assert not ops.use_split(128, 2048, 1536)  # Qwen3-30B-A3B: many small experts
     assert ops.use_split(128, 2048, 1536, fused_lora=False)
     assert not ops.use_split(8, 4096, 28672, split_threshold=10**12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_glu_forward_backward(dtype):
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(23, 2 * 37, generator=g).to(DEV, dtype).requires_grad_(True)
+    out = ops.silu_glu(h, backend="triton")
+    dout = torch.randn(23, 37, generator=g).to(DEV, dtype)
+    out.backward(dout)
+    hr = h.detach().double().requires_grad_(True)
+    ref = reference.glu(hr)
+    ref.backward(dout.double())
+    assert rel(out, ref) < TOL[dtype] and rel(h.grad, hr.grad) < TOL[dtype]

@@ -1,0 +1,85 @@
+"""End-to-end `host train` tokens/s: a 2-layer, real-width Qwen3-MoE (E=128, H=2048, I=768, k=8,
+random weights), LoRA r=16 on attention and experts, bf16, with and without the scattermoe plugin.
+
+Usage: python bench/bench_e2e_train.py [--steps 12] [--seq 1024] [--batch 4]   (needs host + plugin installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--work", default=os.environ.get("OUT", "/tmp") + "/e2e")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    import torch
+    import yaml
+
+    from host.testing import build_tokenizer, sample_texts, write_jsonl
+
+    model_dir = work / "qwen3moe-2l"
+    texts = sample_texts()
+    if not (model_dir / "config.json").exists():
+        from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+        tok = build_tokenizer(texts, model_dir, vocab_size=2048)
+        cfg = Qwen3MoeConfig(
+            vocab_size=len(tok), hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
+            head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.save_pretrained(model_dir)
+        del model
+    data = write_jsonl(work / "text.jsonl", [{"text": t} for t in texts * 8])
+    results = {}
+    for name, plugins in (("grouped_mm+peft", []), ("scattermoe", ["scattermoe"])):
+        out = work / f"out-{name}"
+        cfg = {
+            "base_model": str(model_dir), "plugins": plugins,
+            "datasets": [{"path": str(data), "type": "completion"}], "sequence_len": args.seq,
+            "pad_to_sequence_len": True, "adapter": "lora", "lora_r": 16, "lora_alpha": 32,
+            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            "micro_batch_size": args.batch, "max_steps": args.steps, "learning_rate": 1e-4, "lr_scheduler": "constant",
+            "logging_steps": 1, "output_dir": str(out), "bf16": True, "save_steps": 10**6,
+        }
+        if not plugins:
+            cfg["experts_implementation"] = "grouped_mm"
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        subprocess.run(["rm", "-rf", str(out)])
+        rc = subprocess.run([sys.executable, "-m", "host", "train", str(path)], capture_output=True, text=True)
+        if rc.returncode != 0:
+            print(name, "FAILED", rc.stdout[-2000:], rc.stderr[-3000:])
+            results[name] = None
+            continue
+        summary = json.loads((out / "run_summary.json").read_text())
+        results[name] = summary
+        print(name, json.dumps({k: summary.get(k) for k in ("tokens_per_s", "steady_tokens_per_s", "first_train_loss", "final_train_loss", "steps")}))
+    a, b = results.get("grouped_mm+peft"), results.get("scattermoe")
+    key = "steady_tokens_per_s" if a and b and a.get("steady_tokens_per_s") and b.get("steady_tokens_per_s") else "tokens_per_s"
+    print(f"\n{'run':<18}{'tokens/s':>12}{'steady tok/s':>14}{'first loss':>12}{'final loss':>12}")
+    for name, s in results.items():
+        if s:
+            print(f"{name:<18}{s['tokens_per_s']:>12.0f}{s.get('steady_tokens_per_s') or 0:>14.0f}"
+                  f"{s['first_train_loss']:>12.3f}{s['final_train_loss']:>12.3f}")
+    if a and b:
+        print(f"speed-up ({key}) {b[key] / a[key]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
