@@ -409,6 +409,13 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run)"
     results, checks = [], []
+
+    def save():
+        with open(os.path.join(out_dir, "bench_mxfp4.json"), "w") as f:
+            json.dump({"device": device, "results": results, "checks": checks}, f, indent=1, default=str)
+        with open(os.path.join(out_dir, "bench_mxfp4.md"), "w") as f:
+            f.write(table(results, checks, device) + "\n")
+
     for name in args.shapes.split(","):
         try:
             layer_bench(name, SHAPES[name], args.iters, results, checks)
@@ -416,12 +423,14 @@ def main():
             traceback.print_exc()
             checks.append(dict(check=f"{name} layer bench failed", error=traceback.format_exc(limit=2)[-300:]))
         torch.cuda.empty_cache()
+        save()
     if not args.skip_load and DEV == "cuda":
         try:
             quantize_on_load_bench(2, checks)
         except Exception:
             traceback.print_exc()
             checks.append(dict(check="quantize-on-load bench failed", error=traceback.format_exc(limit=3)[-400:]))
+        save()
         try:
             load_bench(args.layers, "/tmp", checks)
         except Exception:
