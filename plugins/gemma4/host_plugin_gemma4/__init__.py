@@ -33,7 +33,7 @@ class Gemma4Config(StrictModel):
         False, description="Fused RMSNorm+RoPE Triton kernel for q/k (and the scale-less v norm) in every Gemma 4 attention layer."
     )
     gemma4_shared_kv_side_channel: bool | Literal["auto"] = Field(
-        "auto", description="Route shared K/V through a module-level store under gradient checkpointing (auto: when gradient_checkpointing is on)."
+        "auto", description="Route shared K/V through a module-level store under gradient checkpointing (auto: only on transformers < 5.17, where the leak was not measured absent; true: whenever gradient_checkpointing is on)."
     )
     gemma4_text_only_mm_token_type_ids: bool | Literal["auto"] = Field(
         "auto", description="Add zero mm_token_type_ids to text-only batches (auto: only if this transformers requires them)."
@@ -86,9 +86,12 @@ def validate_config(cfg):
 
 
 def side_channel_wanted(cfg) -> bool:
-    if not cfg.gradient_checkpointing:
+    """Only for checkpointed training; ``auto`` only where the leak was not measured absent."""
+    from host_plugin_gemma4 import shared_kv
+
+    if not cfg.gradient_checkpointing or cfg.gemma4_shared_kv_side_channel is False:
         return False
-    return cfg.gemma4_shared_kv_side_channel in (True, "auto")
+    return cfg.gemma4_shared_kv_side_channel is True or shared_kv.version_affected()
 
 
 @hookimpl

@@ -25,6 +25,21 @@ from typing import Any
 
 log = logging.getLogger("host.gemma4")
 
+#: First transformers version measured clean: FSDP2 (2 x H200, NCCL) + activation checkpointing on 5.17 and
+#: plain / FSDP2 (2 gloo ranks) checkpointing on 5.23 keep no K/V of an earlier step alive and show no
+#: per-step growth without this fix (README). The seed saw the leak on transformers 5.5.
+CLEAN_SINCE = (5, 17)
+
+
+def version_affected(version: str | None = None) -> bool:
+    """Whether ``gemma4_shared_kv_side_channel: auto`` installs the side channel for this transformers."""
+    import re
+
+    import transformers
+
+    m = re.match(r"(\d+)\.(\d+)", version or transformers.__version__)
+    return (int(m.group(1)), int(m.group(2))) < CLEAN_SINCE if m else True
+
 #: The single slot: the current forward's shared K/V container (or None).
 _STORE: dict[str, Any] = {"kv": None}
 

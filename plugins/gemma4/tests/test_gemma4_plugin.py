@@ -95,7 +95,7 @@ def test_gemma4_host_train_end_to_end(tiny_tokenizer, tmp_path, write_config, ru
         lora_target_modules=r".*language_model\.layers\.\d+\.self_attn\.(q|v)_proj",
         lora_target_parameters=["experts.gate_up_proj"],
         gemma4_attn_implementation="eager", gemma4_hybrid_attention=True,
-        gemma4_text_only_mm_token_type_ids=True,
+        gemma4_text_only_mm_token_type_ids=True, gemma4_shared_kv_side_channel=True,
     )
     result = run_host("train", write_config(cfg))
     assert result.exit_code == 0, result.output

@@ -166,7 +166,9 @@ def test_gemma4_side_channel_only_for_checkpointed_training():
     base = dict(gemma4_attn_implementation=None, gemma4_hybrid_attention=False, gemma4_fused_norm_rope=False,
                 gemma4_text_only_mm_token_type_ids="auto", gemma4_fix_logged_loss=False,
                 gemma4_packed_sequence_masks=False)
-    for gc, key, want in [(False, "auto", False), (True, "auto", True), (True, False, False), (False, True, False)]:
+    auto = shared_kv.version_affected()
+    for gc, key, want in [(False, "auto", False), (True, "auto", auto), (True, True, True), (True, False, False),
+                          (False, True, False)]:
         m = _model(gc=gc)
         cfg = SimpleNamespace(gradient_checkpointing=gc, gemma4_shared_kv_side_channel=key, **base)
         plugin.post_model_build(cfg=cfg, model=m)
@@ -176,3 +178,11 @@ def test_gemma4_side_channel_only_for_checkpointed_training():
         shared_kv.uninstall(m)
         for a in (layer.self_attn for layer in m.model.layers):
             attention.unpatch(a)
+
+
+def test_gemma4_side_channel_auto_gate():
+    """auto is off from 5.17 on: the unpatched tests above (and bench/fsdp2_shared_kv.py on 5.17) find no leak."""
+    assert shared_kv.version_affected("5.5.4") is True
+    assert shared_kv.version_affected("5.17.0") is False
+    assert shared_kv.version_affected("5.23.0") is False
+    assert shared_kv.version_affected("6.0.0.dev0") is False
