@@ -83,7 +83,7 @@ def memory_runs(device, smoke, steps, seq):
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
         if with_plugin:
-            plugin.post_model_build(cfg=common.plugin_cfg(gemma4_fix_logged_loss=False), model=m)
+            plugin.post_model_build(cfg=common.plugin_cfg(gemma4_fix_logged_loss=False, gemma4_shared_kv_side_channel=True), model=m)
         stats = common.train_steps(m, steps, seq, device, vocab)
         out[label] = stats
         if with_plugin:

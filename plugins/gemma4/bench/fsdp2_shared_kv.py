@@ -40,7 +40,7 @@ def run(with_plugin, device, smoke, steps, seq, mesh):
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.train()
     if with_plugin:
-        plugin.post_model_build(cfg=common.plugin_cfg(gemma4_fix_logged_loss=False), model=m)
+        plugin.post_model_build(cfg=common.plugin_cfg(gemma4_fix_logged_loss=False, gemma4_shared_kv_side_channel=True), model=m)
     refs, step = common.track_shared_v(m)
     for layer in m.model.layers:
         fully_shard(layer, mesh=mesh)
