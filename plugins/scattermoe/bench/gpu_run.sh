@@ -21,12 +21,17 @@ if [ "$what" = final ]; then
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -12
   timeout 240 python3 plugins/scattermoe/bench/bench_moe_block.py > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -9 "$OUT/bench.log"
-  if pip install -q --no-deps --no-build-isolation -e . -e plugins/scattermoe > "$OUT/pip.log" 2>&1; then
+  if python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/scattermoe > "$OUT/pip.log" 2>&1; then
     timeout 170 python3 plugins/scattermoe/bench/bench_e2e_train.py > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?"; tail -8 "$OUT/e2e.log"
   else
     echo "pip install -e failed"; tail -3 "$OUT/pip.log"
   fi
+fi
+if [ "$what" = bf16 ]; then
+  python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_models.py -k bf16 \
+    > "$OUT/pytest_bf16.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|Error" "$OUT/pytest_bf16.log" | tail -12
 fi
 if [ "$what" = profile ]; then
   python3 plugins/scattermoe/bench/profile_block.py "$@" > "$OUT/profile.log" 2>&1

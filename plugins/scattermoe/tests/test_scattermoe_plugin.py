@@ -1,0 +1,82 @@
+"""The plugin through the host: config keys and rules, registration, and a real `host train` run."""
+
+import json
+
+import pytest
+
+from host.config import validate
+from host.errors import ConfigError
+from host.testing import base_config
+
+
+def _cfg(tmp_path, **over):
+    return base_config("unused-model", tmp_path / "d.jsonl", tmp_path / "out", plugins=["scattermoe"], **over)
+
+
+def check(data, pm):
+    """Validate like ``host.config.load_config``: schema, then every plugin's cross-key rules."""
+    cfg = validate(data, pm)
+    pm.hook.validate_config(cfg=cfg)
+    return cfg
+
+
+def test_config_keys_have_defaults(make_plugin_manager, tmp_path):
+    cfg = validate(_cfg(tmp_path), make_plugin_manager(["scattermoe"]))
+    assert cfg.scattermoe_fused_lora is True
+    assert cfg.scattermoe_split_threshold == 20_000_000 and cfg.scattermoe_backend == "auto"
+
+
+def test_other_experts_implementation_is_an_error(make_plugin_manager, tmp_path):
+    with pytest.raises(ConfigError, match="experts_implementation.*grouped_mm.*scattermoe"):
+        check(_cfg(tmp_path, experts_implementation="grouped_mm"), make_plugin_manager(["scattermoe"]))
+
+
+def test_lora_dropout_on_expert_params_is_an_error(make_plugin_manager, tmp_path):
+    bad = _cfg(tmp_path, lora_dropout=0.1, lora_target_parameters=["mlp.experts.gate_up_proj"])
+    with pytest.raises(ConfigError, match=r"lora_dropout.*Set lora_dropout: 0"):
+        check(bad, make_plugin_manager(["scattermoe"]))
+    # dropout on ordinary modules alone stays allowed
+    check(_cfg(tmp_path, lora_dropout=0.1), make_plugin_manager(["scattermoe"]))
+
+
+def test_bad_key_value_names_the_key(make_plugin_manager, tmp_path):
+    with pytest.raises(ConfigError, match="scattermoe_backend"):
+        validate(_cfg(tmp_path, scattermoe_backend="cuda"), make_plugin_manager(["scattermoe"]))
+
+
+def test_pre_model_load_registers_and_selects(make_plugin_manager, tmp_path):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from host_plugin_scattermoe import experts, ops
+
+    pm = make_plugin_manager(["scattermoe"])
+    cfg = validate(_cfg(tmp_path, scattermoe_fused_lora=False), pm)
+    assert cfg.experts_implementation is None
+    pm.hook.pre_model_load(cfg=cfg)
+    assert cfg.experts_implementation == "scattermoe"
+    assert ALL_EXPERTS_FUNCTIONS["scattermoe"] is experts.experts_forward
+    assert ops.SETTINGS["fused_lora"] is False
+    ops.SETTINGS["fused_lora"] = True
+
+
+def test_host_train_with_plugin(run_host, write_config, tiny_model, text_file, tmp_path):
+    out = tmp_path / "out"
+    cfg = base_config(
+        tiny_model("qwen3_moe"), text_file, out, plugins=["scattermoe"],
+        lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], max_steps=12,
+    )
+    result = run_host("train", write_config(cfg))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["plugins"] == {"scattermoe": "0.1.0"}
+    assert summary["steps"] == 12
+    assert summary["final_train_loss"] < summary["first_train_loss"]
+
+
+def test_host_train_rejects_dropout_with_exit_code_2(run_host, write_config, tiny_model, text_file, tmp_path):
+    cfg = base_config(
+        tiny_model("qwen3_moe"), text_file, tmp_path / "out", plugins=["scattermoe"], lora_dropout=0.05,
+        lora_target_parameters=["mlp.experts.gate_up_proj"],
+    )
+    result = run_host("train", write_config(cfg))
+    assert result.exit_code == 2 and "lora_dropout" in result.output
