@@ -105,7 +105,9 @@ class ScatteredExpertsFunction(torch.autograd.Function):
         has_lora = B is not None
         need_lora_grad = has_lora and (A.requires_grad or B.requires_grad)
         y, xa = lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, need_lora_grad)
-        ctx.save_for_backward(x, W, A, B, xa, sei, ssi, offs)
+        # x is only read again for dA and dW; frozen W without LoRA-A training does not keep it alive.
+        keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if keep_x else None, W, A, B, xa, sei, ssi, offs)
         ctx.k, ctx.scaling, ctx.grouped_in, ctx.grouped_out, ctx.split = k, scaling, grouped_in, grouped_out, split
         ctx.has_bias = bias is not None
         return y
