@@ -58,30 +58,54 @@ def test_gemma4_other_models_untouched(tiny_model):
 
 @pytest.mark.parametrize("moe", [False, True])
 def test_gemma4_fused_kernel_wired_into_attention(moe, device):
-    """Every Gemma 4 attention layer on the fused kernel: same logits and gradients as transformers'."""
+    """Every Gemma 4 attention layer on the fused kernel: same logits and gradients as transformers'.
+
+    fp32 (CPU interpreter): equal to the eager model within 1e-4. bf16 (GPU): the kernel rounds once where
+    eager rounds after the norm and again in RoPE, so both are compared with an fp32 model and the fused
+    error must not exceed the eager model's own bf16 error (x1.5 + a small floor).
+    """
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     cfg = tiny.text_config(256, moe=moe, kv_shared=2)
-    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device, dtype).train()
-    fused = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device, dtype).train()
-    fused.load_state_dict(ref.state_dict())
-    plugin.post_model_build(cfg=_cfg(gemma4_fused_norm_rope=True, gradient_checkpointing=False,
-                                     gemma4_fix_logged_loss=False), model=fused)
-    assert all(a._gemma4_fused_norm_rope for a in model_utils.attention_modules(fused))
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
     ids = torch.randint(3, 250, (2, 16), device=device)
-    outs = []
-    for m in (ref, fused):
+    ref32 = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device).train()
+    state = ref32.state_dict()
+
+    def run(m):
         out = m(input_ids=ids, labels=ids)
         out.loss.backward()
-        outs.append(out.logits.detach().float())
-    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(outs[1], outs[0], **tol)
-    for (n, p0), (_, p1) in zip(ref.named_parameters(), fused.named_parameters()):
-        if p0.grad is not None:
-            scale = p0.grad.float().abs().max().clamp_min(1e-6)
-            assert ((p1.grad.float() - p0.grad.float()).abs().max() / scale) < (5e-2 if dtype == torch.bfloat16 else 1e-3), n
+        return out.logits.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+
+    base_logits, base_grads = run(ref32)
+    for dtype in dtypes:
+        models = []
+        for fused in (False, True):
+            m = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device).train()
+            m.load_state_dict(state)
+            m.to(dtype)
+            if fused:
+                plugin.post_model_build(cfg=_cfg(gemma4_fused_norm_rope=True, gradient_checkpointing=False,
+                                                 gemma4_fix_logged_loss=False), model=m)
+                assert all(a._gemma4_fused_norm_rope for a in model_utils.attention_modules(m))
+            models.append(run(m))
+        (e_logits, e_grads), (f_logits, f_grads) = models
+        assert f_grads.keys() == base_grads.keys()
+        if dtype == torch.float32:
+            torch.testing.assert_close(f_logits, e_logits, rtol=1e-4, atol=1e-4)
+            for n in base_grads:
+                scale = e_grads[n].abs().max().clamp_min(1e-6)
+                assert ((f_grads[n] - e_grads[n]).abs().max() / scale) < 1e-3, n
+        else:
+            err_f = (f_logits - base_logits).abs().max().item()
+            err_e = (e_logits - base_logits).abs().max().item()
+            assert err_f <= 1.5 * err_e + 1e-2, (err_f, err_e)
+            for n in base_grads:
+                scale = base_grads[n].abs().max().clamp_min(1e-6).item()
+                gf = (f_grads[n] - base_grads[n]).abs().max().item() / scale
+                ge = (e_grads[n] - base_grads[n]).abs().max().item() / scale
+                assert gf <= 1.5 * ge + 2e-2, (n, gf, ge)
 
 
 def test_gemma4_host_train_end_to_end(tiny_tokenizer, tmp_path, write_config, run_host, text_file):
