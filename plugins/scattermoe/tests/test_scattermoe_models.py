@@ -202,3 +202,30 @@ def test_full_finetune_and_gradient_checkpointing_triton(monkeypatch):
     assert len(g0) == 8  # gate_up, down, their biases; 2 layers
     for name, g in g0.items():
         assert rel(g1[name].double(), g.double()) < 1e-4, name
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_expert_lora_layout_matches_peft_delta_weight(model_type):
+    """expert_lora's (A, B, s) rebuild exactly peft's own materialised ΔW, for both weight layouts."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    pm = build(model_type)
+    wrappers = [m for m in pm.modules() if isinstance(m, ParamWrapper) and not isinstance(m.base_layer, ParamWrapper)]
+    outer = [m for m in pm.modules() if isinstance(m, ParamWrapper) and isinstance(m.base_layer, ParamWrapper)]
+    assert wrappers and outer
+    found = lora.expert_lora(outer[0])
+    assert set(found) == {"gate_up_proj", "down_proj"}
+    experts_mod = outer[0].get_base_layer()
+    assert lora.expert_lora(experts_mod) is None  # not attached, not inside a forward: nothing to read
+    lora.attach(pm)
+    assert set(lora.expert_lora(experts_mod)) == {"gate_up_proj", "down_proj"}
+    for w in (outer[0], outer[0].base_layer):
+        A, B, s = found[w.parameter_name]
+        E, r, fan_in = A.shape
+        assert B.shape[0] == E and B.shape[2] == r
+        delta_kernel = s * torch.einsum("enr,erk->ekn", B, A)  # [E, in, out]: y = x @ ΔW_e
+        delta_peft = w.get_delta_weight("default")  # parameter layout
+        transposed = getattr(experts_mod, "is_transposed", False)
+        want = delta_peft if transposed else delta_peft.transpose(1, 2)
+        torch.testing.assert_close(delta_kernel, want, rtol=1e-5, atol=1e-6)
+    assert lora.expert_lora(torch.nn.Linear(2, 2)) is None
