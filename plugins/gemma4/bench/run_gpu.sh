@@ -13,7 +13,7 @@ fi
 CUDA_VISIBLE_DEVICES=0 timeout 150 python3 plugins/gemma4/bench/bench_gemma4.py --out $OUT > $OUT/bench.log 2>&1
 echo "bench rc=$?"
 (pip install -q --no-deps --no-build-isolation -e . -e plugins/gemma4 > $OUT/pip.log 2>&1 || true)
-CUDA_VISIBLE_DEVICES=0 timeout 80 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/gemma4/tests -q > $OUT/pytest.log 2>&1
+CUDA_VISIBLE_DEVICES=0 timeout 80 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/gemma4/tests -q -k "not flex_attention" > $OUT/pytest.log 2>&1
 echo "pytest rc=$?"; tail -4 $OUT/pytest.log
 grep -A 40 "^## Gemma 4 plugin" $OUT/bench.log
 grep -A 6 "^## FSDP2" $OUT/fsdp2.log
