@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from host.errors import ConfigError, PluginError
+
+log = logging.getLogger("host.config")
 
 
 class StrictModel(BaseModel):
@@ -224,7 +227,16 @@ def dataset_type_models(pm) -> dict[str, tuple[str, type[DatasetConfig]]]:
 
 
 def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
-    """Validate raw YAML data against the merged schema, dataset entries and plugin rules."""
+    """Validate raw YAML data: merged schema, dataset entries, host rules and plugin rules
+    (whose warnings are logged). Raises ConfigError."""
+    cfg, warnings = validate_with_warnings(data, pm, source)
+    for w in warnings:
+        log.warning(w)
+    return cfg
+
+
+def validate_with_warnings(data: dict[str, Any], pm, source: str = "config") -> tuple[HostConfig, list[str]]:
+    """:func:`validate`, returning the plugins' warnings instead of logging them."""
     model = merged_model(pm)
     entries = data.get("datasets") or []
     if not isinstance(entries, list):
@@ -248,7 +260,9 @@ def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
             cfg.datasets.append(entry_model.model_validate(entry))
         except ValidationError as exc:
             raise ConfigError(_format_errors(source, exc, entry_model, prefix=f"datasets[{i}].")) from None
-    return cfg
+    check_host_rules(cfg, source)
+    warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
+    return cfg, warnings
 
 
 def check_host_rules(cfg: HostConfig, source: str) -> None:
@@ -294,7 +308,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"{path}: key 'plugins' must be a list of plugin names, got {plugins!r}.")
     pm = build_plugin_manager(plugins)
-    cfg = validate(data, pm, source=str(path))
-    check_host_rules(cfg, str(path))
-    warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
+    cfg, warnings = validate_with_warnings(data, pm, source=str(path))
     return cfg, pm, warnings

@@ -90,14 +90,23 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any):
     cfg = AutoConfig.for_model(model_type)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for key, value in TINY_DIMS.items():
-        if hasattr(text_cfg, key):
+        if _has(text_cfg, key):
             setattr(text_cfg, key, value)
     if hasattr(text_cfg, "layer_types") and text_cfg.layer_types is not None:
         text_cfg.layer_types = list(text_cfg.layer_types)[: text_cfg.num_hidden_layers]
     text_cfg.vocab_size = vocab_size
     for key, value in overrides.items():
-        setattr(text_cfg if hasattr(text_cfg, key) or not hasattr(cfg, key) else cfg, key, value)
+        setattr(text_cfg if _has(text_cfg, key) or not _has(cfg, key) else cfg, key, value)
     return cfg
+
+
+def _has(cfg, key: str) -> bool:
+    """hasattr that also survives configs whose per-layer attributes raise on plain access."""
+    try:
+        getattr(cfg, key)
+    except Exception:  # e.g. transformers' AmbiguousGlobalPerLayerAttributeError (Gemma 4 head_dim)
+        return False
+    return True
 
 
 def build_model(model_type: str, path: str | Path, tokenizer, seed: int = 0, **overrides: Any) -> Path:
