@@ -122,10 +122,10 @@ def test_streaming_resume_fast_forward_without_ignore_data_skip(vl_model, write_
     assert set(range(6)) <= _indices([x for x in STATS.opened if x[0] == "load"])
 
 
-def test_streaming_under_two_processes_is_refused_clearly(vl_model, write_config, tmp_path):
-    """Under torchrun, the Trainer dispatches an IterableDataset's batches from rank 0 (concatenate and
-    re-slice), which multimodal batches cannot survive: the run stops with a clear error, not deep in
-    accelerate."""
+def test_streaming_under_two_processes(vl_model, write_config, tmp_path):
+    """Under torchrun each rank reads its own shard of the stream's batches (the host turns off
+    accelerate's rank-0 dispatch, which concatenates and re-slices batches and cannot survive
+    multimodal ones; the plugin's callback refuses to run if it ever sees a dispatcher)."""
     import os
     import socket
     import subprocess
@@ -141,5 +141,6 @@ def test_streaming_under_two_processes_is_refused_clearly(vl_model, write_config
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                            f"--master-port={port}", "-m", "host", "train", str(cfg)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "needs every process to read its own batches (accelerate dispatch_batches=False)" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 1
