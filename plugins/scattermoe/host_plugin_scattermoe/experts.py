@@ -32,6 +32,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     W2, l2 = weight_and_lora(self, "down_proj")
     b1 = getattr(self, f"{up_name}_bias") if has_bias else None
     b2 = getattr(self, "down_proj_bias") if has_bias else None
+    _require_unsharded(W1, W2, *(l1[:2] if l1 is not None else ()), *(l2[:2] if l2 is not None else ()))
     W1k, W2k = transpose_for_kernel(W1, transposed), transpose_for_kernel(W2, transposed)
 
     sei, ssi, offs = sort_tokens(top_k_index, E)
@@ -48,6 +49,22 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         y = self.post_expert_norm(y)
     out = ops.combine(y, top_k_weights.to(y.dtype))
     return out.to(hidden_states.dtype)
+
+
+def _require_unsharded(*tensors: torch.Tensor) -> None:
+    """The kernels index whole expert weights; a DTensor here would be a local shard used as if it
+    were the full weight. FSDP2 all-gathers a unit's parameters before its forward, so this only
+    happens when the experts run outside their FSDP unit."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    if any(isinstance(t, DTensor) for t in tensors):
+        raise RuntimeError(
+            "scattermoe: an expert weight or its LoRA factor is a sharded DTensor in forward. Shard whole decoder "
+            "layers with FSDP2 (fsdp_config.transformer_layer_cls_to_wrap: [<DecoderLayer class>]) so their "
+            "parameters are all-gathered before the experts run; never wrap or shard the experts module on its own."
+        )
 
 
 def _is_default_silu_gate(module) -> bool:
