@@ -164,11 +164,6 @@ def layer_bench(name, spec, iters, results, checks):
     checks.append(dict(shape=name, check="expert weight memory", bf16_gib=bf16_bytes / GiB, mxfp4_gib=fp4_bytes / GiB,
                        ratio=bf16_bytes / fp4_bytes))
     fp4_experts.install(block)
-    try:
-        correctness(name, spec, block, ex, x0, dy, routes, checks)
-    except Exception:
-        traceback.print_exc()
-        checks.append(dict(shape=name, check="correctness failed", error=traceback.format_exc(limit=2)[-300:]))
     for strat, label in (("selective", "mxfp4 A (selective)"), ("fused", "mxfp4 B (fused)")):
         fp4_experts.SETTINGS["strategy"] = strat
         for kind, (idx, w) in routes.items():
@@ -189,6 +184,11 @@ def layer_bench(name, spec, iters, results, checks):
         except Exception:
             traceback.print_exc()
         print(results[-1], flush=True)
+    try:
+        correctness(name, spec, block, ex, x0, dy, routes, checks)
+    except Exception:
+        traceback.print_exc()
+        checks.append(dict(shape=name, check="correctness failed", error=traceback.format_exc(limit=2)[-300:]))
     del block, ex
     torch.cuda.empty_cache()
 
@@ -398,13 +398,17 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of the script at toy shapes")
+    ap.add_argument("--isolate", action="store_true", help="each shape / the load bench in its own process")
+    ap.add_argument("--part", default=None, help="(internal) write this process's results to this JSON file")
+    ap.add_argument("--only-load", action="store_true")
     args = ap.parse_args()
     global T_TOKENS
     if args.tiny:
         SHAPES.clear()
         SHAPES.update(TINY)
         T_TOKENS = 64
-        args.shapes = ",".join(TINY)
+        if not set(args.shapes.split(",")) <= set(TINY):
+            args.shapes = ",".join(TINY)
     out_dir = os.environ.get("OUT", "/tmp/mxfp4_bench")
     os.makedirs(out_dir, exist_ok=True)
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run)"
@@ -416,7 +420,27 @@ def main():
         with open(os.path.join(out_dir, "bench_mxfp4.md"), "w") as f:
             f.write(table(results, checks, device) + "\n")
 
-    for name in args.shapes.split(","):
+    if args.isolate:
+        import subprocess
+
+        jobs = [["--shapes", n, "--skip-load"] for n in args.shapes.split(",")]
+        if not args.skip_load:
+            jobs.append(["--only-load"])
+        for i, job in enumerate(jobs):
+            part = os.path.join(out_dir, f"part{i}.json")
+            cmd = [sys.executable, __file__, "--iters", str(args.iters), "--layers", str(args.layers), "--part", part, *job]
+            cmd += ["--tiny"] if args.tiny else []
+            rc = subprocess.run(cmd).returncode
+            if os.path.exists(part):
+                data = json.load(open(part))
+                results += data["results"]
+                checks += data["checks"]
+            if rc:
+                checks.append(dict(check=f"process {' '.join(job)} exited {rc}"))
+            save()
+        print(table(results, checks, device))
+        return 0
+    for name in ([] if args.only_load else args.shapes.split(",")):
         try:
             layer_bench(name, SHAPES[name], args.iters, results, checks)
         except Exception:
@@ -424,6 +448,8 @@ def main():
             checks.append(dict(check=f"{name} layer bench failed", error=traceback.format_exc(limit=2)[-300:]))
         torch.cuda.empty_cache()
         save()
+        if args.part:
+            json.dump({"results": results, "checks": checks}, open(args.part, "w"), default=str)
     if not args.skip_load and DEV == "cuda":
         try:
             quantize_on_load_bench(2, checks)
@@ -436,6 +462,8 @@ def main():
         except Exception:
             traceback.print_exc()
             checks.append(dict(check="load bench failed", error=traceback.format_exc(limit=3)[-400:]))
+        if args.part:
+            json.dump({"results": results, "checks": checks}, open(args.part, "w"), default=str)
     with open(os.path.join(out_dir, "bench_mxfp4.json"), "w") as f:
         json.dump({"device": device, "results": results, "checks": checks}, f, indent=1, default=str)
     text = table(results, checks, device)
