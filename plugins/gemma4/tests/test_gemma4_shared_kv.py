@@ -186,3 +186,51 @@ def test_gemma4_side_channel_auto_gate():
     assert shared_kv.version_affected("5.17.0") is False
     assert shared_kv.version_affected("5.23.0") is False
     assert shared_kv.version_affected("6.0.0.dev0") is False
+
+
+def test_gemma4_side_channel_composes_with_fsdp2(monkeypatch):
+    """fully_shard swaps each layer's class for an FSDP subclass of it; with the side channel installed first,
+    checkpointed FSDP2 training gives the unpatched gradients and leaves no K/V of earlier steps alive."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo")
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        grads = []
+        for patched in (False, True):
+            m = _model(5)
+            if patched:
+                shared_kv.install(m)
+            refs, step = {}, [0]
+            _track_shared_v(m, refs, step)
+            for layer in m.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(m, mesh=mesh)
+            if patched:
+                assert all(type(layer).__name__.startswith("FSDPSideChannel") for layer in m.model.layers)
+            ids = _batch(9)
+            m(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad.full_tensor() for n, p in m.named_parameters() if p.grad is not None})
+
+            def check(s):
+                assert not [r for k, v in refs.items() if k < s for r in v if r() is not None]
+                step[0] = s + 1
+
+            step[0] = 1
+            _train(m, 2, on_step=lambda s: check(s + 1))
+            if patched:
+                shared_kv.set_store(None)
+        assert grads[0].keys() == grads[1].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    finally:
+        dist.destroy_process_group()
