@@ -103,7 +103,13 @@ def post_model_build(cfg, model):
         return
     base = model_utils.unwrap(model)
     if cfg.gemma4_attn_implementation:
-        base.set_attn_implementation(cfg.gemma4_attn_implementation)
+        try:
+            base.set_attn_implementation(cfg.gemma4_attn_implementation)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(
+                f"gemma4_attn_implementation: {cfg.gemma4_attn_implementation!r} cannot be used here: "
+                f"{str(exc).splitlines()[0]} Install it or choose sdpa / flex_attention / eager."
+            ) from None
     if cfg.gemma4_hybrid_attention:
         hybrid.apply(base)
     if cfg.gemma4_fused_norm_rope:

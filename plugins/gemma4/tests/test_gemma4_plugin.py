@@ -43,6 +43,17 @@ def test_gemma4_fused_needs_gpu_or_interpreter(monkeypatch):
         plugin.validate_config(cfg=_cfg(gemma4_fused_norm_rope=True))
 
 
+def test_gemma4_unavailable_attn_implementation_is_a_config_error():
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    m = AutoModelForCausalLM.from_config(tiny.text_config(256))
+    with pytest.raises(ConfigError, match="gemma4_attn_implementation: 'flash_attention_2'"):
+        plugin.post_model_build(cfg=_cfg(gemma4_attn_implementation="flash_attention_2"), model=m)
+
+
 def test_gemma4_other_models_untouched(tiny_model):
     from transformers import AutoModelForCausalLM
 
