@@ -119,6 +119,7 @@ class HostConfig(StrictModel):
     torch_compile: bool | Literal["auto"] = False
     torch_compile_mode: str | None = None
     experts_implementation: str | None = None
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2, flex_attention")
 
     @property
     def fsdp_enabled(self) -> bool:

@@ -50,8 +50,9 @@ def load_model(cfg):
         "trust_remote_code": cfg.trust_remote_code,
         "dtype": torch.bfloat16 if use_bf16(cfg) else torch.float32,
     }
-    if cfg.experts_implementation:
-        kwargs["experts_implementation"] = cfg.experts_implementation
+    for key in ("experts_implementation", "attn_implementation"):
+        if getattr(cfg, key):
+            kwargs[key] = getattr(cfg, key)
     # A processor means a vision-language model: try the image-text class first.
     classes = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
     if cfg.processor_type:

@@ -111,3 +111,13 @@ def test_sigkill_then_resume_matches_uninterrupted(write_config, tiny_model, tex
     assert ref.keys() == got.keys()
     worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
     assert worst <= 1e-6, f"max abs difference {worst}"
+
+
+def test_attn_implementation_reaches_the_model(tiny_model):
+    from host import model as model_mod
+    from host.config import HostConfig
+
+    cfg = HostConfig(base_model=str(tiny_model("qwen3_moe")), attn_implementation="eager")
+    assert model_mod.load_model(cfg).config._attn_implementation == "eager"
+    cfg = HostConfig(base_model=str(tiny_model("qwen3_moe")), attn_implementation="sdpa")
+    assert model_mod.load_model(cfg).config._attn_implementation == "sdpa"
