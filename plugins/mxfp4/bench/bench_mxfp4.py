@@ -274,7 +274,8 @@ def load_bench(layers, out_dir, checks):
     from host_plugin_mxfp4 import loading
     from host_plugin_mxfp4.checkpoint import write_random_gpt_oss_checkpoint
 
-    cfg = GptOssConfig(num_hidden_layers=layers)  # gpt-oss-20b dims (24 layers at full depth)
+    # gpt-oss-20b: 24 layers, 32 experts of H=I=2880, top-4 (GptOssConfig's defaults are the 120b's 128 experts)
+    cfg = GptOssConfig(num_hidden_layers=layers, num_local_experts=32, num_experts_per_tok=4)
     cfg.layer_types = cfg.layer_types[:layers]
     path = os.path.join(out_dir, "gptoss20b_shaped")
     t0 = time.time()

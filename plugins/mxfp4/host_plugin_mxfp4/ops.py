@@ -100,7 +100,10 @@ def fp4_scattered_experts(
         )
     dt = x.dtype
     if lora_A is not None:
-        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        # contiguous rank-r copies (E*r*(K+N) elements, negligible): the kernels then see the
+        # canonical operand layout (A [E, r, K] and B [E, N, r] row-major, their transposes in dX),
+        # the one validated per autotune config on the GPU, not peft's permuted view of lora_B
+        lora_A, lora_B = lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous()
     if bias is not None:
         bias = bias.to(dt)
     return FP4ExpertsFunction.apply(
