@@ -31,9 +31,10 @@ class Mxfp4Config(StrictModel):
         "MXFP4 checkpoints load packed as they are). None: leave the experts alone.",
     )
     mxfp4_strategy: Literal["auto", "selective", "fused"] = Field(
-        "auto",
-        description="selective: dequantize the routed experts, then scattermoe's bf16 kernels; fused: dequantize "
-        "inside the Triton K loop; auto: time both per layer shape / batch and keep the faster.",
+        "selective",
+        description="selective: dequantize the routed experts, then scattermoe's bf16 kernels (validated on H100); "
+        "fused: dequantize inside the Triton K loop (see README: its GPU backward is not yet validated); "
+        "auto: time both per layer shape / batch and keep the faster.",
     )
 
 

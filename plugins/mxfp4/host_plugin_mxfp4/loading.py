@@ -9,9 +9,10 @@ Two sources:
   ``[E, N, K/32]``, ``quantization_config.quant_method == "mxfp4"``): the packed tensors go straight
   into the container; no bf16 expert tensor is ever built.
 
-Both hook transformers' loader at two points that exist in transformers 5.17 .. 5.23:
-``core_model_loading.set_param_for_module`` (every parameter assignment) and
-``integrations.mxfp4.Mxfp4Dequantize.convert`` (gpt-oss blocks+scales -> one tensor). The hooks do
+Both hook transformers' loader at points that exist in transformers 5.17 .. 5.23:
+``core_model_loading.set_param_for_module`` (every parameter assignment),
+``integrations.mxfp4.Mxfp4Dequantize.convert`` (gpt-oss blocks+scales -> one tensor) and
+``modeling_utils.caching_allocator_warmup`` (skipped: it would reserve GPU memory for bf16 experts). The hooks do
 nothing unless a load plan is active (set by ``pre_model_load``, cleared by ``post_model_build``).
 
 A quantized experts module keeps, per quantized parameter ``p``:
@@ -292,6 +293,20 @@ def _install_hooks() -> None:
                 loading_info.missing_keys.discard(target_name)
 
         cml.set_param_for_module = set_param_for_module
+
+        # transformers reserves GPU memory for the whole model up front, sized from the meta model,
+        # i.e. with bf16 experts (~3.8x what the 4-bit experts need). It is only a speed-up for
+        # many small allocations; skip it while a plan is active so the load's peak is the real one.
+        from transformers import modeling_utils as mu
+
+        original_warmup = mu.caching_allocator_warmup
+
+        def caching_allocator_warmup(*args, **kwargs):
+            if _PLAN is not None:
+                return None
+            return original_warmup(*args, **kwargs)
+
+        mu.caching_allocator_warmup = caching_allocator_warmup
 
         try:
             from transformers.integrations import mxfp4 as tmx
