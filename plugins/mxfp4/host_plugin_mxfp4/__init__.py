@@ -70,7 +70,7 @@ def pre_model_load(cfg):
     from host_plugin_mxfp4 import experts, loading
 
     experts.SETTINGS["strategy"] = cfg.mxfp4_strategy
-    loading.begin(cfg.quantize_moe_experts)
+    loading.begin(cfg.quantize_moe_experts, source=cfg.base_model)
 
 
 @hookimpl

@@ -44,6 +44,7 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 @dataclass
 class LoadPlan:
     fmt: str  # "mxfp4" | "nvfp4"
+    source: str | None = None  # the base_model being loaded; other loads are left alone
     events: list = field(default_factory=list)  # (param name, live high-precision expert bytes) per quantization
     prequantized: int = 0
     quantized: int = 0
@@ -61,11 +62,12 @@ def active_plan() -> LoadPlan | None:
     return _PLAN
 
 
-def begin(fmt: str) -> LoadPlan:
-    """Activate quantize-on-load for the next ``from_pretrained`` (see module doc)."""
+def begin(fmt: str, source: str | None = None) -> LoadPlan:
+    """Activate quantize-on-load for the next ``from_pretrained`` (of ``source`` when given, so a
+    plan left behind by a failed load cannot touch another model; see module doc)."""
     global _PLAN
     _install_hooks()
-    _PLAN = LoadPlan(fmt)
+    _PLAN = LoadPlan(fmt, None if source is None else str(source))
     # sequential loading: worker threads would otherwise materialise many layers ahead of the
     # main thread (transformers does the same for its own on-the-fly quantizers)
     _ENV_SAVED["HF_DEACTIVATE_ASYNC_LOAD"] = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
@@ -260,6 +262,15 @@ def high_precision_expert_bytes(model) -> int:
 # --- transformers hooks ---------------------------------------------------------------------
 
 
+def _plan_for(model) -> LoadPlan | None:
+    plan = _PLAN
+    if plan is None or plan.source is None:
+        return plan
+    cfg = getattr(model, "config", None)
+    name = str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", ""))
+    return plan if name == plan.source else None
+
+
 def _install_hooks() -> None:
     global _INSTALLED
     with _LOCK:
@@ -270,7 +281,7 @@ def _install_hooks() -> None:
         original_set = cml.set_param_for_module
 
         def set_param_for_module(model, target_name, param_value, *args, **kwargs):
-            plan = _PLAN
+            plan = _plan_for(model)
             fp4 = getattr(param_value, "_fp4", None)
             module_path, _, name = target_name.rpartition(".")
             if plan is None or name not in EXPERT_PARAMS:
@@ -301,10 +312,10 @@ def _install_hooks() -> None:
 
         original_warmup = mu.caching_allocator_warmup
 
-        def caching_allocator_warmup(*args, **kwargs):
-            if _PLAN is not None:
+        def caching_allocator_warmup(model, *args, **kwargs):
+            if _plan_for(model) is not None:
                 return None
-            return original_warmup(*args, **kwargs)
+            return original_warmup(model, *args, **kwargs)
 
         mu.caching_allocator_warmup = caching_allocator_warmup
 
@@ -318,7 +329,7 @@ def _install_hooks() -> None:
         original_convert = tmx.Mxfp4Dequantize.convert
 
         def convert(self, input_dict, model=None, full_layer_name=None, *args, **kwargs):
-            if _PLAN is None:
+            if model is None or _plan_for(model) is None:
                 return original_convert(self, input_dict, model=model, full_layer_name=full_layer_name, *args, **kwargs)
             proj = "gate_up_proj" if "gate_up_proj" in full_layer_name else "down_proj"
 

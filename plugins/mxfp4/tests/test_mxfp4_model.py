@@ -186,3 +186,22 @@ def test_config_errors(tiny_model, make_plugin_manager, tmp_path):
 def test_dense_model_is_a_clear_error(tiny_model, make_plugin_manager, tmp_path):
     with pytest.raises(ConfigError, match="no MoE experts"):
         _build(make_plugin_manager, tiny_model("qwen3"), tmp_path, lora_target_parameters=None)
+
+
+def test_plan_only_touches_its_own_model(tiny_model):
+    """A plan left active (e.g. a failed load) never quantizes a different model."""
+    from transformers import AutoModelForCausalLM
+
+    d = str(tiny_model("qwen3_moe"))
+    loading.begin("mxfp4", source=d + "-other")
+    try:
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    finally:
+        loading.end()
+    assert loading.finalize(m) == 0 and loading.high_precision_expert_bytes(m) > 0
+    loading.begin("mxfp4", source=d)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    finally:
+        loading.end()
+    assert loading.finalize(m) == 2 and loading.high_precision_expert_bytes(m) == 0
