@@ -39,6 +39,7 @@ TINY = {  # --tiny: a CPU smoke run of the whole script (TRITON_INTERPRET=1)
     "gpt-oss-20b": dict(family="gpt_oss", E=4, H=64, I=64, k=2),
 }
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+TRAIN_STRATEGY = os.environ.get("MXFP4_BENCH_TRAIN_STRATEGY", "selective")  # the plugin's default
 
 
 def make_experts(family, E, H, I, k):
@@ -175,6 +176,11 @@ def layer_bench(name, spec, iters, results, checks):
                 results.append(dict(shape=name, routing=kind, method=label, ms=None, peak_gib=None, note=type(exc).__name__))
                 torch.cuda.empty_cache()
             print(results[-1], flush=True)
+        try:
+            correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=(strat,))
+        except Exception:
+            traceback.print_exc()
+            checks.append(dict(shape=name, check=f"{strat} correctness failed", error=traceback.format_exc(limit=2)[-300:]))
     fp4_experts.SETTINGS["strategy"] = "auto"
     for kind, (idx, w) in routes.items():
         try:
@@ -184,16 +190,11 @@ def layer_bench(name, spec, iters, results, checks):
         except Exception:
             traceback.print_exc()
         print(results[-1], flush=True)
-    try:
-        correctness(name, spec, block, ex, x0, dy, routes, checks)
-    except Exception:
-        traceback.print_exc()
-        checks.append(dict(shape=name, check="correctness failed", error=traceback.format_exc(limit=2)[-300:]))
     del block, ex
     torch.cuda.empty_cache()
 
 
-def correctness(name, spec, block, ex, x0, dy, routes, checks):
+def correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=("selective", "fused")):
     from host_plugin_scattermoe import lora as sm_lora
 
     from host_plugin_mxfp4 import experts as fp4_experts
@@ -215,7 +216,7 @@ def correctness(name, spec, block, ex, x0, dy, routes, checks):
             out[f"dB_{pname}"] = gb.float().view(gb.shape[0], -1, E).permute(2, 0, 1)
         return out
 
-    for strat in ("selective", "fused"):
+    for strat in strategies:
         fp4_experts.SETTINGS["strategy"] = strat
         x = x0.detach().requires_grad_(True)
         out = block.experts(x, idx, w)
@@ -306,7 +307,7 @@ def load_bench(layers, out_dir, checks):
                                              target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
     model.config.use_cache = False
     fp4_experts.install(model)
-    fp4_experts.SETTINGS["strategy"] = "auto"
+    fp4_experts.SETTINGS["strategy"] = TRAIN_STRATEGY
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (1, 4096), device=DEV)
     torch.cuda.reset_peak_memory_stats()
@@ -318,7 +319,7 @@ def load_bench(layers, out_dir, checks):
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         dt = time.time() - t0
-    checks.append(dict(check=f"gpt-oss-20b-shaped train step ({layers} layers, T=4096, LoRA r=16)",
+    checks.append(dict(check=f"gpt-oss-20b-shaped train step ({layers} layers, T=4096, LoRA r=16, {TRAIN_STRATEGY})",
                        step_s=dt, peak_gib=(torch.cuda.max_memory_allocated() - base) / GiB, loss=float(loss)))
     print(checks[-1], flush=True)
     del model, opt
@@ -374,6 +375,18 @@ def quantize_on_load_bench(layers, checks):
     torch.cuda.empty_cache()
 
 
+class _Rows(list):
+    """A list that also prints each appended row as a JSON line (a crashed child keeps its rows)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def append(self, row):
+        super().append(row)
+        print(f"ROW {self.kind} " + json.dumps(row, default=str), flush=True)
+
+
 def table(results, checks, device):
     lines = [f"device: {device}; date: {datetime.date.today().isoformat()}; T=4096, LoRA r=16, bf16, fwd+bwd (median)", ""]
     lines.append("| shape | routing | method | ms | peak GiB | vs scattermoe bf16 |")
@@ -413,7 +426,7 @@ def main():
     out_dir = os.environ.get("OUT", "/tmp/mxfp4_bench")
     os.makedirs(out_dir, exist_ok=True)
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke run)"
-    results, checks = [], []
+    results, checks = ([], []) if not args.part else (_Rows("result"), _Rows("check"))
 
     def save():
         with open(os.path.join(out_dir, "bench_mxfp4.json"), "w") as f:
@@ -431,11 +444,14 @@ def main():
             part = os.path.join(out_dir, f"part{i}.json")
             cmd = [sys.executable, __file__, "--iters", str(args.iters), "--layers", str(args.layers), "--part", part, *job]
             cmd += ["--tiny"] if args.tiny else []
-            rc = subprocess.run(cmd).returncode
-            if os.path.exists(part):
-                data = json.load(open(part))
-                results += data["results"]
-                checks += data["checks"]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            rc = proc.returncode
+            for line in proc.stdout.splitlines():
+                if line.startswith("ROW "):
+                    _, kind, payload = line.split(" ", 2)
+                    (results if kind == "result" else checks).append(json.loads(payload))
+                else:
+                    print(line, flush=True)
             if rc:
                 checks.append(dict(check=f"process {' '.join(job)} exited {rc}"))
             save()
