@@ -136,3 +136,14 @@ def test_fsdp_on_cpu_is_refused(run_host, write_config, tiny_model, text_file, t
 def test_impossible_parallel_combinations(run_host, write_config, tmp_path, extra, message):
     result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", **extra)))
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_accelerate_launch_two_cpu_processes(write_config, tiny_model, text_file, tmp_path):
+    out = tmp_path / "out"
+    cfg = write_config(base_config(tiny_model("qwen3_moe"), text_file, out, max_steps=3))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+           f"--main_process_port={_port()}", "-m", "host", "train", str(cfg)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens"] == 3 * 2 * 2 * 64
