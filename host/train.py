@@ -44,10 +44,8 @@ def training_arguments(cfg, has_eval: bool):
 
     save_steps = cfg.save_steps or _steps_ratio(cfg.saves_per_epoch, cfg.num_epochs)
     eval_steps = cfg.eval_steps or _steps_ratio(cfg.evals_per_epoch, cfg.num_epochs)
-    bf16 = model_mod.use_bf16(cfg)
     cuda = _cuda()
-    compile_on = cfg.torch_compile is True or (cfg.torch_compile == "auto" and cuda)
-    return TrainingArguments(
+    kwargs = dict(
         use_cpu=not cuda,  # without it, torchrun on CPU runs N independent copies instead of gloo DDP
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -60,7 +58,7 @@ def training_arguments(cfg, has_eval: bool):
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else (cfg.warmup_ratio or 0.0),
         optim=cfg.optimizer,
         weight_decay=cfg.weight_decay,
-        bf16=bf16,
+        bf16=model_mod.use_bf16(cfg),
         fp16=cfg.fp16,
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if save_steps else "no",
@@ -69,7 +67,7 @@ def training_arguments(cfg, has_eval: bool):
         eval_steps=eval_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        torch_compile=compile_on,
+        torch_compile=cfg.torch_compile is True or (cfg.torch_compile == "auto" and cuda),
         torch_compile_mode=cfg.torch_compile_mode,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
@@ -81,9 +79,13 @@ def training_arguments(cfg, has_eval: bool):
         ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
         ddp_timeout=cfg.ddp_timeout,
         **fsdp_arguments(cfg),
-        # passed only when on: newer transformers warn that the name is deprecated
-        **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
     )
+    if cfg.gradient_checkpointing:  # passed only when on: newer transformers warn that the name is deprecated
+        kwargs["gradient_checkpointing"] = True
+    try:
+        return TrainingArguments(**kwargs)
+    except ValueError as exc:  # e.g. an unknown optimizer or scheduler name; HF's message names the value
+        raise ConfigError(f"training keys (optimizer, lr_scheduler, bf16/fp16, ...): {exc}") from None
 
 
 def fsdp_arguments(cfg) -> dict:

@@ -121,3 +121,10 @@ def test_attn_implementation_reaches_the_model(tiny_model):
     assert model_mod.load_model(cfg).config._attn_implementation == "eager"
     cfg = HostConfig(base_model=str(tiny_model("qwen3_moe")), attn_implementation="sdpa")
     assert model_mod.load_model(cfg).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("key, value", [("optimizer", "adamw_nope"), ("lr_scheduler", "zigzag")])
+def test_bad_training_names_are_config_errors(run_host, write_config, tiny_model, text_file, tmp_path, key, value):
+    result = run_host("train", write_config(base_config(tiny_model("qwen3_moe"), text_file, tmp_path / "o", **{key: value})))
+    assert result.exit_code == 2 and value in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o" / "run_summary.json").exists()
