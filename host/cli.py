@@ -76,10 +76,15 @@ def validate(config: Path = CONFIG) -> None:
     """Print the resolved config (plugin keys included); exit 2 on any error."""
     import yaml
 
+    from host.config import HostConfig
+
     cfg, _pm, warnings = _load(config)
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
-    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), nl=False)
+    resolved = cfg.model_dump(mode="json")
+    host_keys = [k for k in HostConfig.model_fields if k in resolved]  # host keys first, then the plugins'
+    ordered = {k: resolved[k] for k in host_keys} | {k: v for k, v in resolved.items() if k not in host_keys}
+    typer.echo(yaml.safe_dump(ordered, sort_keys=False), nl=False)
 
 
 @app.command("merge-lora")
