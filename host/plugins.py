@@ -37,6 +37,11 @@ def _entry_points() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def hook_names() -> list[str]:
+    """The hooks a plugin may implement, as declared in :mod:`host.hookspecs`."""
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "host_spec"))
+
+
 def _module_file(module: str) -> str | None:
     """The source file of a (dotted) module, found without importing any package on the way."""
     top, *rest = module.split(".")
@@ -63,7 +68,7 @@ def _hooks_in_source(module: str) -> tuple[str, ...]:
         return ()
     with open(origin, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=origin)
-    known = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "host_spec")}
+    known = set(hook_names())
     return tuple(
         node.name
         for node in tree.body
@@ -162,7 +167,7 @@ def build_plugin_manager(names: list[str]) -> pluggy.PluginManager:
     except pluggy.PluginValidationError as exc:
         raise PluginError(
             f"plugins: {exc}. Hook names must match host.hookspecs "
-            f"({', '.join(sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), 'host_spec')))})."
+            f"({', '.join(hook_names())})."
         ) from exc
     return pm
 

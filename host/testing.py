@@ -124,6 +124,15 @@ def build_model(model_type: str, path: str | Path, tokenizer, seed: int = 0, **o
     return Path(path)
 
 
+#: Environment for runs that must not reach a hub (CI, offline machines).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` plus :data:`OFFLINE_ENV` (and ``extra``), for subprocess runs of ``host``."""
+    return {**os.environ, **OFFLINE_ENV, **extra}
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -155,11 +164,11 @@ def base_config(model_dir: str | Path, data_file: str | Path, output_dir: str | 
 # --- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=False)
+@pytest.fixture
 def offline(monkeypatch):
     """No hub access: what CI and users without network have."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="session")
@@ -210,16 +219,13 @@ def write_config(tmp_path):
 
 
 @pytest.fixture
-def run_host(monkeypatch, tmp_path):
-    """``run_host("train", cfg_path) -> Result``: the real CLI, in-process, in a tmp cwd."""
+def run_host(offline, monkeypatch, tmp_path):
+    """``run_host("train", cfg_path) -> Result``: the real CLI, in-process, offline, in a tmp cwd."""
     from typer.testing import CliRunner
 
     from host.cli import app
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
     def run(*args: str | os.PathLike):
         return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -1,17 +1,12 @@
-"""CLI start-up stays light, the scaffold produces a working plugin, DDP runs on 2 CPU ranks."""
+"""CLI start-up stays light and the scaffold produces a working plugin."""
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env(**extra):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+from host.testing import offline_env
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["plugins", "list"]])
@@ -22,20 +17,20 @@ def test_light_commands_import_no_torch(argv):
         "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env=_env(), capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=offline_env(), capture_output=True)
 
 
 def test_scaffolded_plugin_installs_lists_and_runs(tmp_path):
     """`host plugins new demo`, pip-installed, is listed and its hook runs in `host train`."""
     host = [sys.executable, "-m", "host"]
-    subprocess.run([*host, "plugins", "new", "demo", "--path", str(tmp_path)], check=True, env=_env())
+    subprocess.run([*host, "plugins", "new", "demo", "--path", str(tmp_path)], check=True, env=offline_env())
     plugin = tmp_path / "host-plugin-demo"
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(plugin)],
-        check=True, env=_env(),
+        check=True, env=offline_env(),
     )
-    env = _env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    env = offline_env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     listing = subprocess.run([*host, "plugins", "list"], env=env, capture_output=True, text=True, check=True)
     assert "demo" in listing.stdout and "host-plugin-demo" in listing.stdout and "trainer_callbacks" in listing.stdout
     tests = subprocess.run(

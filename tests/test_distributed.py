@@ -11,14 +11,9 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from host.testing import base_config
+from host.testing import base_config, offline_env
 
 pytestmark = pytest.mark.slow
-
-
-def _env(**extra):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1", **extra}
 
 
 def _port() -> int:
@@ -47,7 +42,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _torchrun(cfg, *launcher_args, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "host", "train", str(cfg)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(cmd, env=offline_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def _finish(proc, timeout=600):
@@ -74,7 +69,7 @@ def test_two_nodes_on_localhost_match_single_process(write_config, tiny_model, t
     model = tiny_model("qwen3_moe")
     common = dict(max_steps=6, learning_rate=1e-2, logging_steps=1)
     single = write_config(base_config(model, text_file, tmp_path / "single", micro_batch_size=4, **common), "single.yaml")
-    _finish(subprocess.Popen([sys.executable, "-m", "host", "train", str(single)], env=_env(),
+    _finish(subprocess.Popen([sys.executable, "-m", "host", "train", str(single)], env=offline_env(OMP_NUM_THREADS="1"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     multi = write_config(base_config(model, text_file, tmp_path / "multi", micro_batch_size=2, **common), "multi.yaml")
     port = _port()
@@ -143,7 +138,7 @@ def test_accelerate_launch_two_cpu_processes(write_config, tiny_model, text_file
     cfg = write_config(base_config(tiny_model("qwen3_moe"), text_file, out, max_steps=3))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
            f"--main_process_port={_port()}", "-m", "host", "train", str(cfg)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(cmd, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tokens"] == 3 * 2 * 2 * 64

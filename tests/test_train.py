@@ -1,7 +1,6 @@
 """Real `host train` runs on tiny models: artifacts, reuse rules, merge, kill-and-resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from host.testing import base_config
+from host.testing import base_config, offline_env
 
 HOST = [sys.executable, "-m", "host"]
-
-
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_train_moe_lora_writes_artifacts(run_host, write_config, tiny_model, text_file, tmp_path):
@@ -89,11 +84,11 @@ def test_sigkill_then_resume_matches_uninterrupted(write_config, tiny_model, tex
     model = tiny_model("qwen3_moe")
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"
     ref = subprocess.run([*HOST, "train", str(write_config(base_config(model, text_file, ref_out, **common), "ref.yaml"))],
-                         env=_env(), capture_output=True, text=True)
+                         env=offline_env(), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     cfg = write_config(base_config(model, text_file, run_out, **common), "run.yaml")
-    proc = subprocess.Popen([*HOST, "train", str(cfg)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*HOST, "train", str(cfg)], env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (run_out / "checkpoint-10" / "host_complete").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
@@ -104,7 +99,7 @@ def test_sigkill_then_resume_matches_uninterrupted(write_config, tiny_model, tex
     assert not (run_out / "run_summary.json").exists()
 
     resumed = write_config(base_config(model, text_file, run_out, resume_from_checkpoint=True, **common), "resume.yaml")
-    done = subprocess.run([*HOST, "train", str(resumed)], env=_env(), capture_output=True, text=True)
+    done = subprocess.run([*HOST, "train", str(resumed)], env=offline_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run_out / "run_summary.json").read_text())["steps"] == 40
     ref, got = _final_adapter(ref_out), _final_adapter(run_out)
