@@ -14,15 +14,17 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 fi
-if [ "$what" = final ]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests \
+if [ "$what" = final ]; then  # one device session: GPU tests, block bench, e2e train, profile
+  timeout 170 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests \
     -k "not forward_matches and not backward_dx and not full_finetune and not combine_forward" --durations=10 \
     > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -12
-  timeout 240 python3 plugins/scattermoe/bench/bench_moe_block.py > "$OUT/bench.log" 2>&1
+  timeout 200 python3 plugins/scattermoe/bench/bench_moe_block.py > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -9 "$OUT/bench.log"
+  timeout 50 python3 plugins/scattermoe/bench/profile_block.py Qwen3-30B-A3B > "$OUT/profile.log" 2>&1
+  echo "profile rc=$?"; grep -E "_kernel|aten::|Self CUDA time total|^s2s|^outer" "$OUT/profile.log" | cut -c1-160 | head -40
   if python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/scattermoe > "$OUT/pip.log" 2>&1; then
-    timeout 170 python3 plugins/scattermoe/bench/bench_e2e_train.py > "$OUT/e2e.log" 2>&1
+    timeout 150 python3 plugins/scattermoe/bench/bench_e2e_train.py > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?"; tail -8 "$OUT/e2e.log"
   else
     echo "pip install -e failed"; tail -3 "$OUT/pip.log"

@@ -167,17 +167,21 @@ def _prune_outer(configs, named_args, **kwargs):
 
 def _s2s_configs():
     out = []
-    for bm, bn, bk, w, s in [
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (128, 256, 64, 8, 3),
-        (64, 64, 64, 4, 4),
-        (64, 32, 64, 4, 4),
-        (64, 16, 128, 4, 3),
+    for bm, bn, bk, g, w, s in [
+        (128, 128, 64, 8, 8, 3),
+        (128, 128, 64, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4),
+        (64, 128, 64, 1, 4, 4),  # the unswizzled order, kept so tuning can only improve on it
+        (128, 64, 64, 8, 4, 4),
+        (128, 256, 64, 8, 8, 3),
+        (64, 256, 64, 8, 8, 3),
+        (64, 64, 64, 8, 4, 4),
+        (64, 32, 64, 8, 4, 4),
+        (64, 16, 128, 8, 4, 3),
     ]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+        out.append(
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        )
     return out
 
 
@@ -224,6 +228,20 @@ def _locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.const
     return e, start + (pid_m - first_blk) * BLOCK_M, end
 
 
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """1-D program id → (pid_m, pid_n), walking ``GROUP_M`` row blocks across all column blocks.
+
+    Consecutive row blocks mostly belong to one expert, so a group's programs run together and
+    share that expert's weight slab and the group's gathered rows in L2: the weights are read from
+    HBM about once instead of once per row block (the block is weight-bandwidth bound otherwise).
+    """
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
 @triton.heuristics(
     {
         "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
@@ -241,10 +259,10 @@ def _s2s_kernel(
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
     e, row0, end = _locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     if e >= E:
         return
@@ -431,11 +449,11 @@ if not INTERPRET:
 
 #: Below this many routed rows a fixed configuration is used on the GPU (tuning tiny problems is waste).
 AUTOTUNE_MIN_ROWS = 2048
-_SMALL_S2S = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+_SMALL_S2S = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 _SMALL_OUTER = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 64, "num_warps": 4, "num_stages": 3}
 
 # The interpreter runs one fixed, small configuration (it cannot autotune, and small tiles keep it fast).
-INTERP_S2S = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
+INTERP_S2S = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 INTERP_OUTER = {"BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_Q": 64}
 
 
@@ -514,7 +532,7 @@ def scatter2scatter(
     )
 
     def grid(META):
-        return (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(L, META["BLOCK_M"]) + E)
+        return (triton.cdiv(N, META["BLOCK_N"]) * (triton.cdiv(L, META["BLOCK_M"]) + E),)
 
     if INTERPRET or not x.is_cuda:
         _s2s_kernel[grid](*args, **meta, **INTERP_S2S)

@@ -177,7 +177,7 @@ def test_group_outer_gathers_and_zero_experts():
 def test_multi_tile_loops(monkeypatch):
     """Several K-loop steps, N tiles, M blocks per expert and rank tiles: small tiles, larger problem."""
     if K.INTERPRET:
-        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
+        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 3})
         monkeypatch.setattr(K, "INTERP_OUTER", {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_Q": 16})
     T, E, Kd, N, k, r = 40, 3, 70, 45, 2, 8
     x, W, A, B, _ = make(T, E, Kd, N, k, r, torch.float32, seed=8)
