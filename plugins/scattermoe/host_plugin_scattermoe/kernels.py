@@ -23,7 +23,8 @@ kernel layout of :mod:`host_plugin_scattermoe.reference` (``W [E, K, N]``, ``A [
   rows from the device-side offsets. ``dA = s·(dY B)ᵀ X``, ``dB = s·dYᵀ (X Aᵀ)`` and the
   full-fine-tune ``dW = Xᵀ dY`` are all this one kernel: the LoRA gradients are grouped products
   over the rank-sized intermediates, never an ``[N, K]`` product.
-* ``combine``: ``out[t] = Σ_j gates[t, j] · y[t*k + j]`` (fp32 accumulation).
+* ``combine``: ``out[t] = Σ_j gates[t, j] · y[t*k + j]`` (fp32 accumulation); ``combine_bwd``
+  writes ``dy`` and reduces ``dgates`` in one pass over ``y`` (no ``[T·k, N]`` fp32 temporaries).
 
 Index arithmetic is int32 unless a buffer reaches ``2**31`` elements, in which case the
 ``INT64`` variant (a separate specialisation, so the int32 path pays nothing) is launched.
@@ -408,6 +409,28 @@ def _combine_kernel(Y, G, Out, N, s_ym, s_yn, s_gt, s_gk, s_ot, s_on, TOP_K: tl.
 
 
 @triton.jit
+def _combine_bwd_kernel(
+    Y, G, DO, DY, DG, N, s_ym, s_yn, s_gt, s_gk, s_dot, s_don, s_dym, s_dyn, s_dgt, s_dgk,
+    TOP_K: tl.constexpr, NEED_DY: tl.constexpr, NEED_DG: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    for j in range(TOP_K):
+        row = t * TOP_K + j
+        g = tl.load(G + t * s_gt + j * s_gk).to(tl.float32)
+        dg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nm = n < N
+            do = tl.load(DO + t * s_dot + n * s_don, mask=nm, other=0.0).to(tl.float32)
+            if NEED_DY:
+                tl.store(DY + row * s_dym + n * s_dyn, (g * do).to(DY.dtype.element_ty), mask=nm)
+            if NEED_DG:
+                dg += tl.load(Y + row * s_ym + n * s_yn, mask=nm, other=0.0).to(tl.float32) * do
+        if NEED_DG:
+            tl.store(DG + t * s_dgt + j * s_dgk, tl.sum(dg, 0).to(DG.dtype.element_ty))
+
+
+@triton.jit
 def _silu_glu_fwd_kernel(H, Out, I, s_hm, s_om, BLOCK: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -606,6 +629,26 @@ def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None 
         TOP_K=k, BLOCK_N=BLOCK_N,
     )
     return out
+
+
+def combine_bwd(y, gates, dout, need_dy: bool = True, need_dg: bool = True):
+    """Gradients of :func:`combine` in one pass: ``dy[t*k+j] = g[t,j]·dout[t]`` (dout's dtype) and
+    ``dg[t,j] = y[t*k+j]·dout[t]`` (fp32 accumulation, gates' dtype). Returns ``(dy, dg)``."""
+    T, k = gates.shape
+    N = y.shape[1]
+    dy = torch.empty(T * k, N, device=y.device, dtype=dout.dtype) if need_dy else None
+    dg = torch.empty(T, k, device=y.device, dtype=gates.dtype) if need_dg else None
+    if T == 0:
+        return dy, dg
+    dyb = dy if dy is not None else dout
+    dgb = dg if dg is not None else gates
+    BLOCK_N = min(64 if INTERPRET else 1024, triton.next_power_of_2(N))
+    _combine_bwd_kernel[(T,)](
+        y, gates, dout, dyb, dgb, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
+        dout.stride(0), dout.stride(1), dyb.stride(0), dyb.stride(1), dgb.stride(0), dgb.stride(1),
+        TOP_K=k, NEED_DY=need_dy, NEED_DG=need_dg, BLOCK_N=BLOCK_N,
+    )
+    return dy, dg
 
 
 def _glu_block(I: int) -> int:

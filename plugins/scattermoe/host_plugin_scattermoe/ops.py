@@ -173,22 +173,22 @@ def scattered_experts(
         raise ValueError("pass both lora_A and lora_B, or neither")
     if lora_A is not None and scaling == 0:
         lora_A = lora_B = None
+    # One compute dtype, the weights' (peft keeps LoRA factors in fp32 on a bf16 model; autograd casts back).
+    dt = W.dtype
+    x, bias = x.to(dt), (bias.to(dt) if bias is not None else None)
+    if lora_A is not None:
+        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
     if not _use_triton(x, backend):
         return reference.scattered_linear(
             x, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
             lora_A, lora_B, scaling, bias, grouped_in, grouped_out,
         )
-    dt = W.dtype
-    if x.dtype != dt:
-        x = x.to(dt)
     if lora_A is not None:
         # Kernel-friendly strides (tiny copies, autograd-tracked): A [E, r, K] contiguous along K (forward
         # K loop, dX epilogue), B [E, N, r] contiguous along N (forward epilogue, dX K loop). peft's
         # rank-major lora_B would otherwise be read with an E-element stride inside the dX K loop.
-        lora_A = lora_A.to(dt).contiguous()
-        lora_B = lora_B.to(dt).transpose(1, 2).contiguous().transpose(1, 2)
-    if bias is not None:
-        bias = bias.to(dt)
+        lora_A = lora_A.contiguous()
+        lora_B = lora_B.transpose(1, 2).contiguous().transpose(1, 2)
     E, Kdim, N = W.shape
     split = lora_A is not None and use_split(E, Kdim, N, fused_lora, split_threshold, split_max_experts)
     return ScatteredExpertsFunction.apply(
@@ -206,13 +206,8 @@ class _CombineFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         y, gates = ctx.saved_tensors
-        T, k = gates.shape
-        dy = dg = None
-        if ctx.needs_input_grad[0]:
-            dy = (gates.to(dout.dtype).unsqueeze(-1) * dout.unsqueeze(1)).reshape(T * k, -1)
-        if ctx.needs_input_grad[1]:  # cuBLAS accumulates in fp32; no fp32 copies of y
-            dg = torch.bmm(y.view(T, k, -1), dout.to(y.dtype).unsqueeze(-1)).squeeze(-1).to(gates.dtype)
-        return dy, dg
+        need_dy, need_dg = ctx.needs_input_grad[:2]
+        return K.combine_bwd(y, gates, dout, need_dy, need_dg)
 
 
 def combine(y: torch.Tensor, gates: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -144,8 +144,9 @@ def test_full_finetune_dw_and_bias(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k", [1, 2, 8])
-def test_combine_forward_backward(dtype, k):
-    T, N = 7, 45
+@pytest.mark.parametrize("N", [45, 150])
+def test_combine_forward_backward(dtype, k, N):
+    T = 7
     g = torch.Generator().manual_seed(k)
     y = torch.randn(T * k, N, generator=g).to(DEV, dtype).requires_grad_(True)
     gates = torch.rand(T, k, generator=g).to(DEV, dtype).requires_grad_(True)

@@ -75,6 +75,27 @@ def loss_and_grads(pm, impl, ids):
     return out.loss.detach().double(), grads
 
 
+def pin_routing(pm, table: dict) -> list:
+    """Forward pre-hooks on every experts module: the first pass records its ``top_k_index``, later
+    passes replay it. bf16 rounding upstream otherwise flips near-tied routing decisions, and one
+    flipped token swamps an expert's gradient, so a comparison would measure routing, not kernels."""
+
+    def hook(name):
+        def pre(module, args):
+            if name not in table:
+                table[name] = args[1].detach().clone()
+                return None
+            return (args[0], table[name], *args[2:])
+
+        return pre
+
+    return [
+        m.register_forward_pre_hook(hook(n))
+        for n, m in pm.named_modules()
+        if hasattr(m, "num_experts") and hasattr(m, "down_proj")
+    ]
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
@@ -149,28 +170,46 @@ def test_disabled_and_merged_adapters(torch_backend):
     torch.testing.assert_close(merged, with_lora, rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_model_on_cpu_torch_backend(monkeypatch):
+    """A bf16 model on CPU (torch reference path) with peft's fp32 LoRA factors trains like grouped_mm."""
+    monkeypatch.setitem(ops.SETTINGS, "backend", "torch")
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(5))
+    pm = build("qwen3_moe", dtype=torch.bfloat16)
+    lora.attach(pm)
+    assert any(p.dtype == torch.float32 for n, p in pm.named_parameters() if "experts" in n and "lora_" in n)
+    pin_routing(pm, routing := {})
+    l_ref, g_ref = loss_and_grads(pm, "grouped_mm", ids)
+    l_smoe, g_smoe = loss_and_grads(pm, "scattermoe", ids)
+    assert routing and abs(l_smoe - l_ref).item() / abs(l_ref).item() < 1e-2
+    for name in g_ref:
+        assert rel(g_smoe[name], g_ref[name]) < 5e-2, name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_family_matches_grouped_mm_peft_bf16_gpu(model_type, monkeypatch):
-    """bf16 on the GPU: loss and expert-LoRA gradients within 2e-2 of grouped_mm + PEFT; every LoRA gradient
-    (attention ones included, which sit behind the experts) at least as close to an fp32 run as the baseline's."""
+    """bf16 on the GPU, routing pinned to the fp32 run's: loss and expert-LoRA gradients within 2e-2 of
+    grouped_mm + PEFT; every LoRA gradient (attention ones included, which sit behind the experts) at
+    least as close to an fp32 run as the baseline's (within 1.5x: one random draw of a bf16 quantity)."""
     if not _available(model_type):
         pytest.skip(f"transformers has no {model_type}")
     monkeypatch.setitem(ops.SETTINGS, "backend", "auto")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(5)).cuda()
+    routing = {}
     pm32 = build(model_type, device="cuda", dtype=torch.float32)
+    pin_routing(pm32, routing)
     l32, g32 = loss_and_grads(pm32, "grouped_mm", ids)
     del pm32
     pm = build(model_type, device="cuda", dtype=torch.bfloat16)
     lora.attach(pm)
+    assert len(pin_routing(pm, routing)) == len(routing) > 0  # every run routes as the fp32 one did
     l_ref, g_ref = loss_and_grads(pm, "grouped_mm", ids)
     l_smoe, g_smoe = loss_and_grads(pm, "scattermoe", ids)
     assert abs(l_smoe - l_ref).item() / abs(l_ref).item() < 2e-2
     for name, g in sorted(g32.items(), key=lambda kv: "experts" not in kv[0]):
         err_smoe, err_ref = rel(g_smoe[name], g), rel(g_ref[name], g)
-        # 2x: a single random draw of a noise-dominated bf16 quantity (OLMoE's q_proj lora_A measured 1.77x)
-        assert err_smoe <= max(2e-2, 2.0 * err_ref), (name, err_smoe, err_ref)
+        assert err_smoe <= max(2e-2, 1.5 * err_ref), (name, err_smoe, err_ref)
         if "experts" in name:
             assert rel(g_smoe[name], g_ref[name]) < 2e-2 + err_ref, (name, rel(g_smoe[name], g_ref[name]), err_ref)
 
