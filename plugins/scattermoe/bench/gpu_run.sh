@@ -30,6 +30,16 @@ if [ "$what" = final ]; then  # one device session: GPU tests, block bench, e2e 
     echo "pip install -e failed"; tail -3 "$OUT/pip.log"
   fi
 fi
+if [ "$what" = rerun ]; then  # after kernel changes: GPU tests, GEMM breakdown, block bench
+  timeout 170 python3 -m pytest -q -p no:cacheprovider -p host.testing --import-mode=importlib plugins/scattermoe/tests \
+    -k "not forward_matches and not backward_dx and not full_finetune and not combine_forward" --durations=5 \
+    > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -12
+  timeout 60 python3 plugins/scattermoe/bench/bench_gemm.py > "$OUT/gemm.log" 2>&1
+  echo "gemm rc=$?"; tail -22 "$OUT/gemm.log"
+  timeout 280 python3 plugins/scattermoe/bench/bench_moe_block.py > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; tail -8 "$OUT/bench.log"
+fi
 if [ "$what" = bf16 ]; then
   python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_models.py -k bf16 \
     > "$OUT/pytest_bf16.log" 2>&1
