@@ -196,7 +196,7 @@ def _fp4_s2s_kernel(
                 if pid_j == 0:
                     tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa, mask=m_mask[:, None] & r_mask[None, :])
             b = tl.load(Bm + e64 * s_be + j_offs[:, None] * s_bj + r_offs[None, :] * s_br, mask=j_mask[:, None] & r_mask[None, :], other=0.0)
-            acc += scaling * tl.dot(xa.to(X.dtype.element_ty), tl.trans(b.to(X.dtype.element_ty)), input_precision=DOT_PREC)
+            acc = tl.dot((xa * scaling).to(X.dtype.element_ty), tl.trans(b.to(X.dtype.element_ty)), acc, input_precision=DOT_PREC)
         if HAS_BIAS:
             bias = tl.load(Bias + e64 * s_bias_e + j_offs * s_bias_j, mask=j_mask, other=0.0)
             acc += bias.to(tl.float32)[None, :]

@@ -178,7 +178,9 @@ def _s2s_configs():
         (64, 256, 64, 8, 8, 3),
         (64, 64, 64, 8, 4, 4),
         (64, 32, 64, 8, 4, 4),
-        (64, 16, 128, 8, 4, 3),
+        (64, 16, 128, 8, 4, 3),  # rank-r GEMMs of the split path (N = r)
+        (128, 16, 128, 8, 4, 4),
+        (256, 16, 64, 8, 8, 3),
     ]:
         out.append(
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
@@ -335,7 +337,9 @@ def _s2s_kernel(
             mask=n_mask[:, None] & r_mask[None, :], other=0.0,
         )
         b = b.to(X.dtype.element_ty)
-        acc += scaling * tl.dot(xa.to(X.dtype.element_ty), tl.trans(b), input_precision=DOT_PREC)
+        # Accumulate in place: a separate [BLOCK_M, BLOCK_N] product tile would double the
+        # accumulator registers and push the tuner to small tiles.
+        acc = tl.dot((xa * scaling).to(X.dtype.element_ty), tl.trans(b), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         bias = tl.load(Bias + e64 * s_bias_e + n_offs * s_bias_n, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
