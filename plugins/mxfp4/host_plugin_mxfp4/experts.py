@@ -56,7 +56,7 @@ def _finish(self, y, top_k_weights, hidden_states):
 
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
-    return ops.combine(y, top_k_weights.to(y.dtype)).to(hidden_states.dtype)
+    return ops.combine(y, top_k_weights).to(hidden_states.dtype)  # fp32 routing weights: fp32 router grad
 
 
 def _dtype(self, name):

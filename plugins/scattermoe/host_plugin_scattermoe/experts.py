@@ -47,7 +47,9 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     y = ops.scattered_experts(h, W2k, 1, sei, ssi, offs, A2, B2, s2, b2, grouped_in=True, grouped_out=False)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
-    out = ops.combine(y, top_k_weights.to(y.dtype))
+    # Routing weights keep their dtype (fp32 from the routers): the gradient to the router is
+    # accumulated and returned in fp32, as transformers' grouped_mm path does by type promotion.
+    out = ops.combine(y, top_k_weights)
     return out.to(hidden_states.dtype)
 
 

@@ -81,7 +81,8 @@ def scattered_linear(
 def combine(y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j gates[t, j] * y[t*k + j]`` with ``y`` ``[T*k, N]`` in flat order."""
     T, k = gates.shape
-    return torch.bmm(gates.unsqueeze(1).to(y.dtype), y.view(T, k, -1)).squeeze(1)
+    dt = torch.promote_types(gates.dtype, y.dtype)  # fp32 gates: fp32 sum and router gradient
+    return torch.bmm(gates.unsqueeze(1).to(dt), y.view(T, k, -1).to(dt)).squeeze(1).to(y.dtype)
 
 
 def glu(h: torch.Tensor, act: Callable = F.silu) -> torch.Tensor:

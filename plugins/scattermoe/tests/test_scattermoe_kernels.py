@@ -160,6 +160,21 @@ def test_combine_forward_backward(dtype, k, N):
     assert rel(y.grad, yr.grad) < TOL[dtype] and rel(gates.grad, gr.grad) < TOL[dtype]
 
 
+def test_combine_fp32_gates_with_half_outputs():
+    """Routers hand fp32 weights: the gate gradient stays fp32 (accumulated in fp32), not rounded to fp16."""
+    T, k, N = 5, 4, 300
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(T * k, N, generator=g).to(DEV, torch.float16).requires_grad_(True)
+    gates = torch.rand(T, k, generator=g).to(DEV).requires_grad_(True)
+    out = ops.combine(y, gates, backend="triton")
+    assert out.dtype == torch.float16
+    dout = torch.randn(T, N, generator=g).to(DEV, torch.float16)
+    out.backward(dout)
+    assert gates.grad.dtype == torch.float32
+    want = (y.detach().double().view(T, k, N) * dout.double().unsqueeze(1)).sum(-1)
+    assert rel(gates.grad, want) < 1e-6  # fp16 rounding of dg would be ~1e-4
+
+
 def test_group_outer_gathers_and_zero_experts():
     T, E, k, P, Q = 12, 5, 2, 17, 23
     sei, ssi, offs = sort_tokens(routing(T, E, k, seed=4, empty=(0, 3)), E)
