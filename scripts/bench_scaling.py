@@ -59,6 +59,7 @@ def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: boo
         "datasets": [{"path": str(work / "data.jsonl"), "type": "completion"}],
         "dataset_prepared_path": str(work / "prepared"),
         "sequence_len": 2048,
+        "pad_to_sequence_len": True,  # every sample is a full 2048-token row: tokens/s measures the model
         "adapter": "lora",
         "lora_r": 16,
         "lora_alpha": 32,
