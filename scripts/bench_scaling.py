@@ -6,7 +6,7 @@ Model: reduced-depth, real-width Qwen3-MoE (random weights; H=2048, E=128, I=768
 LoRA r=16 on attention and expert parameters, sequence 2048, bf16, global batch 4 sequences.
 Targets: DDP >= 1.9x one GPU's tokens/s; FSDP2 peak memory per GPU <= 0.6x one GPU's.
 
-Usage (on a 2-GPU machine): python scripts/bench_scaling.py [--steps 12] [--work DIR]
+Usage (on a 2-GPU machine): python scripts/bench_scaling.py [--steps 12] [--layers 2] [--batch 4] [--variants 1gpu,ddp2,...]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def write_data(path: Path) -> None:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
-def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: bool, steps: int) -> Path:
+def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: bool, steps: int, batch: int = 4) -> Path:
     cfg = {
         "base_model": str(work / "model"),
         "plugins": ["scattermoe"] if scattermoe else [],
@@ -65,11 +65,11 @@ def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: boo
         "lora_alpha": 32,
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        "micro_batch_size": 4 // gpus,
+        "micro_batch_size": batch // gpus,
         "max_steps": steps,
         "learning_rate": 1e-4,
         "bf16": True,
-        "logging_steps": 1,
+        "logging_steps": 4,  # each logged step synchronises on the loss
         "output_dir": str(work / "runs" / name),
         "seed": 0,
     }
@@ -96,6 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
+    ap.add_argument("--variants", default="1gpu,ddp2,fsdp2x2,1gpu-scattermoe,ddp2-scattermoe,fsdp2x2-scattermoe")
     ap.add_argument("--work", type=Path, default=Path("/tmp/host-scaling"))
     ap.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp/host-scaling-logs")))
     args = ap.parse_args()
@@ -111,12 +113,14 @@ def main() -> None:
     for scattermoe in (False, True):
         for name, gpus, fsdp in (("1gpu", 1, False), ("ddp2", 2, False), ("fsdp2x2", 2, True)):
             tag = f"{name}{'-scattermoe' if scattermoe else ''}"
-            cfg = variant_config(args.work, tag, gpus, fsdp, scattermoe, args.steps)
+            if tag not in args.variants.split(","):
+                continue
+            cfg = variant_config(args.work, tag, gpus, fsdp, scattermoe, args.steps, args.batch)
             results.append(run(args.work, tag, gpus, cfg, args.logs))
             print(json.dumps(results[-1]), flush=True)
 
     print(f"\n{device}, {time.strftime('%Y-%m-%d')}, Qwen3-MoE H=2048 E=128 I=768 k=8, {args.layers} layers, "
-          f"seq 2048, global batch 4, LoRA r=16, bf16, {args.steps} steps")
+          f"seq 2048, global batch {args.batch}, LoRA r=16, bf16, {args.steps} steps")
     print(f"{'variant':<22} {'tokens/s':>9} {'vs 1 GPU':>9} {'peak GiB/GPU':>13} {'vs 1 GPU':>9} {'final loss':>10}")
     base = {}
     for r in results:
