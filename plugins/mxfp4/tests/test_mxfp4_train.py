@@ -104,3 +104,14 @@ def test_train_gpt_oss_mxfp4_checkpoint(run_host, write_config, tiny_model, tiny
     with torch.no_grad():
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, tuned, atol=1e-4, rtol=1e-4), (got - tuned).abs().max()
+
+
+def test_fsdp_is_refused_before_loading(run_host, write_config, tiny_model, text_file, tmp_path):
+    """FSDP would shard the packed 4-bit containers as plain tensors: a config error naming both keys."""
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_model("qwen3_moe"), text_file, out, fsdp_version=2,
+               fsdp_config={"transformer_layer_cls_to_wrap": ["Qwen3MoeDecoderLayer"]})
+    result = run_host("validate", write_config(cfg))
+    assert result.exit_code == 2, result.output
+    assert "quantize_moe_experts" in result.output and "fsdp" in result.output and "Traceback" not in result.output
+    assert not out.exists()
