@@ -31,10 +31,10 @@ class Mxfp4Config(StrictModel):
         "MXFP4 checkpoints load packed as they are). None: leave the experts alone.",
     )
     mxfp4_strategy: Literal["auto", "selective", "fused"] = Field(
-        "selective",
-        description="selective: dequantize the routed experts, then scattermoe's bf16 kernels (validated on H100); "
-        "fused: dequantize inside the Triton K loop (see README: its GPU backward is not yet validated); "
-        "auto: time both per layer shape / batch and keep the faster.",
+        "auto",
+        description="auto: time both strategies once per layer shape / batch on the GPU and keep the faster "
+        "(selective on CPU); selective: dequantize the routed experts, then scattermoe's bf16 kernels; "
+        "fused: dequantize inside the Triton K loop (lowest memory: no bf16 weight tile is ever written).",
     )
 
 

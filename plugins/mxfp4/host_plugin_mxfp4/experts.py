@@ -28,7 +28,7 @@ from host_plugin_mxfp4 import ops as fp4_ops
 log = logging.getLogger("host.mxfp4")
 
 STRATEGIES = ("auto", "selective", "fused")
-SETTINGS = {"strategy": "selective"}
+SETTINGS = {"strategy": "auto"}
 AUTO_MAX_DEQUANT_BYTES = 4 << 30
 _AUTO_CACHE: dict = {}
 STATS = {"selective": 0, "fused": 0}
