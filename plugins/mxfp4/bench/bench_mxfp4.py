@@ -39,7 +39,7 @@ TINY = {  # --tiny: a CPU smoke run of the whole script (TRITON_INTERPRET=1)
     "gpt-oss-20b": dict(family="gpt_oss", E=4, H=64, I=64, k=2),
 }
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-TRAIN_STRATEGY = os.environ.get("MXFP4_BENCH_TRAIN_STRATEGY", "selective")  # the plugin's default
+TRAIN_STRATEGY = os.environ.get("MXFP4_BENCH_TRAIN_STRATEGY", "selective")  # fixed, so the step is comparable
 
 
 def make_experts(family, E, H, I, k):
