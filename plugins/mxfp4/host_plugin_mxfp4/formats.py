@@ -310,13 +310,22 @@ class FP4Weights:
     def dequantize(self, dtype=torch.bfloat16, k_major: bool = False, chunk_bytes: int = 256 << 20) -> torch.Tensor:
         """The ``[..., N, K]`` values in ``dtype`` (exact for bf16/fp32). ``k_major=True`` stores them
         K-major (the result is the transpose of a contiguous ``[..., K, N]``, the layout of
-        transformers' transposed experts). fp32 scratch is bounded by ``chunk_bytes`` (chunks along dim 0)."""
+        transformers' transposed experts). On CUDA one Triton pass decodes straight into the result;
+        elsewhere torch does it with fp32 scratch bounded by ``chunk_bytes`` (chunks along dim 0)."""
         def one(packed, scales):
             if self.scale_kind == "e8m0":
                 return dequantize_mxfp4(packed, scales, torch.float32)
             return dequantize_nvfp4(packed, scales, self.tensor_scale, torch.float32)
 
         N, K = self.shape[-2:]
+        if self.packed.is_cuda and len(self.shape) <= 3:  # one Triton pass: 4.25 bits in, `dtype` out
+            from host_plugin_mxfp4 import kernels
+
+            lead = self.shape[:-2]
+            out = torch.empty(*lead, K, N, dtype=dtype, device=self.device).transpose(-1, -2) if k_major else (
+                torch.empty(self.shape, dtype=dtype, device=self.device)
+            )
+            return kernels.dequantize(self, out)
         if len(self.shape) == 2:
             v = one(self.packed, self.scales)
             return v.t().contiguous().to(dtype).t() if k_major else v.to(dtype)

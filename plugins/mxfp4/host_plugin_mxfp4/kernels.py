@@ -111,6 +111,31 @@ def _decode_e8m0(s):
 
 
 @triton.jit
+def _dequant_kernel(
+    Wq, Sc, Out, R, N, KB, s_oe, s_on, s_ok,
+    SCALE_KIND: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KB: tl.constexpr,
+):
+    """Rows ``r`` (= expert·N + n) of packed bytes → values ``decode(code) · scale`` in ``Out``'s dtype.
+    Byte ``j`` holds elements ``2j`` (low nibble) and ``2j+1`` (high), which share scale
+    ``j // HALF_BLOCK`` (E8M0 bytes decoded here, or precomputed fp32 linear scales). ``Out`` strides
+    are per (expert, n, k), so K-major storage (transformers' transposed experts) is written directly."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    j = (tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)).to(tl.int64)
+    mask = (rows < R)[:, None] & (j < KB)[None, :]
+    byte = tl.load(Wq + rows[:, None] * KB + j[None, :], mask=mask, other=0).to(tl.int32)
+    sc = tl.load(Sc + rows[:, None] * (KB // HALF_BLOCK) + (j // HALF_BLOCK)[None, :], mask=mask, other=0)
+    if SCALE_KIND == 0:  # SCALE_E8M0 (jit code may not read non-constexpr globals)
+        scale = _decode_e8m0(sc.to(tl.int32))
+    else:
+        scale = sc
+    base = (rows // N) * s_oe + (rows % N) * s_on
+    off = base[:, None] + (2 * j)[None, :] * s_ok
+    ty = Out.dtype.element_ty  # fp32 -> bf16/fp16 casts round to nearest even (Triton's default)
+    tl.store(Out + off, (_decode_e2m1(byte & 15) * scale).to(ty), mask=mask)
+    tl.store(Out + off + s_ok, (_decode_e2m1(byte >> 4) * scale).to(ty), mask=mask)
+
+
+@triton.jit
 def _fp4_s2s_kernel(
     X, Wq, Sc, Y, A, Bm, XA_out, Bias, ssi_ptr, offsets_ptr,
     I, J, R, E, FAN_OUT, M_BUCKET,
@@ -332,3 +357,24 @@ def fp4_scatter2scatter(
     else:
         _fp4_tuned[grid](*args, **meta)
     return out, xa_out
+
+
+def dequantize(w, out: torch.Tensor) -> torch.Tensor:
+    """Decode the FP4 container ``w`` (``[E, N, K]`` or ``[N, K]``) into ``out`` (same logical shape,
+    any strides, e.g. the transpose of a contiguous ``[E, K, N]``). The product is the same fp32
+    multiply as ``formats.dequantize_*`` (bit-identical values); 4.25 bits are read per weight and
+    each output written once, with no scratch (E8M0 scales are decoded in the kernel)."""
+    packed = w.packed.contiguous()
+    N, KB = packed.shape[-2], packed.shape[-1]
+    R = packed.numel() // KB
+    e8m0 = w.scale_kind == "e8m0"
+    sc = w.scales.contiguous() if e8m0 else w.linear_scales().contiguous()
+    o = out if out.dim() == 3 else out.unsqueeze(0)
+    BLOCK_R, BLOCK_KB = (16, 16) if INTERPRET else (32, 64)
+    grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KB, BLOCK_KB))
+    _dequant_kernel[grid](
+        packed, sc, o, R, N, KB, o.stride(0), o.stride(1), o.stride(2),
+        SCALE_KIND=SCALE_E8M0 if e8m0 else SCALE_LINEAR, HALF_BLOCK=w.block_size // 2,
+        BLOCK_R=BLOCK_R, BLOCK_KB=BLOCK_KB,
+    )
+    return out

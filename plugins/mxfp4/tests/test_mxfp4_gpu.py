@@ -40,3 +40,19 @@ def test_strategies_match_scattermoe_bf16(family):
             assert c["bitwise"], c
         else:
             assert c["rel_err"] < 2e-2 and abs(c["scale_factor"] - 1) < 0.02, c
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("k_major", [False, True])
+def test_dequantize_kernel_bitwise_at_real_shape(fmt, k_major):
+    """The Triton dequantize on the GPU equals the torch decode on the CPU, bf16, at the Qwen3-30B-A3B
+    up-projection shape (16 of 128 experts: [16, 1536, 2048]), and the last rows are written."""
+    from host_plugin_mxfp4.formats import FP4Weights
+
+    g = torch.Generator().manual_seed(0)
+    c = FP4Weights.quantize(torch.randn(16, 1536, 2048, generator=g) * 0.02, fmt)
+    want = c.dequantize(torch.bfloat16, k_major=k_major)
+    got = c.to("cuda").dequantize(torch.bfloat16, k_major=k_major)
+    assert got.stride() == want.stride()
+    assert torch.equal(got.cpu().contiguous().view(torch.int16), want.contiguous().view(torch.int16))
+
