@@ -77,7 +77,25 @@ def validate_config(cfg):
             import triton  # noqa: F401
         except ImportError:
             raise ConfigError("gemma4_fused_norm_rope: triton is not installed; pip install triton or set it to false.") from None
-    if cfg.gemma4_shared_kv_side_channel is True and not cfg.gradient_checkpointing:
+    fsdp_ac = getattr(cfg, "fsdp_enabled", False) and cfg.fsdp_config is not None and cfg.fsdp_config.activation_checkpointing
+    if fsdp_ac and cfg.gemma4_shared_kv_side_channel is not False:
+        from host_plugin_gemma4 import shared_kv
+
+        why = (
+            "under fsdp_config.activation_checkpointing, accelerate wraps each decoder layer in torch's "
+            "checkpoint_wrapper, which stores the shared K/V keyword argument before the plugin can route it"
+        )
+        if cfg.gemma4_shared_kv_side_channel is True:
+            raise ConfigError(
+                f"gemma4_shared_kv_side_channel: true cannot act here: {why}. On transformers >= 5.17 the leak it "
+                "prevents was measured absent (also under FSDP2 + activation checkpointing): set it to auto."
+            )
+        if shared_kv.version_affected():
+            warnings.append(
+                f"gemma4_shared_kv_side_channel: not installed: {why}; this transformers version may keep each "
+                "step's shared K/V alive. Upgrade transformers to >= 5.17 (leak measured absent)."
+            )
+    if cfg.gemma4_shared_kv_side_channel is True and not cfg.gradient_checkpointing and not fsdp_ac:
         warnings.append(
             "gemma4_shared_kv_side_channel: true without gradient_checkpointing: the side channel only "
             "matters for checkpointed training and is not installed."

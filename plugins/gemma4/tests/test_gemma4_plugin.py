@@ -36,6 +36,22 @@ def test_gemma4_config_keys_validate(make_plugin_manager, write_config, tmp_path
     assert any("changes nothing" in w for w in warnings)
 
 
+def test_gemma4_side_channel_under_fsdp_activation_checkpointing(write_config, monkeypatch):
+    """accelerate's checkpoint_wrapper captures the K/V kwarg first: forcing the side channel is an error
+    naming the key; auto warns only on transformers versions that leak."""
+    from host.config import load_config
+    from host_plugin_gemma4 import shared_kv
+
+    fsdp = {"base_model": "x", "plugins": ["gemma4"], "fsdp_version": 2,
+            "fsdp_config": {"transformer_layer_cls_to_wrap": ["Gemma4TextDecoderLayer"], "activation_checkpointing": True}}
+    with pytest.raises(ConfigError, match="gemma4_shared_kv_side_channel: true cannot act here"):
+        load_config(write_config({**fsdp, "gemma4_shared_kv_side_channel": True}, "forced.yaml"))
+    for affected in (False, True):
+        monkeypatch.setattr(shared_kv, "version_affected", lambda *a, affected=affected: affected)
+        _, _, warnings = load_config(write_config(fsdp, f"auto{affected}.yaml"))
+        assert any("checkpoint_wrapper" in w for w in warnings) == affected, warnings
+
+
 def test_gemma4_fused_needs_gpu_or_interpreter(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
