@@ -22,19 +22,49 @@ class MarkComplete(TrainerCallback):
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, for a steady-state speed that ignores warm-up steps."""
+    """Steady-state speed over the second half of training (compilation and autotuning happen early).
+
+    The device is synchronised only at the two ends of the steady window (the end of step
+    ``max_steps // 2`` and of the last step), so the window's wall time covers all queued GPU work,
+    data loading, logging, and any evaluation or checkpoint inside it, while no step in between loses
+    its CPU/GPU overlap. (Timing each step on the host alone would count only enqueue time for steps
+    that do not synchronise.)"""
 
     def __init__(self):
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self.ends: list[tuple[int, float]] = []
+        self.window: tuple[int, float, int, float] | None = None
+        self._start: tuple[int, float] | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        first = max(state.max_steps // 2, 1)
+        if state.global_step in (first, state.max_steps) and state.max_steps > first:
+            _synchronize()
+            now = time.perf_counter()
+            if state.global_step == first:
+                self._start = (state.global_step, now)
+            elif self._start is not None:
+                self.window = (*self._start, state.global_step, now)
+        else:
+            now = time.perf_counter()
+        self.ends.append((state.global_step, now))
 
     def median_step_s(self) -> float | None:
-        """Median over the second half of the steps (compilation and autotuning happen early)."""
-        steady = self.times[len(self.times) // 2 :]
-        return statistics.median(steady) if steady else None
+        """Median time between step ends in the second half of the run."""
+        late = self.ends[len(self.ends) // 2 :]
+        gaps = [t1 - t0 for (_, t0), (_, t1) in zip(late, late[1:])]
+        return statistics.median(gaps) if gaps else None
+
+    def steady_step_s(self) -> float | None:
+        """Mean step time over the synchronised steady window; None if the run did not cover it
+        (stopped early, or resumed past its start)."""
+        if self.window is None:
+            return None
+        s0, t0, s1, t1 = self.window
+        return (t1 - t0) / (s1 - s0)
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -178,7 +178,7 @@ def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
     from host.plugins import plugin_versions
 
     timer = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepTimer))
-    step_s = timer.median_step_s()
+    step_s, steady_s = timer.median_step_s(), timer.steady_step_s()
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -193,7 +193,7 @@ def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
         "train_runtime_s": round(result.metrics.get("train_runtime", wall), 3),
         "tokens_per_s": round(tokens / max(result.metrics.get("train_runtime", wall), 1e-9), 1),
         "median_step_s": round(step_s, 4) if step_s else None,
-        "steady_tokens_per_s": round(tokens / max(trainer.state.global_step, 1) / step_s, 1) if step_s else None,
+        "steady_tokens_per_s": round(tokens / max(trainer.state.global_step, 1) / steady_s, 1) if steady_s else None,
         "world_size": trainer.args.world_size,
         "peak_memory_gib": _peak_memory_gib(),
         "first_train_loss": train_losses[0] if train_losses else None,

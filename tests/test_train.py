@@ -29,10 +29,29 @@ def test_train_moe_lora_writes_artifacts(run_host, write_config, tiny_model, tex
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 2 * 64
     assert summary["final_train_loss"] < summary["first_train_loss"]
     assert summary["final_eval_loss"] is not None and summary["tokens_per_s"] > 0
+    assert summary["steady_tokens_per_s"] > 0 and summary["median_step_s"] > 0
     assert (out / "loss.png").stat().st_size > 1000
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("experts" in k for k in adapter), "expert LoRA parameters were not saved"
     assert (out / "checkpoint-6" / "host_complete").exists()
+
+
+def test_step_timer_window_covers_the_second_half():
+    """Steady speed = wall time between the ends of step max_steps//2 and the last step, per step."""
+    from types import SimpleNamespace
+
+    from host.callbacks import StepTimer
+
+    timer, state = StepTimer(), SimpleNamespace(global_step=0, max_steps=6)
+    for step in range(1, 7):
+        time.sleep(0.05 if step <= 3 else 0.02)  # slow warm-up, then steady steps
+        state.global_step = step
+        timer.on_step_end(None, state, None)
+    assert 0.018 < timer.steady_step_s() < 0.035
+    assert 0.018 < timer.median_step_s() < 0.035
+    resumed = StepTimer()
+    resumed.on_step_end(None, SimpleNamespace(global_step=6, max_steps=6), None)
+    assert resumed.steady_step_s() is None
 
 
 def test_output_dir_in_use_is_refused(run_host, write_config, tiny_model, text_file, tmp_path):
