@@ -269,6 +269,8 @@ def main() -> None:
     ap.add_argument("--waves", help="explicit waves: 'a,b;c,d' (overrides --conditions)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="logs and results.json go here")
     ap.add_argument("--cache", default=None, help="Inductor/Triton cache root (default: a fresh temp dir)")
+    ap.add_argument("--reuse-cache", action="store_true",
+                    help="keep what --cache holds (split long autotuning waves over several calls; first-step times are then warm)")
     ap.add_argument("--deadline", type=float, default=1e9, help="start no wave after this many seconds")
     ap.add_argument("--wave-timeout", type=float, default=240.0)
     ap.add_argument("--budget", type=float, default=1e9, help="finish (killing stragglers) within this many seconds")
@@ -290,7 +292,8 @@ def main() -> None:
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(a.cache or tempfile.mkdtemp(prefix="bench-cache-"))
-    shutil.rmtree(cache, ignore_errors=True)
+    if not a.reuse_cache:
+        shutil.rmtree(cache, ignore_errors=True)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"),
                TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
