@@ -9,7 +9,7 @@ One kernel, two modes, both on the *same* container layout (``packed [E, N, K/2]
   weights exists; the dX numerics see exactly the forward's FP4 values.
 
 Each program owns ``BLOCK_M`` sorted rows of one expert (located with scattermoe's device-side
-``_locate_block``, no host sync, no padding) and a ``BLOCK_J`` slice of the output; per reduction
+``locate_block``, no host sync, no padding) and a ``BLOCK_J`` slice of the output; per reduction
 tile it loads the packed bytes once (vectorised along K; the low nibbles are the even-K elements,
 the high nibbles the odd ones, so K is processed as two half tiles instead of being interleaved),
 the block scales (E8M0 bytes -> ``2**(s-127)`` built from the exponent bits, or linear fp32 scales
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from host_plugin_scattermoe.kernels import _fits, _locate_block, _rank_block, device_limits, m_bucket, needs_int64
+from host_plugin_scattermoe.kernels import device_limits, fits_device, locate_block, m_bucket, needs_int64, rank_block
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -68,7 +68,7 @@ def _prune(configs, named_args, **kwargs):
             smem += bj * br * elt
         acc = bm * bj + (bm * br if lora else 0) + bi * bj  # fp32 acc + decode temporaries
         scored.append((smem + acc, c))
-        if _fits(smem, acc, c.num_warps, limits):
+        if fits_device(smem, acc, c.num_warps, limits):
             kept.append(c)
     if kept:
         return kept
@@ -161,7 +161,7 @@ def _fp4_s2s_kernel(
     """
     pid_j = tl.program_id(0)
     pid_m = tl.program_id(1)
-    e, row0, end = _locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     if e >= E:
         return
     e64 = e.to(tl.int64)
@@ -346,7 +346,7 @@ def fp4_scatter2scatter(
         RED_IS_K=bool(reduce_k), SCALE_KIND=kind, FP4_BLOCK=w.block_size,
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=int(lora), WRITE_XA=bool(write_xa and lora),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
-        E_POW2=triton.next_power_of_2(E), BLOCK_R=_rank_block(R),
+        E_POW2=triton.next_power_of_2(E), BLOCK_R=rank_block(R),
     )
 
     def grid(META):

@@ -75,7 +75,7 @@ def _tl_dtype(dtype: torch.dtype):
         raise TypeError(f"scattermoe kernels support float32/float16/bfloat16, got {dtype}") from None
 
 
-def _rank_block(r: int) -> int:
+def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(max(int(r), 1)))
 
 
@@ -102,7 +102,7 @@ _SMEM_SLACK = 8 * 1024  # layout conversion scratch / barriers
 _MAX_REGS_PER_THREAD = 255
 
 
-def _fits(smem_bytes: int, acc_elems: int, num_warps: int, limits: dict) -> bool:
+def fits_device(smem_bytes: int, acc_elems: int, num_warps: int, limits: dict) -> bool:
     threads = num_warps * 32
     # fp32 accumulators live in registers; operands are staged through shared memory.
     est_regs = acc_elems / threads + 40
@@ -134,7 +134,7 @@ def _prune_s2s(configs, named_args, **kwargs):
         elif lora == 2:
             smem += bn * br * elt + bm * br * 4
         scored.append((smem + acc, c))
-        if _fits(smem, acc, c.num_warps, limits):
+        if fits_device(smem, acc, c.num_warps, limits):
             kept.append(c)
     if kept:
         return kept
@@ -156,7 +156,7 @@ def _prune_outer(configs, named_args, **kwargs):
         smem = c.num_stages * bm * (bp + bq) * 4  # operands may be fp32 (rank intermediates)
         acc = bp * bq
         scored.append((smem + acc, c))
-        if _fits(smem, acc, c.num_warps, limits):
+        if fits_device(smem, acc, c.num_warps, limits):
             kept.append(c)
     if kept:
         return kept
@@ -215,7 +215,7 @@ def _bench(fn, quantiles=None):
 
 
 @triton.jit
-def _locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+def locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """Map a program's M index to (expert, first sorted row, expert's end row)."""
     eidx = tl.arange(0, E_POW2)
     emask = eidx < E
@@ -266,7 +266,7 @@ def _s2s_kernel(
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-    e, row0, end = _locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     if e >= E:
         return
     e64 = e.to(tl.int64)
@@ -555,7 +555,7 @@ def scatter2scatter(
     meta = dict(
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
-        E_POW2=max(64, triton.next_power_of_2(E)), BLOCK_R=_rank_block(R),
+        E_POW2=max(64, triton.next_power_of_2(E)), BLOCK_R=rank_block(R),
     )
 
     def grid(META):
