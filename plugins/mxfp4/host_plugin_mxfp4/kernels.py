@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from host_plugin_scattermoe.kernels import device_limits, fits_device, locate_block, m_bucket, needs_int64, rank_block
+from host_plugin_scattermoe.kernels import block_rows, device_limits, fits_device, locate_block, m_bucket, needs_int64, rank_block
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -165,22 +165,7 @@ def _fp4_s2s_kernel(
     if e >= E:
         return
     e64 = e.to(tl.int64)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    m_mask = rows < end
-    sidx = tl.load(ssi_ptr + rows, mask=m_mask, other=0)
-    if INT64:
-        rows = rows.to(tl.int64)
-        sidx = sidx.to(tl.int64)
-    else:
-        sidx = sidx.to(tl.int32)
-    if X_GROUPED:
-        x_rows = rows
-    else:
-        x_rows = sidx // FAN_OUT
-    if Y_GROUPED:
-        y_rows = rows
-    else:
-        y_rows = sidx
+    rows, m_mask, x_rows, y_rows = block_rows(row0, end, ssi_ptr, FAN_OUT, X_GROUPED, Y_GROUPED, INT64, BLOCK_M)
     r_offs = tl.arange(0, BLOCK_R)
     r_mask = r_offs < R
     w_base = Wq + e64 * s_we

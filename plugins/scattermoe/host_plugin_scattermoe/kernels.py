@@ -232,6 +232,41 @@ def locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.conste
 
 
 @triton.jit
+def gather_index(ssi_ptr, rows, mask, INT64: tl.constexpr):
+    """Sorted positions ``rows`` and their flat ``t*k+j`` indices ``ssi[rows]``, both in the launch's
+    index width (int64 only for the ``INT64`` specialisation)."""
+    sidx = tl.load(ssi_ptr + rows, mask=mask, other=0)
+    if INT64:
+        rows = rows.to(tl.int64)
+        sidx = sidx.to(tl.int64)
+    else:
+        sidx = sidx.to(tl.int32)
+    return rows, sidx
+
+
+@triton.jit
+def block_rows(
+    row0, end, ssi_ptr, FAN_OUT,
+    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Prologue of a scatter2scatter-style kernel for the row block at ``row0`` (from ``locate_block``):
+    ``(rows, mask, x_rows, y_rows)`` = the sorted positions, the rows to read (grouped, or token
+    ``ssi // FAN_OUT``) and the rows to write (grouped, or flat ``ssi``)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    mask = rows < end
+    rows, sidx = gather_index(ssi_ptr, rows, mask, INT64)
+    if X_GROUPED:
+        x_rows = rows
+    else:
+        x_rows = sidx // FAN_OUT
+    if Y_GROUPED:
+        y_rows = rows
+    else:
+        y_rows = sidx
+    return rows, mask, x_rows, y_rows
+
+
+@triton.jit
 def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """1-D program id → (pid_m, pid_n), walking ``GROUP_M`` row blocks across all column blocks.
 
@@ -270,22 +305,7 @@ def _s2s_kernel(
     if e >= E:
         return
     e64 = e.to(tl.int64)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    m_mask = rows < end
-    sidx = tl.load(ssi_ptr + rows, mask=m_mask, other=0)
-    if INT64:
-        rows = rows.to(tl.int64)
-        sidx = sidx.to(tl.int64)
-    else:
-        sidx = sidx.to(tl.int32)
-    if X_GROUPED:
-        x_rows = rows
-    else:
-        x_rows = sidx // FAN_OUT
-    if Y_GROUPED:
-        y_rows = rows
-    else:
-        y_rows = sidx
+    rows, m_mask, x_rows, y_rows = block_rows(row0, end, ssi_ptr, FAN_OUT, X_GROUPED, Y_GROUPED, INT64, BLOCK_M)
 
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < N
@@ -373,12 +393,7 @@ def _group_outer_kernel(
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         mm = rows < end
-        sidx = tl.load(ssi_ptr + rows, mask=mm, other=0)
-        if INT64:
-            rows = rows.to(tl.int64)
-            sidx = sidx.to(tl.int64)
-        else:
-            sidx = sidx.to(tl.int32)
+        rows, sidx = gather_index(ssi_ptr, rows, mm, INT64)
         if L_GATHER:
             l_rows = sidx // L_FAN
         else:
