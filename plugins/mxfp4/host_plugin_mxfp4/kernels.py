@@ -111,6 +111,16 @@ def _decode_e8m0(s):
 
 
 @triton.jit
+def _load_scales(ptrs, mask, SCALE_KIND: tl.constexpr):
+    """fp32 block scale per element: E8M0 bytes decoded (``SCALE_KIND`` 0), or linear fp32 scales."""
+    if SCALE_KIND == 0:  # SCALE_E8M0 (jit code may not read non-constexpr globals)
+        sc = _decode_e8m0(tl.load(ptrs, mask=mask, other=127).to(tl.int32))
+    else:
+        sc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return sc
+
+
+@triton.jit
 def _dequant_kernel(
     Wq, Sc, Out, R, N, KB, s_oe, s_on, s_ok,
     SCALE_KIND: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KB: tl.constexpr,
@@ -123,11 +133,7 @@ def _dequant_kernel(
     j = (tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)).to(tl.int64)
     mask = (rows < R)[:, None] & (j < KB)[None, :]
     byte = tl.load(Wq + rows[:, None] * KB + j[None, :], mask=mask, other=0).to(tl.int32)
-    sc = tl.load(Sc + rows[:, None] * (KB // HALF_BLOCK) + (j // HALF_BLOCK)[None, :], mask=mask, other=0)
-    if SCALE_KIND == 0:  # SCALE_E8M0 (jit code may not read non-constexpr globals)
-        scale = _decode_e8m0(sc.to(tl.int32))
-    else:
-        scale = sc
+    scale = _load_scales(Sc + rows[:, None] * (KB // HALF_BLOCK) + (j // HALF_BLOCK)[None, :], mask, SCALE_KIND)
     base = (rows // N) * s_oe + (rows % N) * s_on
     off = base[:, None] + (2 * j)[None, :] * s_ok
     ty = Out.dtype.element_ty  # fp32 -> bf16/fp16 casts round to nearest even (Triton's default)
@@ -187,10 +193,7 @@ def _fp4_s2s_kernel(
             wmask = t_mask[:, None] & j_mask[None, :]
             byte = tl.load(w_base + j_offs[None, :] * s_wn + (k_even // 2)[:, None] * s_wk, mask=wmask, other=0).to(tl.int32)
             s_ptrs = s_base + j_offs[None, :] * s_sn + (k_even // FP4_BLOCK)[:, None] * s_sk
-            if SCALE_KIND == 0:
-                sc = _decode_e8m0(tl.load(s_ptrs, mask=wmask, other=127).to(tl.int32))
-            else:
-                sc = tl.load(s_ptrs, mask=wmask, other=0.0).to(tl.float32)
+            sc = _load_scales(s_ptrs, wmask, SCALE_KIND)
             w_lo = (_decode_e2m1(byte & 15) * sc).to(x_even.dtype)
             w_hi = (_decode_e2m1(byte >> 4) * sc).to(x_even.dtype)
             acc += tl.dot(x_even, w_lo, input_precision=DOT_PREC)
@@ -226,10 +229,7 @@ def _fp4_s2s_kernel(
             wmask = n_mask[:, None] & t_mask[None, :]
             byte = tl.load(w_base + n_offs[:, None] * s_wn + (k_even // 2)[None, :] * s_wk, mask=wmask, other=0).to(tl.int32)
             s_ptrs = s_base + n_offs[:, None] * s_sn + (k_even // FP4_BLOCK)[None, :] * s_sk
-            if SCALE_KIND == 0:
-                sc = _decode_e8m0(tl.load(s_ptrs, mask=wmask, other=127).to(tl.int32))
-            else:
-                sc = tl.load(s_ptrs, mask=wmask, other=0.0).to(tl.float32)
+            sc = _load_scales(s_ptrs, wmask, SCALE_KIND)
             w_lo = (_decode_e2m1(byte & 15) * sc).to(dy.dtype)
             w_hi = (_decode_e2m1(byte >> 4) * sc).to(dy.dtype)
             acc_e += tl.dot(dy, w_lo, input_precision=DOT_PREC)
