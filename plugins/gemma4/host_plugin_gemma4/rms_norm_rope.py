@@ -24,6 +24,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _halves(P, row_off, cols, m, HALF: tl.constexpr):
+    """The two head-dim halves (``rotate_half``'s split) of the rows at ``P + row_off``, in fp32."""
+    p = P + row_off[:, None] + cols[None, :]
+    return tl.load(p, mask=m, other=0.0).to(tl.float32), tl.load(p + HALF, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fwd_kernel(
     X, Y, W, COS, SIN, RSTD,
     n_rows, n_heads, eps,
@@ -37,9 +44,7 @@ def _fwd_kernel(
     rmask = rows < n_rows
     cmask = cols < HALF
     m = rmask[:, None] & cmask[None, :]
-    xp = X + rows[:, None] * x_stride + cols[None, :]
-    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+    x1, x2 = _halves(X, rows * x_stride, cols, m, HALF)
     ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
     r = 1.0 / tl.sqrt(ms + eps)
     tl.store(RSTD + rows, r, mask=rmask)
@@ -51,13 +56,9 @@ def _fwd_kernel(
         n1 = n1 * w1[None, :]
         n2 = n2 * w2[None, :]
     if HAS_ROPE:
-        crow = rows // n_heads
-        cp = COS + crow[:, None] * cs_stride + cols[None, :]
-        sp = SIN + crow[:, None] * cs_stride + cols[None, :]
-        c1 = tl.load(cp, mask=m, other=0.0).to(tl.float32)
-        c2 = tl.load(cp + HALF, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)
-        s2 = tl.load(sp + HALF, mask=m, other=0.0).to(tl.float32)
+        cs_off = (rows // n_heads) * cs_stride
+        c1, c2 = _halves(COS, cs_off, cols, m, HALF)
+        s1, s2 = _halves(SIN, cs_off, cols, m, HALF)
         o1 = n1 * c1 - n2 * s1
         o2 = n2 * c2 + n1 * s2
     else:
@@ -82,26 +83,18 @@ def _bwd_kernel(
     rmask = rows < n_rows
     cmask = cols < HALF
     m = rmask[:, None] & cmask[None, :]
-    gp = DY + rows[:, None] * dy_stride + cols[None, :]
-    g1 = tl.load(gp, mask=m, other=0.0).to(tl.float32)
-    g2 = tl.load(gp + HALF, mask=m, other=0.0).to(tl.float32)
+    g1, g2 = _halves(DY, rows * dy_stride, cols, m, HALF)
     if HAS_ROPE:
         # y1 = n1*c1 - n2*s1 ; y2 = n2*c2 + n1*s2  =>  dn1 = g1*c1 + g2*s2 ; dn2 = g2*c2 - g1*s1
-        crow = rows // n_heads
-        cp = COS + crow[:, None] * cs_stride + cols[None, :]
-        sp = SIN + crow[:, None] * cs_stride + cols[None, :]
-        c1 = tl.load(cp, mask=m, other=0.0).to(tl.float32)
-        c2 = tl.load(cp + HALF, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)
-        s2 = tl.load(sp + HALF, mask=m, other=0.0).to(tl.float32)
+        cs_off = (rows // n_heads) * cs_stride
+        c1, c2 = _halves(COS, cs_off, cols, m, HALF)
+        s1, s2 = _halves(SIN, cs_off, cols, m, HALF)
         d1 = g1 * c1 + g2 * s2
         d2 = g2 * c2 - g1 * s1
     else:
         d1 = g1
         d2 = g2
-    xp = X + rows[:, None] * x_stride + cols[None, :]
-    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+    x1, x2 = _halves(X, rows * x_stride, cols, m, HALF)
     r = tl.load(RSTD + rows, mask=rmask, other=0.0)
     h1 = x1 * r[:, None]
     h2 = x2 * r[:, None]
