@@ -155,6 +155,10 @@ def worker(spec: dict) -> None:
         seed=0,
         use_cpu=not cuda,
     )
+    if compile_on:  # as `host train` does: TrainingArguments left a mixed fp32-precision state
+        from host.precision import fix_mixed_matmul_precision
+
+        fix_mixed_matmul_precision()
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
                       callbacks=callbacks)
     train_out = trainer.train()

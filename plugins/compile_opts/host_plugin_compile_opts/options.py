@@ -184,9 +184,6 @@ def _mode_overrides(cfg, options: dict[str, Any]) -> list[str]:
     ]
 
 
-# --- fp32 matmul precision: make the legacy getter Inductor reads work again ----------------
-
-#: (cuda matmul, mkldnn matmul) per-backend fp32 precision -> the legacy mode that means the same.
 # --- apply / restore -----------------------------------------------------------------------
 
 
