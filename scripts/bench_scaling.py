@@ -6,7 +6,7 @@ Model: reduced-depth, real-width Qwen3-MoE (random weights; H=2048, E=128, I=768
 LoRA r=16 on attention and expert parameters, sequence 2048, bf16, global batch 4 sequences.
 Targets: DDP >= 1.9x one GPU's tokens/s; FSDP2 peak memory per GPU <= 0.6x one GPU's.
 
-Usage (on a 2-GPU machine): python scripts/bench_scaling.py [--steps 12] [--layers 2] [--batch 4] [--variants 1gpu,ddp2,...]
+Usage (on a 2-GPU machine): python scripts/bench_scaling.py [--steps 12] [--layers 2] [--batch 4] [--variants 1gpu,ddp2,ddp2-static,...]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 LAYER = "Qwen3MoeDecoderLayer"
+VARIANTS = {"1gpu": (1, False), "ddp2": (2, False), "fsdp2x2": (2, True)}  # name -> (GPUs, FSDP2)
 
 
 def build_model(path: Path, layers: int) -> None:
@@ -52,7 +53,8 @@ def write_data(path: Path) -> None:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
-def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: bool, steps: int, batch: int = 4) -> Path:
+def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: bool, steps: int, batch: int = 4,
+                   static: bool = False) -> Path:
     cfg = {
         "base_model": str(work / "model"),
         "plugins": ["scattermoe"] if scattermoe else [],
@@ -73,6 +75,8 @@ def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: boo
         "output_dir": str(work / "runs" / name),
         "seed": 0,
     }
+    if static:  # every LoRA parameter gets a gradient each step: skip DDP's per-step unused-parameter search
+        cfg["ddp_find_unused_parameters"] = False
     if fsdp:
         cfg["fsdp_config"] = {"transformer_layer_cls_to_wrap": [LAYER], "state_dict_type": "SHARDED_STATE_DICT"}
     path = work / f"{name}.yaml"
@@ -97,7 +101,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
-    ap.add_argument("--variants", default="1gpu,ddp2,fsdp2x2,1gpu-scattermoe,ddp2-scattermoe,fsdp2x2-scattermoe")
+    ap.add_argument("--variants", default="1gpu,ddp2,fsdp2x2,1gpu-scattermoe,ddp2-scattermoe,fsdp2x2-scattermoe",
+                    help="comma-separated; suffix -scattermoe adds the plugin, -static sets ddp_find_unused_parameters: false")
     ap.add_argument("--work", type=Path, default=Path("/tmp/host-scaling"))
     ap.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp/host-scaling-logs")))
     args = ap.parse_args()
@@ -110,14 +115,14 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0)
     results = []
-    for scattermoe in (False, True):
-        for name, gpus, fsdp in (("1gpu", 1, False), ("ddp2", 2, False), ("fsdp2x2", 2, True)):
-            tag = f"{name}{'-scattermoe' if scattermoe else ''}"
-            if tag not in args.variants.split(","):
-                continue
-            cfg = variant_config(args.work, tag, gpus, fsdp, scattermoe, args.steps, args.batch)
-            results.append(run(args.work, tag, gpus, cfg, args.logs))
-            print(json.dumps(results[-1]), flush=True)
+    for tag in args.variants.split(","):
+        name, *mods = tag.split("-")
+        if name not in VARIANTS or not set(mods) <= {"scattermoe", "static"}:
+            sys.exit(f"unknown variant {tag!r}: one of {', '.join(VARIANTS)}, optionally with -scattermoe and/or -static")
+        gpus, fsdp = VARIANTS[name]
+        cfg = variant_config(args.work, tag, gpus, fsdp, "scattermoe" in mods, args.steps, args.batch, "static" in mods)
+        results.append(run(args.work, tag, gpus, cfg, args.logs))
+        print(json.dumps(results[-1]), flush=True)
 
     print(f"\n{device}, {time.strftime('%Y-%m-%d')}, Qwen3-MoE H=2048 E=128 I=768 k=8, {args.layers} layers, "
           f"seq 2048, global batch {args.batch}, LoRA r=16, bf16, {args.steps} steps")
