@@ -134,11 +134,14 @@ def _dequant_kernel(
     mask = (rows < R)[:, None] & (j < KB)[None, :]
     byte = tl.load(Wq + rows[:, None] * KB + j[None, :], mask=mask, other=0).to(tl.int32)
     scale = _load_scales(Sc + rows[:, None] * (KB // HALF_BLOCK) + (j // HALF_BLOCK)[None, :], mask, SCALE_KIND)
-    base = (rows // N) * s_oe + (rows % N) * s_on
-    off = base[:, None] + (2 * j)[None, :] * s_ok
     ty = Out.dtype.element_ty  # fp32 -> bf16/fp16 casts round to nearest even (Triton's default)
-    tl.store(Out + off, (_decode_e2m1(byte & 15) * scale).to(ty), mask=mask)
-    tl.store(Out + off + s_ok, (_decode_e2m1(byte >> 4) * scale).to(ty), mask=mask)
+    # one store of the interleaved (low, high) nibbles: two stride-2 stores into a K-contiguous
+    # output wrote half-sectors and ran 11x slower on H100 (6.4 vs 0.57 ms at Qwen3-30B's gate_up)
+    vals = tl.interleave((_decode_e2m1(byte & 15) * scale).to(ty), (_decode_e2m1(byte >> 4) * scale).to(ty))
+    kk = (tl.program_id(1) * (2 * BLOCK_KB) + tl.arange(0, 2 * BLOCK_KB)).to(tl.int64)
+    base = (rows // N) * s_oe + (rows % N) * s_on
+    kmask = (rows < R)[:, None] & (kk < 2 * KB)[None, :]
+    tl.store(Out + base[:, None] + kk[None, :] * s_ok, vals, mask=kmask)
 
 
 @triton.jit
