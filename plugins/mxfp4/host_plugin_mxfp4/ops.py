@@ -92,20 +92,23 @@ def fp4_scattered_experts(
         raise ValueError("pass both lora_A and lora_B, or neither")
     if lora_A is not None and scaling == 0:
         lora_A = lora_B = None
+    # One compute dtype, the activations' (peft keeps LoRA factors in fp32 on a bf16 model; autograd casts back).
+    dt = x.dtype
+    if lora_A is not None:
+        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+    if bias is not None:
+        bias = bias.to(dt)
     if not _use_triton(x):
-        W = w.dequantize(x.dtype).transpose(1, 2)
+        W = w.dequantize(dt).transpose(1, 2)
         return reference.scattered_linear(
             x, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
             lora_A, lora_B, scaling, bias, grouped_in, grouped_out,
         )
-    dt = x.dtype
     if lora_A is not None:
         # contiguous rank-r copies (E*r*(K+N) elements, negligible): the kernels then see the
         # canonical operand layout (A [E, r, K] and B [E, N, r] row-major, their transposes in dX),
         # the one validated per autotune config on the GPU, not peft's permuted view of lora_B
-        lora_A, lora_B = lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous()
-    if bias is not None:
-        bias = bias.to(dt)
+        lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
     return FP4ExpertsFunction.apply(
         x, bias, lora_A, lora_B, w, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
         int(k), float(scaling), bool(grouped_in), bool(grouped_out),

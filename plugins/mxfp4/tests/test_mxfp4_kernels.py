@@ -89,6 +89,21 @@ def test_fused_matches_reference_fp16():
         assert_matches(o, r, 3e-3, f"fp16 {name}")
 
 
+def test_torch_path_takes_fp32_lora_on_half_activations(monkeypatch):
+    """Without CUDA or the interpreter B runs the torch reference; peft's fp32 LoRA factors on a
+    bf16 model are cast to the compute dtype there too (as scattermoe does), and their gradients
+    come back in fp32."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    w, x, idx, A, B, b = _case("mxfp4", torch.bfloat16)
+    A32, B32 = A.float().requires_grad_(), B.float().requires_grad_()
+    sei, ssi, offs = sort_tokens(idx, w.shape[0])
+    y = fp4_scattered_experts(x, w, 2, sei, ssi, offs, A32, B32, 2.0)
+    want = fp4_scattered_experts(x, w, 2, sei, ssi, offs, A.bfloat16(), B.bfloat16(), 2.0)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    y.float().sum().backward()
+    assert A32.grad.dtype == B32.grad.dtype == torch.float32 and A32.grad.abs().sum() > 0
+
+
 def test_uniform_scale_error_is_caught():
     """An off-by-one E8M0 exponent doubles every output: small per-element noise checks with loose
     tolerances can miss it, the uniform-scale guard cannot."""
