@@ -318,24 +318,19 @@ class FP4Weights:
             return dequantize_nvfp4(packed, scales, self.tensor_scale, torch.float32)
 
         N, K = self.shape[-2:]
+        lead = self.shape[:-2]
+        out = (torch.empty(*lead, K, N, dtype=dtype, device=self.device).transpose(-1, -2) if k_major
+               else torch.empty(self.shape, dtype=dtype, device=self.device))
         if self.packed.is_cuda and len(self.shape) <= 3:  # one Triton pass: 4.25 bits in, `dtype` out
             from host_plugin_mxfp4 import kernels
 
-            lead = self.shape[:-2]
-            out = torch.empty(*lead, K, N, dtype=dtype, device=self.device).transpose(-1, -2) if k_major else (
-                torch.empty(self.shape, dtype=dtype, device=self.device)
-            )
             return kernels.dequantize(self, out)
-        if len(self.shape) == 2:
-            v = one(self.packed, self.scales)
-            return v.t().contiguous().to(dtype).t() if k_major else v.to(dtype)
-        lead = self.shape[0]
-        out = torch.empty(*((lead, *self.shape[1:-2], K, N) if k_major else self.shape), dtype=dtype, device=self.device)
+        if not lead:
+            return out.copy_(one(self.packed, self.scales))
         per = max(1, chunk_bytes // max(1, 4 * (self.packed[0].numel() * 2)))
-        for s0 in range(0, lead, per):
-            v = one(self.packed[s0 : s0 + per], self.scales[s0 : s0 + per])
-            out[s0 : s0 + per].copy_(v.transpose(-1, -2) if k_major else v)
-        return out.transpose(-1, -2) if k_major else out
+        for s0 in range(0, lead[0], per):
+            out[s0 : s0 + per].copy_(one(self.packed[s0 : s0 + per], self.scales[s0 : s0 + per]))
+        return out
 
     def select(self, index: torch.Tensor) -> FP4Weights:
         """The experts ``index`` (along dim 0) as a new container (packed data gathered, 4.25 bits/weight)."""
