@@ -1,5 +1,6 @@
 """Where strategy A's time goes at one real shape: each piece of ``selective_forward`` timed alone
-(CUDA events), then a torch.profiler table of one fwd+bwd step (top kernels by GPU time).
+(``bench_mxfp4.bench``: median of CUDA-event timings), then a torch.profiler table of one fwd+bwd
+step (top kernels by GPU time).
 
     python plugins/mxfp4/bench/profile_selective.py [--shape Qwen3-30B-A3B] [--strategy selective]
 """
@@ -17,16 +18,8 @@ import bench_mxfp4 as bm  # noqa: E402
 
 
 def timed(fn, iters=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters
+    """Median ms of ``fn`` (the benchmark's own timer)."""
+    return bm.bench(fn, iters)[0]
 
 
 def main():
