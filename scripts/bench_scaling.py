@@ -25,6 +25,17 @@ LAYER = "Qwen3MoeDecoderLayer"
 VARIANTS = {"1gpu": (1, False), "ddp2": (2, False), "fsdp2x2": (2, True)}  # name -> (GPUs, FSDP2)
 
 
+def parse_variant(tag: str) -> tuple[str, int, bool, bool, bool]:
+    """``1gpu|ddp2|fsdp2x2`` with optional ``-scattermoe`` / ``-static`` -> (tag, GPUs, FSDP2, scattermoe, static)."""
+    name, *mods = tag.split("-")
+    if name not in VARIANTS or not set(mods) <= {"scattermoe", "static"}:
+        sys.exit(f"unknown variant {tag!r}: one of {', '.join(VARIANTS)}, optionally with -scattermoe and/or -static")
+    gpus, fsdp = VARIANTS[name]
+    if fsdp and "static" in mods:
+        sys.exit(f"variant {tag!r}: -static sets a DDP option, which the host refuses together with FSDP")
+    return tag, gpus, fsdp, "scattermoe" in mods, "static" in mods
+
+
 def build_model(path: Path, layers: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -106,6 +117,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/host-scaling"))
     ap.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp/host-scaling-logs")))
     args = ap.parse_args()
+    variants = [parse_variant(tag) for tag in args.variants.split(",")]  # before any GPU work
     args.work.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
     build_model(args.work / "model", args.layers)
@@ -115,12 +127,8 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0)
     results = []
-    for tag in args.variants.split(","):
-        name, *mods = tag.split("-")
-        if name not in VARIANTS or not set(mods) <= {"scattermoe", "static"}:
-            sys.exit(f"unknown variant {tag!r}: one of {', '.join(VARIANTS)}, optionally with -scattermoe and/or -static")
-        gpus, fsdp = VARIANTS[name]
-        cfg = variant_config(args.work, tag, gpus, fsdp, "scattermoe" in mods, args.steps, args.batch, "static" in mods)
+    for tag, gpus, fsdp, scattermoe, static in variants:
+        cfg = variant_config(args.work, tag, gpus, fsdp, scattermoe, args.steps, args.batch, static)
         results.append(run(args.work, tag, gpus, cfg, args.logs))
         print(json.dumps(results[-1]), flush=True)
 
