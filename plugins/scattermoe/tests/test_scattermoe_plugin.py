@@ -13,13 +13,6 @@ def _cfg(tmp_path, **over):
     return base_config("unused-model", tmp_path / "d.jsonl", tmp_path / "out", plugins=["scattermoe"], **over)
 
 
-def check(data, pm):
-    """Validate like ``host.config.load_config``: schema, then every plugin's cross-key rules."""
-    cfg = validate(data, pm)
-    pm.hook.validate_config(cfg=cfg)
-    return cfg
-
-
 def test_config_keys_have_defaults(make_plugin_manager, tmp_path):
     cfg = validate(_cfg(tmp_path), make_plugin_manager(["scattermoe"]))
     assert cfg.scattermoe_fused_lora is True
@@ -28,15 +21,15 @@ def test_config_keys_have_defaults(make_plugin_manager, tmp_path):
 
 def test_other_experts_implementation_is_an_error(make_plugin_manager, tmp_path):
     with pytest.raises(ConfigError, match="experts_implementation.*grouped_mm.*scattermoe"):
-        check(_cfg(tmp_path, experts_implementation="grouped_mm"), make_plugin_manager(["scattermoe"]))
+        validate(_cfg(tmp_path, experts_implementation="grouped_mm"), make_plugin_manager(["scattermoe"]))
 
 
 def test_lora_dropout_on_expert_params_is_an_error(make_plugin_manager, tmp_path):
     bad = _cfg(tmp_path, lora_dropout=0.1, lora_target_parameters=["mlp.experts.gate_up_proj"])
     with pytest.raises(ConfigError, match=r"lora_dropout.*Set lora_dropout: 0"):
-        check(bad, make_plugin_manager(["scattermoe"]))
+        validate(bad, make_plugin_manager(["scattermoe"]))
     # dropout on ordinary modules alone stays allowed
-    check(_cfg(tmp_path, lora_dropout=0.1), make_plugin_manager(["scattermoe"]))
+    validate(_cfg(tmp_path, lora_dropout=0.1), make_plugin_manager(["scattermoe"]))
 
 
 def test_bad_key_value_names_the_key(make_plugin_manager, tmp_path):
