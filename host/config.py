@@ -263,6 +263,7 @@ def validate_with_warnings(data: dict[str, Any], pm, source: str = "config") -> 
             raise ConfigError(_format_errors(source, exc, entry_model, prefix=f"datasets[{i}].")) from None
     check_host_rules(cfg, source)
     warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
+    check_patch_overlaps(pm, cfg, source)
     return cfg, warnings
 
 
@@ -311,3 +312,16 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
     pm = build_plugin_manager(plugins)
     cfg, warnings = validate_with_warnings(data, pm, source=str(path))
     return cfg, pm, warnings
+
+
+def check_patch_overlaps(pm, cfg: HostConfig, source: str) -> None:
+    """Two plugins declaring the same ``patched_targets`` target is an error naming both."""
+    owners: dict[str, tuple[str, str]] = {}
+    for impl in reversed(pm.hook.patched_targets.get_hookimpls()):  # plugins: order
+        for target, keys in (impl.function(*[cfg for _ in impl.argnames]) or {}).items():
+            if target in owners:
+                claims = [owners[target], (impl.plugin_name, keys)]
+                who = " and ".join(f"{p!r} ({k or 'always'})" for p, k in claims)
+                fixes = " or ".join(f"set {k} to false" if k else f"remove {p!r} from plugins" for p, k in claims)
+                raise ConfigError(f"{source}: plugins {who} both patch {target}. Turn one off: {fixes}.")
+            owners[target] = (impl.plugin_name, keys)

@@ -64,6 +64,24 @@ def validate_config(cfg: HostConfig) -> list[str] | None:
     """
 
 
+@hookspec
+def patched_targets(cfg: HostConfig) -> dict[str, str] | None:
+    """Declare what this plugin will replace in the model for this config: ``{target: keys}``.
+
+    ``target`` names the computation patched: the dotted name of the transformers class,
+    function or method replaced (``"transformers.models.gemma4.modeling_gemma4.Gemma4RMSNorm"``),
+    or, for a patch that applies to whatever family loads, one of these shared names:
+    ``"moe.experts.forward"`` (the expert MLPs of an MoE layer). ``keys`` names the config key(s)
+    that turn the patch on (``"gemma4_fused_norm_rope"``), so the user knows what to switch off;
+    ``""`` means enabling the plugin is what patches it.
+
+    Called after ``validate_config``, before any model loads, with the validated config. When two
+    enabled plugins declare the same target the host raises a ``ConfigError`` naming both plugins
+    and their keys: two patches of one module are never applied silently in some order. Declare
+    only what this config actually patches (return ``None`` or ``{}`` when the plugin is inactive).
+    """
+
+
 # --- model ---------------------------------------------------------------------------------
 
 

@@ -103,6 +103,15 @@ def validate_config(cfg):
     return warnings
 
 
+@hookimpl
+def patched_targets(cfg):
+    """The fused kernel takes over the q/k/v RMSNorms and RoPE of every Gemma 4 attention layer."""
+    if not cfg.gemma4_fused_norm_rope:
+        return {}
+    mod = "transformers.models.gemma4.modeling_gemma4"
+    return {f"{mod}.{name}": "gemma4_fused_norm_rope" for name in ("Gemma4RMSNorm", "apply_rotary_pos_emb", "Gemma4TextAttention.forward")}
+
+
 def side_channel_wanted(cfg) -> bool:
     """Only for checkpointed training; ``auto`` only where the leak was not measured absent."""
     from host_plugin_gemma4 import shared_kv

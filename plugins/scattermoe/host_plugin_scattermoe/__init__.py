@@ -71,6 +71,12 @@ def validate_config(cfg):
 
 
 @hookimpl
+def patched_targets(cfg):
+    """The plugin computes every MoE layer's expert MLPs (as transformers' experts implementation)."""
+    return {"moe.experts.forward": ""}
+
+
+@hookimpl
 def pre_model_load(cfg):
     from host_plugin_scattermoe import experts, ops
 
