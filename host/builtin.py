@@ -55,7 +55,7 @@ class CompletionStrategy:
         self.cfg, self.entry, self.tokenizer = cfg, entry, tokenizer
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"version": 1}
+        return {"version": 1, "documents": self.cfg.sample_packing}
 
     def load(self):
         where = _where(self.cfg, self.entry)
@@ -64,6 +64,8 @@ class CompletionStrategy:
         eos = self.tokenizer.eos_token_id
         if eos is None:
             raise DataError(f"{where}: the tokenizer has no eos_token; completion data needs one between documents.")
+        if self.cfg.sample_packing:
+            return self._documents(raw, where)
         field, seq, tokenizer = self.entry.field, self.cfg.sequence_len, self.tokenizer
 
         # closes over plain values only, so `datasets` can fingerprint (pickle) it
@@ -77,6 +79,24 @@ class CompletionStrategy:
             return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": blocks}
 
         out = raw.map(chunk, batched=True, batch_size=1000, remove_columns=raw.column_names, desc="tokenize")
+        if len(out) == 0:
+            raise DataError(f"{where}: no text in column {field!r}; the dataset is empty.")
+        return out
+
+    def _documents(self, raw, where: str):
+        """Under sample_packing: one row per document (+ EOS), a longer one split into
+        ``sequence_len`` pieces; the packer keeps the rows apart and nothing is dropped."""
+        field, seq, tokenizer, eos = self.entry.field, self.cfg.sequence_len, self.tokenizer, self.tokenizer.eos_token_id
+
+        def split(batch):
+            pieces = []
+            for text in batch[field]:
+                if text:
+                    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+                    pieces.extend(ids[i : i + seq] for i in range(0, len(ids), seq))
+            return {"input_ids": pieces, "attention_mask": [[1] * len(p) for p in pieces], "labels": pieces}
+
+        out = raw.map(split, batched=True, batch_size=1000, remove_columns=raw.column_names, desc="tokenize documents")
         if len(out) == 0:
             raise DataError(f"{where}: no text in column {field!r}; the dataset is empty.")
         return out

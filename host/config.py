@@ -76,6 +76,8 @@ class HostConfig(StrictModel):
     sequence_len: int = Field(512, gt=0)
     excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
     pad_to_sequence_len: bool = False
+    sample_packing: bool = Field(False, description="Pack rows into sequence_len bins (documents kept apart).")
+    eval_sample_packing: bool | None = Field(None, description="Pack the eval set too; default: sample_packing.")
 
     adapter: Literal["lora"] | None = None
     lora_r: int = Field(8, gt=0)
@@ -120,6 +122,11 @@ class HostConfig(StrictModel):
     torch_compile_mode: str | None = None
     experts_implementation: str | None = None
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2, flex_attention")
+
+    @property
+    def eval_packing(self) -> bool:
+        """axolotl's meaning: eval follows ``sample_packing`` unless ``eval_sample_packing`` is set."""
+        return self.sample_packing if self.eval_sample_packing is None else self.eval_sample_packing
 
     @property
     def fsdp_enabled(self) -> bool:

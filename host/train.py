@@ -137,15 +137,14 @@ def train(cfg, pm, warnings=()):
     model, tokenizer, processor = model_mod.build(cfg, pm)
     with args.main_process_first(desc="dataset preparation"):  # rank 0 fills the cache, others read it
         train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
+    train_ds, eval_ds, packing_stats = pack_for_training(cfg, train_ds, eval_ds)
     if not hasattr(train_ds, "__len__"):
         if not cfg.max_steps:
             raise ConfigError("max_steps: a streaming dataset has no length; set max_steps.")
         # each rank reads its own stream; dispatching from rank 0 would concatenate and re-slice
         # batches, which breaks on variable widths and per-sample extras such as pixel_values
         args.accelerator_config.dispatch_batches = False
-    collate = pm.hook.collator(cfg=cfg, tokenizer=tokenizer, processor=processor) or pad_collator(
-        tokenizer, cfg.sequence_len if cfg.pad_to_sequence_len else None
-    )
+    collate = make_collator(cfg, pm, tokenizer, processor, model)
     trainer = Trainer(
         model=model,
         args=args,
@@ -165,14 +164,46 @@ def train(cfg, pm, warnings=()):
     summary = {}
     if trainer.is_world_process_zero():
         (processor or tokenizer).save_pretrained(cfg.output_dir)
-        summary = write_summary(cfg, pm, trainer, result, eval_metrics, wall)
+        summary = write_summary(cfg, pm, trainer, result, eval_metrics, wall, packing_stats)
         plot_losses(trainer.state.log_history, Path(cfg.output_dir) / "loss.png")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary
 
 
-def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
+def pack_for_training(cfg, train_ds, eval_ds):
+    """Pack the splits that ``sample_packing`` / ``eval_sample_packing`` ask for; returns their stats."""
+    from host import packing
+
+    stats = {}
+    if cfg.sample_packing:
+        train_ds, s = packing.pack(train_ds, cfg, "train")
+        stats["train"] = s.as_dict()
+    if cfg.eval_packing and eval_ds is not None:
+        eval_ds, s = packing.pack(eval_ds, cfg, "eval")
+        stats["eval"] = s.as_dict()
+    return train_ds, eval_ds, stats
+
+
+def make_collator(cfg, pm, tokenizer, processor, model):
+    """A plugin's collator, the packed collator when either split is packed, else the padding one."""
+    from host import packing
+
+    plugin_collate = pm.hook.collator(cfg=cfg, tokenizer=tokenizer, processor=processor)
+    pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
+    if cfg.sample_packing or cfg.eval_packing:
+        if plugin_collate is not None:
+            raise ConfigError(
+                "sample_packing: an enabled plugin supplies its own collator, which cannot batch packed rows; "
+                "set sample_packing: false (and eval_sample_packing: false) or disable that plugin."
+            )
+        packing.prepare_model(model)
+        flatten = packing.flattens(model)
+        return packing.packed_collator(tokenizer, None if flatten else pad_to, flatten=flatten)
+    return plugin_collate or pad_collator(tokenizer, pad_to)
+
+
+def write_summary(cfg, pm, trainer, result, eval_metrics, wall, packing_stats=None) -> dict:
     from host import __version__
     from host.callbacks import StepTimer
     from host.plugins import plugin_versions
@@ -199,6 +230,8 @@ def write_summary(cfg, pm, trainer, result, eval_metrics, wall) -> dict:
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_eval_loss": eval_metrics.get("eval_loss", eval_losses[-1] if eval_losses else None),
+        "packing": packing_stats or None,
+        "packing_efficiency": (packing_stats or {}).get("train", {}).get("efficiency"),
     }
     summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
     path = Path(cfg.output_dir) / "run_summary.json"

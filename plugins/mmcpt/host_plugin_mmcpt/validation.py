@@ -62,11 +62,12 @@ def validate(cfg, streaming_entry_cls) -> list[str]:
             "excess_length_strategy: truncate would cut image placeholders off multimodal_pretrain rows; use drop "
             "or raise (rows longer than sequence_len fail with their index, or are dropped with skip_bad_rows: true)."
         )
-    if getattr(cfg, "sample_packing", False):
-        raise ConfigError(
-            "sample_packing: multimodal_pretrain rows are collated one document per row (images are processed "
-            "per row at batch time); set sample_packing: false."
-        )
+    for key in ("sample_packing", "eval_sample_packing"):
+        if getattr(cfg, key, False):
+            raise ConfigError(
+                f"{key}: multimodal_pretrain rows are collated one document per row (images are processed "
+                f"per row at batch time) and cannot be packed; set {key}: false."
+            )
     if not cfg.processor_type:
         raise ConfigError(
             "processor_type: multimodal_pretrain needs the model's processor (images and the image token); set "

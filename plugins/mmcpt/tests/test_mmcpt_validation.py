@@ -48,22 +48,14 @@ def test_rule(data, fragment, write_config):
     assert fragment in str(info.value)
 
 
-def test_sample_packing_rejected(write_config, local_plugin):
-    local_plugin("packing", """
-        from host import hookimpl
-        from host.config import StrictModel
-
-        class PackingConfig(StrictModel):
-            sample_packing: bool = False
-
-        @hookimpl
-        def config_model():
-            return PackingConfig
-    """)
-    data = base(datasets=[MM], plugins=["packing", "mmcpt"], sample_packing=True)
+def test_sample_packing_rejected(write_config):
+    """The host's sample_packing cannot pack image rows: refused at validation, before any model loads."""
+    data = base(datasets=[MM], sample_packing=True)
     with pytest.raises(ConfigError, match="sample_packing: multimodal_pretrain"):
         load_config(write_config(data))
     load_config(write_config({**data, "sample_packing": False}))
+    with pytest.raises(ConfigError, match="eval_sample_packing: multimodal_pretrain"):
+        load_config(write_config({**data, "sample_packing": False, "eval_sample_packing": True}))
 
 
 def test_valid_routes_and_stream_injection(write_config):
