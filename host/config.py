@@ -79,7 +79,9 @@ class HostConfig(StrictModel):
     sample_packing: bool = Field(False, description="Pack rows into sequence_len bins (documents kept apart).")
     eval_sample_packing: bool | None = Field(None, description="Pack the eval set too; default: sample_packing.")
 
-    adapter: Literal["lora"] | None = None
+    adapter: str | None = Field(
+        None, description="lora, a kind an enabled plugin adds (adapter_kinds hook), or unset for full fine-tuning."
+    )
     lora_r: int = Field(8, gt=0)
     lora_alpha: float = 16
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -234,6 +236,30 @@ def dataset_type_models(pm) -> dict[str, tuple[str, type[DatasetConfig]]]:
     return types
 
 
+def adapter_kind_owners(pm) -> dict[str, str]:
+    """``{adapter kind: owner}``: the host's ``lora`` and every enabled plugin's kinds."""
+    owners = {"lora": "host"}
+    for impl in reversed(pm.hook.adapter_kinds.get_hookimpls()):
+        for kind in impl.function() or []:
+            if kind in owners:
+                raise PluginError(
+                    f"plugins: adapter kind {kind!r} is claimed by both {owners[kind]!r} and "
+                    f"{impl.plugin_name!r}; disable one of them."
+                )
+            owners[kind] = impl.plugin_name
+    return owners
+
+
+def check_adapter_kind(cfg: HostConfig, pm, source: str) -> None:
+    """``adapter:`` must be ``lora`` or a kind an enabled plugin declares."""
+    kinds = adapter_kind_owners(pm)
+    if cfg.adapter is not None and cfg.adapter not in kinds:
+        raise ConfigError(
+            f"{source}: adapter: unknown adapter kind {cfg.adapter!r}. Known: {', '.join(sorted(kinds))}; "
+            f"other kinds come from plugins: enable the plugin that provides it, or use lora."
+        )
+
+
 def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
     """Validate raw YAML data: merged schema, dataset entries, host rules and plugin rules
     (whose warnings are logged). Raises ConfigError."""
@@ -268,6 +294,7 @@ def validate_with_warnings(data: dict[str, Any], pm, source: str = "config") -> 
             cfg.datasets.append(entry_model.model_validate(entry))
         except ValidationError as exc:
             raise ConfigError(_format_errors(source, exc, entry_model, prefix=f"datasets[{i}].")) from None
+    check_adapter_kind(cfg, pm, source)
     check_host_rules(cfg, source)
     warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
     check_patch_overlaps(pm, cfg, source)

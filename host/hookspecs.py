@@ -82,6 +82,19 @@ def patched_targets(cfg: HostConfig) -> dict[str, str] | None:
     """
 
 
+@hookspec
+def adapter_kinds() -> list[str] | None:
+    """Return the ``adapter:`` values this plugin adds to the host's ``lora``.
+
+    Called once per run, before the YAML is validated. A plugin kind is peft LoRA (built from
+    the ``lora_*`` keys, like ``lora``) on a base model that the plugin changes while it loads
+    (``model_init_kwargs``) and before the adapter is attached (``post_model_load``); the plugin
+    owns the kind's rules in ``validate_config``. A kind declared by two plugins (or ``lora``) is
+    an error naming both; an ``adapter:`` value that no enabled plugin declares is a config error.
+    Exists so that e.g. ``adapter: qlora`` validates only when the plugin that implements it is on.
+    """
+
+
 # --- model ---------------------------------------------------------------------------------
 
 
@@ -91,6 +104,31 @@ def pre_model_load(cfg: HostConfig) -> None:
 
     Broadcast, in ``plugins:`` order. Use it for patches that must precede construction:
     registering an experts implementation, setting Inductor flags, planning quantization.
+    """
+
+
+@hookspec
+def model_init_kwargs(cfg: HostConfig, purpose: str) -> dict[str, Any] | None:
+    """Return extra keyword arguments for the base model's ``from_pretrained``.
+
+    Called after ``pre_model_load``, each time the host loads the base model; ``purpose`` is
+    ``"train"`` or ``"merge"`` (``host merge-lora``, which folds LoRA into dense weights, so a
+    plugin may leave a training-only option such as quantization out). Answers are merged; a key
+    given by two plugins, or one the host sets itself (``dtype``, ``trust_remote_code``,
+    ``experts_implementation``, ``attn_implementation``), is an error naming both. Exists because
+    loading options (``quantization_config``, ``device_map``) must be known when the weights are
+    read: patching the model afterwards would hold it in full precision first.
+    """
+
+
+@hookspec
+def post_model_load(cfg: HostConfig, model: Any) -> None:
+    """Called once the base model is loaded, before the adapter is attached (train and merge-lora).
+
+    Broadcast, in ``plugins:`` order; mutate ``model`` in place. Use it for what peft needs done
+    before ``get_peft_model``/``PeftModel.from_pretrained``: e.g. preparing a quantized model for
+    k-bit training (freezing, upcasting the weights that stay unquantized). Gradient checkpointing
+    is the host's (``gradient_checkpointing``): don't enable it here.
     """
 
 

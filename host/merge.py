@@ -10,7 +10,7 @@ from host.errors import ConfigError
 def merge(cfg, pm, out: Path | None = None) -> Path:
     """Load base + adapter from ``output_dir``, merge, and save a plain transformers model.
 
-    Plugins run their ``pre_model_load``/``post_model_build`` hooks as in training, so a plugin
+    Plugins run their model hooks as in training (``model_init_kwargs`` with purpose ``"merge"``), so a plugin
     that cannot be merged (e.g. quantized experts) can refuse there with a clear error.
     """
     from peft import PeftModel
@@ -18,13 +18,14 @@ def merge(cfg, pm, out: Path | None = None) -> Path:
     from host import model as model_mod
 
     adapter_dir = Path(cfg.output_dir)
-    if cfg.adapter != "lora":
-        raise ConfigError("adapter: merge-lora needs adapter: lora; a full fine-tune is already merged.")
+    if cfg.adapter is None:
+        raise ConfigError("adapter: merge-lora needs a LoRA adapter (adapter: lora); a full fine-tune is already merged.")
     if not (adapter_dir / "adapter_config.json").exists():
         raise ConfigError(f"output_dir: no trained adapter in {adapter_dir} (adapter_config.json missing); run `host train` first.")
     pm.hook.pre_model_load(cfg=cfg)
     tokenizer, processor = model_mod.load_tokenizer_and_processor(cfg)
-    base = model_mod.load_model(cfg)
+    base = model_mod.load_model(cfg, model_mod.plugin_init_kwargs(cfg, pm, "merge"))
+    pm.hook.post_model_load(cfg=cfg, model=base)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     pm.hook.post_model_build(cfg=cfg, model=model)
     merged = model.merge_and_unload()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from host.errors import ConfigError
+from host.errors import ConfigError, PluginError
 
 log = logging.getLogger("host.model")
 
@@ -41,8 +41,29 @@ def load_tokenizer_and_processor(cfg) -> tuple[Any, Any]:
     return tokenizer, processor
 
 
-def load_model(cfg):
-    """Build the model from ``base_model`` (a local dir or hub id) in the training dtype."""
+def plugin_init_kwargs(cfg, pm, purpose: str) -> dict[str, Any]:
+    """The plugins' ``model_init_kwargs`` answers, merged; a key given twice is an error naming both."""
+    owners: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    for impl in reversed(pm.hook.model_init_kwargs.get_hookimpls()):  # plugins: order
+        args = {"cfg": cfg, "purpose": purpose}
+        answer = impl.function(**{a: args[a] for a in impl.argnames})
+        for key, value in (answer or {}).items():
+            if key in owners:
+                raise PluginError(
+                    f"plugins: from_pretrained argument {key!r} is set by both {owners[key]!r} and "
+                    f"{impl.plugin_name!r}; disable one of them."
+                )
+            owners[key] = impl.plugin_name
+            merged[key] = value
+    return merged
+
+
+def load_model(cfg, extra_kwargs: dict[str, Any] | None = None):
+    """Build the model from ``base_model`` (a local dir or hub id) in the training dtype.
+
+    ``extra_kwargs`` (the plugins' ``model_init_kwargs``) may not override the host's own arguments.
+    """
     import torch
     import transformers
 
@@ -53,6 +74,13 @@ def load_model(cfg):
     for key in ("experts_implementation", "attn_implementation"):
         if getattr(cfg, key):
             kwargs[key] = getattr(cfg, key)
+    for key in extra_kwargs or {}:
+        if key in ("trust_remote_code", "dtype", "experts_implementation", "attn_implementation"):
+            raise PluginError(
+                f"plugins: from_pretrained argument {key!r} is the host's (set it through its config key, "
+                f"not model_init_kwargs)."
+            )
+    kwargs.update(extra_kwargs or {})
     # A processor means a vision-language model: try the image-text class first.
     classes = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
     if cfg.processor_type:
@@ -69,14 +97,15 @@ def load_model(cfg):
 
 
 def attach_adapter(cfg, model):
-    """Wrap ``model`` with LoRA when ``adapter: lora``; leave it for full fine-tuning otherwise."""
-    if cfg.adapter != "lora":
+    """Wrap ``model`` with LoRA when ``adapter`` is set (``lora`` or a plugin's LoRA-based kind);
+    leave it for full fine-tuning otherwise."""
+    if cfg.adapter is None:
         return model
     from peft import LoraConfig, get_peft_model
 
     if not cfg.lora_target_modules and not cfg.lora_target_parameters:
         raise ConfigError(
-            "lora_target_modules: adapter is lora but no targets are set; set lora_target_modules "
+            f"lora_target_modules: adapter is {cfg.adapter} but no targets are set; set lora_target_modules "
             "(e.g. [q_proj, v_proj] or all-linear) and/or lora_target_parameters."
         )
     lora = LoraConfig(
@@ -98,9 +127,12 @@ def attach_adapter(cfg, model):
 
 
 def build(cfg, pm):
-    """Run the model phase of the lifecycle: pre_model_load, load, adapter, post_model_build."""
+    """Run the model phase of the lifecycle: pre_model_load, load (with the plugins'
+    model_init_kwargs), post_model_load, adapter, post_model_build."""
     pm.hook.pre_model_load(cfg=cfg)
     tokenizer, processor = load_tokenizer_and_processor(cfg)
-    model = attach_adapter(cfg, load_model(cfg))
+    model = load_model(cfg, plugin_init_kwargs(cfg, pm, "train"))
+    pm.hook.post_model_load(cfg=cfg, model=model)
+    model = attach_adapter(cfg, model)
     pm.hook.post_model_build(cfg=cfg, model=model)
     return model, tokenizer, processor
