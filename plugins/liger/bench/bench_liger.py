@@ -1,0 +1,206 @@
+"""`host train` with and without liger (and scattermoe) at Qwen3-30B-A3B's width, cut to 4 layers.
+
+Model: Qwen3-MoE, H 2048, 128 experts, I 768, top-8, 32 heads / 4 KV heads, head_dim 128, random bf16
+weights, vocabulary 151,936 (Qwen3's) and 262,144 (Gemma 4's). Training: sequence 4096 (full rows),
+micro-batch 2, gradient checkpointing, LoRA r=16 on attention and on the expert parameters, bf16.
+Each variant is ``host.train.train`` on its own config (the function ``host train`` calls), run one
+after another in this process with the peak-memory counter reset between them (liger's patches are
+undone at the end of each run). Numbers are the run summaries' ``steady_tokens_per_s`` (a
+device-synchronised window over the second half of training) and ``peak_memory_gib``.
+
+A component timing of the loss head (lm_head + cross-entropy, forward+backward, at these shapes)
+shows how much of a step the logits cost with and without the fused loss.
+
+Usage: python bench/bench_liger.py [--steps 8] [--variants plain,liger,...] (writes results/bench_liger.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+LIGER = {"liger_rope": True, "liger_rms_norm": True, "liger_fused_linear_cross_entropy": True}
+VARIANTS = {  # name -> (plugins, vocabulary)
+    "plain": ([], 151936),
+    "liger": (["liger"], 151936),
+    "scattermoe": (["scattermoe"], 151936),
+    "scattermoe+liger": (["scattermoe", "liger"], 151936),
+    "plain@262k": ([], 262144),
+    "liger@262k": (["liger"], 262144),
+    "scattermoe+liger@262k": (["scattermoe", "liger"], 262144),
+}
+
+
+def build_model(path: Path, vocab: int, layers: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from host.testing import build_tokenizer, sample_texts, tiny_config
+
+    if (path / "config.json").exists():
+        return
+    tok = build_tokenizer(sample_texts(), path, vocab_size=4096)
+    cfg = tiny_config(
+        "qwen3_moe", vocab, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+        max_position_embeddings=8192,
+    )
+    cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+
+
+def config(work: Path, name: str, plugins: list[str], vocab: int, steps: int, seq: int, batch: int) -> Path:
+    cfg = {
+        "base_model": str(work / f"model-{vocab}"),
+        "plugins": plugins,
+        "datasets": [{"path": str(work / "data.jsonl"), "type": "completion"}],
+        "dataset_prepared_path": str(work / "prepared"),
+        "sequence_len": seq,
+        "pad_to_sequence_len": True,
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        "micro_batch_size": batch,
+        "gradient_checkpointing": True,
+        "max_steps": steps,
+        "learning_rate": 1e-4,
+        "lr_scheduler": "constant",
+        "bf16": True,
+        "logging_steps": steps // 2,
+        "save_steps": 10**6,
+        "output_dir": str(work / "runs" / name),
+        "seed": 0,
+        **(LIGER if "liger" in plugins else {}),
+    }
+    path = work / f"{name.replace('@', '-').replace('+', '-')}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_variant(path: Path) -> dict:
+    import torch
+
+    from host.config import load_config
+    from host.train import train
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cfg, pm, warnings = load_config(path)
+    summary = train(cfg, pm, warnings)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return summary
+
+
+def loss_head_ms(tokens: int, hidden: int, vocab: int) -> dict:
+    """lm_head + loss forward+backward at the bench's shapes: materialised logits vs liger's fused loss."""
+    import torch
+    import torch.nn.functional as F
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02  # frozen head (LoRA elsewhere)
+    y = torch.randint(0, vocab, (tokens,), device="cuda")
+
+    def plain():
+        return F.cross_entropy((h @ w.T).float(), y)
+
+    def fused():
+        return liger_fused_linear_cross_entropy(h, w, y)
+
+    out = {}
+    for name, fn in (("materialised", plain), ("fused", fused)):
+        for _ in range(2):
+            fn().backward()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn().backward()
+        end.record()
+        torch.cuda.synchronize()
+        out[name] = {"ms": round(start.elapsed_time(end) / 5, 2),
+                     "extra_peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
+        h.grad = None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--variants", default="plain,liger,scattermoe+liger,scattermoe,plain@262k,scattermoe+liger@262k")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-liger"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from host.testing import sample_texts, write_jsonl
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.work / "data.jsonl", [{"text": t} for t in sample_texts() * 12])
+    device = torch.cuda.get_device_name(0)
+    doc = {"device": device, "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "seq": args.seq,
+           "micro_batch": args.batch, "steps": args.steps, "liger_keys": sorted(LIGER), "runs": []}
+    doc["loss_head"] = {v: loss_head_ms(args.batch * args.seq, 2048, v) for v in sorted({VARIANTS[n][1] for n in names})}
+    print(json.dumps(doc["loss_head"]), flush=True)
+    results = doc["runs"]
+    for name in names:
+        plugins, vocab = VARIANTS[name]
+        build_model(args.work / f"model-{vocab}", vocab, args.layers)
+        t0 = time.time()
+        resident = round(torch.cuda.memory_allocated() / 2**30, 2)  # left over from earlier runs (should be ~0)
+        try:
+            s = run_variant(config(args.work, name, plugins, vocab, args.steps, args.seq, args.batch))
+            row = {"variant": name, "vocab": vocab, "tokens_per_s": s["steady_tokens_per_s"],
+                   "peak_gib": s["peak_memory_gib"], "final_loss": s["final_train_loss"], "steps": s["steps"]}
+        except Exception as exc:
+            row = {"variant": name, "vocab": vocab, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        row["seconds"], row["resident_gib_before"] = round(time.time() - t0, 1), resident
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "bench_liger.json").write_text(json.dumps(doc, indent=1) + "\n")  # after each run: a timeout keeps it
+    head = doc["loss_head"]
+    print(f"\n{device}, Qwen3-MoE H 2048 E 128 I 768 top-8, {args.layers} layers, seq {args.seq}, micro-batch {args.batch}, "
+          f"gradient checkpointing, LoRA r=16 attention+experts, bf16, {args.steps} steps")
+    print(f"{'variant':<24}{'vocab':>8}{'tokens/s':>10}{'vs plain':>9}{'peak GiB':>10}{'vs plain':>9}{'loss':>8}")
+    plain = {r["vocab"]: r for r in results if r["variant"].startswith("plain") and "error" not in r}
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<24}{r['vocab']:>8}  ERROR {r['error']}")
+            continue
+        p = plain.get(r["vocab"])
+        rt = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x" if p else "-"
+        rm = f"{r['peak_gib'] / p['peak_gib']:.2f}x" if p else "-"
+        print(f"{r['variant']:<24}{r['vocab']:>8}{r['tokens_per_s']:>10.0f}{rt:>9}{r['peak_gib']:>10.2f}{rm:>9}{r['final_loss']:>8.3f}")
+    for v, h in head.items():
+        print(f"loss head at vocab {v}, {args.batch * args.seq} tokens: materialised {h['materialised']['ms']} ms "
+              f"(+{h['materialised']['extra_peak_gib']} GiB), fused {h['fused']['ms']} ms (+{h['fused']['extra_peak_gib']} GiB)")
+
+
+if __name__ == "__main__":
+    main()
