@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model
 
 from host.errors import ConfigError, PluginError
 
@@ -70,7 +70,7 @@ class HostConfig(StrictModel):
     trust_remote_code: bool = False
     plugins: list[str] = []
 
-    datasets: list[DatasetConfig] = []
+    datasets: list[SerializeAsAny[DatasetConfig]] = []  # dumps each entry's type-specific keys too
     val_set_size: float = 0.0
     dataset_prepared_path: str | None = None
     sequence_len: int = Field(512, gt=0)

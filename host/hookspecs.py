@@ -15,7 +15,7 @@ enabled (and listed before it) for it to work. The host checks this before anyth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pluggy
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from host.config import DatasetConfig, HostConfig
-    from host.data import DatasetStrategy
 
 hookspec = pluggy.HookspecMarker("host")
 
@@ -145,14 +144,59 @@ def post_model_build(cfg: HostConfig, model: Any) -> None:
 # --- data ----------------------------------------------------------------------------------
 
 
+@runtime_checkable
+class DatasetStrategy(Protocol):
+    """What ``dataset_strategy`` returns: turns one ``datasets:`` entry into tokenized rows.
+
+    **Rows.** ``load()`` returns a ``datasets.Dataset`` (the host caches it) or a
+    ``datasets.IterableDataset`` (streamed, not cached). Every row must have:
+
+    - ``input_ids``: a non-empty list of ints, each in ``[0, len(tokenizer))``;
+    - ``labels``: a list of ints of the same length: the token to learn at that position (the
+      same id as ``input_ids``; the model shifts labels itself), or ``-100`` for "no loss here"
+      (prompts, padding, image tokens);
+    - optionally ``attention_mask`` (0/1, same length; all ones when absent) and other
+      per-token columns (``position_ids``, ``token_type_ids``) of the same length. Other columns
+      (e.g. image references) are kept as they are for your collator.
+
+    **What the host does with them, for every type** (so a strategy must not do it itself):
+    it checks each row against the rules above and raises :class:`host.errors.DataError` naming
+    the plugin, the ``datasets[i]`` entry and the row when one breaks them; it applies
+    ``sequence_len`` with ``excess_length_strategy`` (``drop`` / ``truncate`` / ``raise``, on the
+    per-token columns) and refuses a dataset with no trainable (non ``-100``) label left.
+
+    **Bad input.** Raise :class:`host.errors.DataError` for a row or file you cannot use, with a
+    message naming the entry (``datasets[i] (path)``), the file, the row number (counted from 0)
+    and the field, and the fix. :func:`host.data.load_raw` loads an entry's local files or hub
+    dataset with errors of that kind (special files, bad UTF-8/JSON, a model directory given as
+    data); :func:`host.data.require_columns` checks columns.
+
+    **Caching.** The prepared-data cache key covers the entry's keys (its subclass fields
+    included), its files' contents, the tokenizer, ``sequence_len``, the length policy, the
+    enabled plugins' versions, the source code of the package that defines your strategy class,
+    and :meth:`fingerprint`.
+    """
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Anything beyond the entry, its files, the tokenizer, ``sequence_len`` and your code that
+        changes the output (e.g. a processor's settings). JSON-serialisable."""
+
+    def load(self) -> Any:
+        """Return a ``datasets.Dataset`` or ``datasets.IterableDataset`` of rows as described above."""
+
+
 @hookspec(firstresult=True)
 def dataset_strategy(
     cfg: HostConfig, dataset_cfg: DatasetConfig, tokenizer: Any, processor: Any
 ) -> DatasetStrategy | None:
-    """Return the :class:`host.data.DatasetStrategy` that turns one ``datasets:`` entry into
-    tokenized rows, or ``None`` when ``dataset_cfg.type`` is not yours.
+    """Return the :class:`DatasetStrategy` that turns one ``datasets:`` entry into tokenized rows,
+    or ``None`` when ``dataset_cfg.type`` is not yours.
 
-    Called once per entry, after ``dataset_types`` proved that exactly one plugin owns the type.
+    Called once per entry, after ``dataset_types`` proved that exactly one plugin owns the type,
+    and before the model's weights are loaded (so data errors appear early). ``tokenizer`` already
+    holds the config's added tokens (``special_tokens``, ``eot_tokens``, ``tokens``) and its
+    ``chat_template``; ``processor`` is ``None`` unless ``processor_type`` is set. See
+    README "Writing a dataset type" for a complete example.
     """
 
 

@@ -16,6 +16,7 @@ def merge(cfg, pm, out: Path | None = None) -> Path:
     from peft import PeftModel
 
     from host import model as model_mod
+    from host.tokens import fit_embeddings
 
     adapter_dir = Path(cfg.output_dir)
     if cfg.adapter is None:
@@ -25,6 +26,7 @@ def merge(cfg, pm, out: Path | None = None) -> Path:
     pm.hook.pre_model_load(cfg=cfg)
     tokenizer, processor = model_mod.load_tokenizer_and_processor(cfg)
     base = model_mod.load_model(cfg, model_mod.plugin_init_kwargs(cfg, pm, "merge"))
+    fit_embeddings(base, tokenizer)  # room for the tokens the config added, as in training
     pm.hook.post_model_load(cfg=cfg, model=base)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     pm.hook.post_model_build(cfg=cfg, model=model)

@@ -36,6 +36,9 @@ def load_tokenizer_and_processor(cfg) -> tuple[Any, Any]:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tokenizer/base_model: cannot load a tokenizer from {source!r}: {exc}") from None
+    from host.tokens import apply_to_tokenizer
+
+    apply_to_tokenizer(cfg, tokenizer)  # chat_template, special_tokens, eot_tokens, tokens
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, processor
@@ -96,12 +99,15 @@ def load_model(cfg, extra_kwargs: dict[str, Any] | None = None):
     raise ConfigError(f"base_model: {cfg.base_model!r} is neither a causal LM nor an image-text model: {errors}")
 
 
-def attach_adapter(cfg, model):
+def attach_adapter(cfg, model, tokenizer=None):
     """Wrap ``model`` with LoRA when ``adapter`` is set (``lora`` or a plugin's LoRA-based kind);
-    leave it for full fine-tuning otherwise."""
+    leave it for full fine-tuning otherwise. Tokens the config added to ``tokenizer`` train their
+    embedding rows (see host.tokens)."""
     if cfg.adapter is None:
         return model
     from peft import LoraConfig, get_peft_model
+
+    from host.tokens import trainable_token_indices
 
     if not cfg.lora_target_modules and not cfg.lora_target_parameters:
         raise ConfigError(
@@ -115,6 +121,7 @@ def attach_adapter(cfg, model):
         target_modules=cfg.lora_target_modules or [],
         target_parameters=cfg.lora_target_parameters or None,
         modules_to_save=cfg.lora_modules_to_save,
+        trainable_token_indices=trainable_token_indices(cfg, model, tokenizer) if tokenizer is not None else None,
         task_type="CAUSAL_LM",
     )
     try:
@@ -126,13 +133,28 @@ def attach_adapter(cfg, model):
     return model
 
 
-def build(cfg, pm):
-    """Run the model phase of the lifecycle: pre_model_load, load (with the plugins'
-    model_init_kwargs), post_model_load, adapter, post_model_build."""
+def load_tokenizer_phase(cfg, pm) -> tuple[Any, Any]:
+    """The first half of the model phase: ``pre_model_load``, then tokenizer and processor (no
+    weights yet), so data can be prepared and checked before the slow part."""
     pm.hook.pre_model_load(cfg=cfg)
-    tokenizer, processor = load_tokenizer_and_processor(cfg)
+    return load_tokenizer_and_processor(cfg)
+
+
+def load_model_phase(cfg, pm, tokenizer):
+    """The second half: load the weights (with the plugins' model_init_kwargs), resize embeddings
+    for added tokens, ``post_model_load``, attach the adapter, ``post_model_build``."""
+    from host.tokens import fit_embeddings
+
     model = load_model(cfg, plugin_init_kwargs(cfg, pm, "train"))
+    fit_embeddings(model, tokenizer)
     pm.hook.post_model_load(cfg=cfg, model=model)
-    model = attach_adapter(cfg, model)
+    model = attach_adapter(cfg, model, tokenizer)
     pm.hook.post_model_build(cfg=cfg, model=model)
-    return model, tokenizer, processor
+    return model
+
+
+def build(cfg, pm):
+    """Run the model phase of the lifecycle: pre_model_load, tokenizer, load (with the plugins'
+    model_init_kwargs), post_model_load, adapter, post_model_build."""
+    tokenizer, processor = load_tokenizer_phase(cfg, pm)
+    return load_model_phase(cfg, pm, tokenizer), tokenizer, processor

@@ -134,10 +134,11 @@ def train(cfg, pm, warnings=()):
         from host.precision import fix_mixed_matmul_precision
 
         fix_mixed_matmul_precision()
-    model, tokenizer, processor = model_mod.build(cfg, pm)
+    tokenizer, processor = model_mod.load_tokenizer_phase(cfg, pm)
     with args.main_process_first(desc="dataset preparation"):  # rank 0 fills the cache, others read it
-        train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)
+        train_ds, eval_ds = data.prepare(cfg, pm, tokenizer, processor)  # data errors before any weights load
     train_ds, eval_ds, packing_stats = pack_for_training(cfg, train_ds, eval_ds)
+    model = model_mod.load_model_phase(cfg, pm, tokenizer)
     if not hasattr(train_ds, "__len__"):
         if not cfg.max_steps:
             raise ConfigError("max_steps: a streaming dataset has no length; set max_steps.")
