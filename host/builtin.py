@@ -75,12 +75,17 @@ class ChatTemplateDataset(DatasetConfig):
     roles: dict[str, list[str]] | None = Field(
         None, description="{target role: [names in the data]}; merged over the default user/assistant/system/tool."
     )
+    field_thinking: str | None = Field(None, description="Message key holding the reasoning trace.")
+    template_thinking_key: str = Field("reasoning_content", description="The name the template expects it under.")
+    drop_system_message: bool = False
     roles_to_train: list[str] = ["assistant"]
     train_on_eos: Literal["all", "turn", "last", "none"] = "turn"
     train_on_eot: Literal["all", "turn", "last", "none"] | None = None
 
     def mappings(self) -> dict[str, str]:
         out = {"role": self.message_field_role or "role", "content": self.message_field_content or "content"}
+        if self.field_thinking:
+            out[self.template_thinking_key] = self.field_thinking
         return {**out, **(self.message_property_mappings or {})}
 
     def role_names(self) -> dict[str, str]:
@@ -104,7 +109,9 @@ def config_model():
 
 @hookimpl
 def dataset_types():
-    return {"completion": CompletionDataset, "chat_template": ChatTemplateDataset, "alpaca": AlpacaDataset}
+    # chat_template.default: axolotl's spelling of the same type
+    return {"completion": CompletionDataset, "chat_template": ChatTemplateDataset,
+            "chat_template.default": ChatTemplateDataset, "alpaca": AlpacaDataset}
 
 
 @hookimpl
@@ -251,6 +258,7 @@ class Conversation:
         self.map = entry.mappings()
         self.names = entry.role_names()
         self.field = entry.field_messages
+        self.drop_system = entry.drop_system_message
 
     def problem(self, value) -> str | None:
         """Schema check of one row's messages value (None when usable)."""
@@ -279,7 +287,9 @@ class Conversation:
         if role not in self.names:
             raise ValueError(f"unknown role {role!r}; known: {', '.join(sorted(self.names))}. Map it with the entry's "
                              f"roles key, e.g. roles: {{assistant: [{role}]}}")
-        out = {"role": self.names[role], "content": self.content(m.get(ck), ck)}
+        # keys the mappings do not name pass through under their own name (axolotl's rule)
+        out = {k: v for k, v in m.items() if v is not None and k not in self.map.values()}
+        out.update(role=self.names[role], content=self.content(m.get(ck), ck))
         for prop, key in self.map.items():
             if prop not in ("role", "content") and m.get(key) is not None:
                 out[prop] = m[key]
@@ -357,6 +367,8 @@ def tokenize_conversation(row, index: int, conv: Conversation, spec: LabelSpec, 
     the marker itself). This needs only that the template renders a prefix as a prefix.
     """
     messages = [conv.message(m) for m in row[conv.field]]
+    if conv.drop_system:
+        messages = [m for m in messages if m["role"] != "system"]
     full = _render(tokenizer, messages, False, where, index)
     spans: list[tuple[int, int]] = []
     markers: list[tuple[int, int, str, bool]] = []  # start, end, policy, turn trained

@@ -55,7 +55,8 @@ _GEMMA = (
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
-TEMPLATES = {"chatml": _CHATML, "qwen3": _QWEN3, "llama3": _LLAMA3, "gemma": _GEMMA}
+# gemma3 has the gemma turn format
+TEMPLATES = {"chatml": _CHATML, "qwen3": _QWEN3, "llama3": _LLAMA3, "gemma": _GEMMA, "gemma3": _GEMMA}
 CHOICES = ("tokenizer_default", "jinja", *TEMPLATES)
 FALLBACK = "tokenizer_default_fallback_"
 
@@ -85,7 +86,7 @@ def resolve(cfg, tokenizer) -> str | None:
             return None
         name = name[len(FALLBACK):]
     if name not in TEMPLATES:
-        raise ConfigError(f"chat_template: unknown template {name!r}; choose one of {', '.join(CHOICES)} "
+        raise ConfigError(f"chat_template: {name!r} is not built in; choose one of {', '.join(CHOICES)} "
                           f"or {FALLBACK}<name>.")
     return TEMPLATES[name]
 
@@ -96,7 +97,10 @@ def check_name(value: str | None) -> str | None:
         return value
     if value.startswith(FALLBACK) and value[len(FALLBACK):] in TEMPLATES:
         return value
-    raise ValueError(f"unknown chat template {value!r}; choose one of {', '.join(CHOICES)} or {FALLBACK}<name>")
+    raise ValueError(
+        f"unknown chat template {value!r}; built in: {', '.join(CHOICES)}, {FALLBACK}<name>. For another family use "
+        f"tokenizer_default (the model's own template) or jinja with chat_template_jinja"
+    )
 
 
 @lru_cache(maxsize=16)

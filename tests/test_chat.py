@@ -199,3 +199,17 @@ def test_added_tokens_train_with_lora_and_merge(run_host, write_config, tiny_mod
     assert result.exit_code == 0, result.output
     merged = json.loads((out / "merged" / "config.json").read_text())
     assert merged.get("vocab_size", merged.get("text_config", {}).get("vocab_size")) >= 514
+
+
+def test_axolotl_thinking_keys_passthrough_and_drop_system(make_plugin_manager, tok_dir):
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4", "thought": "add them"}]}
+    kw = dict(chat_template="qwen3", eot_tokens=["<|im_end|>"])
+    tokenizer, a = _run(make_plugin_manager, tok_dir, [row], entry={"field_thinking": "thought"}, **kw)
+    assert _learned(tokenizer, a[0]) == "<think>\nadd them\n</think>\n\n4<|im_end|>"
+    # an unmapped key reaches the template under its own name (here the one qwen3 reads)
+    same = {"messages": [*row["messages"][:2], {"role": "assistant", "content": "4", "reasoning_content": "add them"}]}
+    _, b = _run(make_plugin_manager, tok_dir, [same], **kw)
+    assert b["input_ids"] == a["input_ids"]
+    _, c = _run(make_plugin_manager, tok_dir, [same], entry={"drop_system_message": True, "type": "chat_template.default"}, **kw)
+    assert "Be brief" not in tokenizer.decode(c[0]["input_ids"]) and "Be brief" in tokenizer.decode(b[0]["input_ids"])
