@@ -33,7 +33,34 @@ import yaml
 SEQ = 4096
 
 
-def build_model(path: Path, layers: int):
+def isolation_check(tok) -> float:
+    """Max |logit change| of the other documents in a packed row when one document is changed (tiny
+    fp32 model, sdpa, this machine's transformers): 0 up to rounding when documents are isolated."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from host.packing import packed_collator, prepare_model
+    from host.testing import tiny_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", len(tok)), attn_implementation="sdpa").to(device).eval()
+    prepare_model(model)
+    docs = [list(range(10 + 7 * i, 10 + 7 * i + n)) for i, n in enumerate((23, 17, 31))]
+    row = {"input_ids": sum(docs, []), "labels": sum(docs, []), "position_ids": [p for d in docs for p in range(len(d))]}
+    changed = dict(row, input_ids=list(row["input_ids"]))
+    a, b = len(docs[0]), len(docs[0]) + len(docs[1])
+    changed["input_ids"][a:b] = [t + 50 for t in changed["input_ids"][a:b]]
+    collate = packed_collator(tok)
+    with torch.no_grad():
+        x = model(**{k: v.to(device) for k, v in collate([row]).items()}).logits[0]
+        y = model(**{k: v.to(device) for k, v in collate([changed]).items()}).logits[0]
+    keep = torch.ones(x.shape[0], dtype=torch.bool, device=device)
+    keep[a:b] = False
+    return (x[keep] - y[keep]).abs().max().item()
+
+
+def build_model(path: Path, layers: int, smoke: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -42,11 +69,11 @@ def build_model(path: Path, layers: int):
     tok = build_tokenizer(sample_texts(), path, vocab_size=4096)
     if (path / "config.json").exists():
         return tok
-    cfg = tiny_config(
-        "qwen3_moe", len(tok), hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        moe_intermediate_size=768, intermediate_size=6144, max_position_embeddings=SEQ,
+    real = {} if smoke else dict(  # Qwen3-30B-A3B widths
+        hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
     )
+    cfg = tiny_config("qwen3_moe", len(tok), num_hidden_layers=layers, max_position_embeddings=SEQ, **real)
     cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -64,7 +91,7 @@ def write_chat_data(path: Path, tok, n: int, median: int, sigma: float, seed: in
     rng = random.Random(seed)
     rows, targets = [], []
     for _ in range(n):
-        target = min(SEQ - 64, max(16, int(rng.lognormvariate(0, sigma) * median)))
+        target = min(int(SEQ * 0.8), max(16, int(rng.lognormvariate(0, sigma) * median)))
         targets.append(target)
         n_words = max(4, int(target / per_word))
         start = rng.randrange(0, len(words) - n_words)
@@ -125,6 +152,10 @@ def run_variant(cfg_path: Path) -> dict:
     return summary
 
 
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def _dynamic_fill(lengths: list[int], batch: int, trials: int = 20) -> float:
     """Non-pad fraction of random batches of ``batch`` rows, each padded to its longest row."""
     rng, used, slots = random.Random(0), 0, 0
@@ -144,10 +175,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8, help="micro_batch_size (rows) of the padded variants")
     ap.add_argument("--packed-batch", type=int, default=2, help="micro_batch_size (bins) of the packed variant")
-    ap.add_argument("--conversations", type=int, default=1200)
+    ap.add_argument("--conversations", type=int, default=800)
     ap.add_argument("--median", type=int, default=300)
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--variants", default="padded-max,padded-dyn,packed")
+    ap.add_argument("--smoke", action="store_true", help="tiny widths, for a CPU check of the script")
     ap.add_argument("--work", type=Path, default=Path("/tmp/host-packing-bench"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -159,7 +191,9 @@ def main() -> None:
     import torch
 
     t0 = time.time()
-    tok = build_model(args.work / "model", args.layers)
+    tok = build_model(args.work / "model", args.layers, args.smoke)
+    leak = isolation_check(tok)
+    print(f"isolation check: max change of other documents' logits {leak:.2e}", flush=True)
     write_chat_data(args.work / "chat.jsonl", tok, args.conversations, args.median, args.sigma, seed=0)
     print(f"model + data: {time.time() - t0:.1f} s", flush=True)
 
@@ -171,7 +205,10 @@ def main() -> None:
     results = []
     for name in args.variants.split(","):
         batch, packed, pad_max = specs[name]
-        summary = run_variant(config(args.work, name, args.steps, batch, packed, pad_max))
+        try:
+            summary = run_variant(config(args.work, name, args.steps, batch, packed, pad_max))
+        except Exception as exc:  # one failed variant (e.g. out of memory) must not lose the others
+            summary = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         results.append({"name": name, "micro_batch_size": batch, **summary})
         print(json.dumps(results[-1]), flush=True)
 
@@ -180,30 +217,37 @@ def main() -> None:
     prepared = next((args.work / "prepared").glob("*/data"))
     lengths = [len(x) for x in load_from_disk(str(prepared))["input_ids"]]
     q = statistics.quantiles(lengths, n=100)
+    ok = [r for r in results if "error" not in r]
+    for r in ok:
+        if r["name"] == "padded-dyn":  # expected over random batches of the prepared lengths (not measured)
+            r["non_pad_fraction"] = round(_dynamic_fill(lengths, r["micro_batch_size"]), 4)
+        else:
+            r["non_pad_fraction"] = round(r["tokens"] / (r["steps"] * r["micro_batch_size"] * SEQ), 4)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    head = (f"{device}, {time.strftime('%Y-%m-%d')}, Qwen3-MoE H=2048 E=128 I=768 k=8, {args.layers} layers, LoRA r=16, "
+    widths = "tiny widths (smoke)" if args.smoke else "H=2048 E=128 I=768 k=8"
+    head = (f"{device}, {time.strftime('%Y-%m-%d')}, Qwen3-MoE {widths}, {args.layers} layers, LoRA r=16, "
             f"bf16, sdpa, scattermoe, sequence_len {SEQ}, {args.steps} steps; {len(lengths)} conversations, tokens "
             f"median {statistics.median(lengths):.0f}, p90 {q[89]:.0f}, p99 {q[98]:.0f}, max {max(lengths)}")
-    print("\n" + head)
-    print(f"{'variant':<11} {'batch':>9} {'non-pad fraction':>17} {'useful tokens/s':>16} {'vs padded-max':>14} "
-          f"{'vs padded-dyn':>14} {'peak GiB':>9} {'final loss':>10}")
-    by = {r["name"]: r for r in results}
-    for r in results:
-        if r["name"] == "padded-dyn":  # expected over random batches of the prepared lengths (not measured)
-            frac = _dynamic_fill(lengths, r["micro_batch_size"])
-        else:
-            frac = r["tokens"] / (r["steps"] * r["micro_batch_size"] * SEQ)
-        r["non_pad_fraction"] = round(frac, 4)
-        rel = [f"{r['steady_tokens_per_s'] / by[b]['steady_tokens_per_s']:.2f}x" if b in by else "-"
-               for b in ("padded-max", "padded-dyn")]
-        unit = "bins" if r["name"] == "packed" else "rows"
-        print(f"{r['name']:<11} {r['micro_batch_size']:>4} {unit:<4} {frac:>17.3f} "
-              f"{r['steady_tokens_per_s']:>16.0f} {rel[0]:>14} {rel[1]:>14} {r['peak_memory_gib'] or 0:>9.2f} "
-              f"{r['final_train_loss']:>10.4f}")
-    (args.out / "bench_packing.json").write_text(json.dumps({"header": head, "lengths": {
+    (args.out / "bench_packing.json").write_text(json.dumps({"header": head, "isolation_max_abs": leak, "lengths": {
         "median": statistics.median(lengths), "p90": q[89], "p99": q[98], "max": max(lengths), "n": len(lengths)},
         "results": results}, indent=1) + "\n")
 
+    print("\n" + head)
+    print(f"{'variant':<11} {'batch':>9} {'non-pad fraction':>17} {'useful tokens/s':>16} {'vs padded-max':>14} "
+          f"{'vs padded-dyn':>14} {'peak GiB':>9} {'final loss':>10}")
+    by = {r["name"]: r for r in ok}
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:<11} ERROR {r['error']}")
+            continue
+        rel = [f"{r['steady_tokens_per_s'] / by[b]['steady_tokens_per_s']:.2f}x" if b in by else "-"
+               for b in ("padded-max", "padded-dyn")]
+        unit = "bins" if r["name"] == "packed" else "rows"
+        print(f"{r['name']:<11} {r['micro_batch_size']:>4} {unit:<4} {r['non_pad_fraction']:>17.3f} "
+              f"{r['steady_tokens_per_s'] or 0:>16.0f} {rel[0]:>14} {rel[1]:>14} {r['peak_memory_gib'] or 0:>9.2f} "
+              f"{_num(r['final_train_loss']):>10}")
+    print("(padded-dyn's non-pad fraction is the expectation over random batches of these lengths)")
+    print(f"isolation check (tiny fp32 model, sdpa): other documents' logits changed by at most {leak:.2e}")
 
 if __name__ == "__main__":
     main()
