@@ -205,7 +205,9 @@ def collator(cfg: HostConfig, tokenizer: Any, processor: Any) -> Any | None:
     """Return a data collator (a callable from a list of rows to a batch dict) or ``None``.
 
     The first plugin (in ``plugins:`` order) that answers wins; the host's padding collator is
-    used when none does.
+    used when none does. With ``sample_packing`` (or ``eval_sample_packing``) on, the host batches
+    packed rows with its own collator and an answer here is an error: return ``None`` when
+    ``cfg.sample_packing`` is set, or refuse packing in ``validate_config``.
     """
 
 
