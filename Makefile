@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/host: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0 -e '.[test]'
+	$(BIN)/pip install -q torch==2.13.0 -e '.[test,release]'
 	touch $(BIN)/host
 
 venv: $(BIN)/host

@@ -21,6 +21,20 @@ class MarkComplete(TrainerCallback):
                 (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
 
 
+class GradNormLog(TrainerCallback):
+    """Adds ``grad_norm_clipped`` beside the Trainer's ``grad_norm`` in every log record.
+
+    The Trainer logs the total gradient norm *before* clipping (what ``clip_grad_norm_`` returns);
+    the update uses the gradients scaled to at most ``max_grad_norm``. This callback runs before the
+    plugins' callbacks, so their ``on_log`` sees both numbers for the same step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and isinstance(logs.get("grad_norm"), (int, float)):
+            norm, limit = float(logs["grad_norm"]), args.max_grad_norm
+            # torch scales by limit / (norm + 1e-6) when that is below 1
+            logs["grad_norm_clipped"] = norm * min(1.0, limit / (norm + 1e-6)) if limit and limit > 0 else norm
+
+
 class StepTimer(TrainerCallback):
     """Steady-state speed over the second half of training (compilation and autotuning happen early).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,18 +20,63 @@ app.add_typer(plugins_app, name="plugins")
 CONFIG = typer.Argument(..., help="Path to the run's YAML config.", show_default=False)
 
 
+def _debug() -> bool:
+    return os.environ.get("HOST_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
 def _user_errors(fn):
-    """Turn HostError into 'error: ...' on stderr and exit code 2, never a traceback."""
+    """Turn HostError into 'error: ...' on stderr and exit code 2, never a traceback
+    (unless ``--debug``/``HOST_DEBUG=1``, which prints the whole chain behind the message first)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except HostError as exc:
+            if _debug():
+                typer.echo(_full_traceback(exc), err=True, nl=False)
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _full_traceback(exc: BaseException) -> str:
+    """Every exception in the chain, oldest first, including those hidden with ``raise ... from None``."""
+    import traceback
+
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    parts = ["".join(traceback.format_exception(type(e), e, e.__traceback__, chain=False)) for e in reversed(chain)]
+    return "\nThe above led to:\n\n".join(parts)
+
+
+def _versions(value: bool) -> None:
+    if not value:
+        return
+    from host import __version__
+    from host.plugins import installed_plugins
+
+    typer.echo(f"host {__version__}")
+    for info in installed_plugins():
+        typer.echo(f"plugin {info.name} {info.version} ({info.distribution})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_versions, is_eager=True, help="Show host's and the installed plugins' versions."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="On an error, also print the full traceback behind the message (or set HOST_DEBUG=1)."
+    ),
+) -> None:
+    """host: fine-tune LLMs with plugins."""
+    if debug:
+        os.environ["HOST_DEBUG"] = "1"
 
 
 def _setup_logging() -> None:
@@ -105,7 +151,7 @@ def merge_lora(
 @plugins_app.command("list")
 def plugins_list() -> None:
     """Installed plugins with distribution, version and hooks (imports no plugin code)."""
-    from host.plugins import installed_plugins
+    from host.plugins import conflicts, installed_plugins
 
     infos = installed_plugins()
     if not infos:
@@ -116,6 +162,12 @@ def plugins_list() -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     for r in rows:
         typer.echo("  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3])
+    for name, dists in conflicts().items():
+        typer.echo(
+            f"warning: plugin name {name!r} is claimed by {len(dists)} distributions ({', '.join(dists)}); "
+            f"enabling it is an error until all but one are uninstalled.",
+            err=True,
+        )
 
 
 @plugins_app.command("new")

@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator
 
 from host.errors import ConfigError, PluginError
+from host.paths import check_paths
 
 log = logging.getLogger("host.config")
 
@@ -25,6 +25,27 @@ class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, defaults are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_ints(cls, value, info):
+        """An integer key takes an integer: YAML's ``true`` or ``"7"`` there is a mistake, not 1 or 7.
+        Applies to plugins' keys too (the merged model inherits it); float keys still accept ints."""
+        if isinstance(value, (bool, str)) and info.field_name in cls.model_fields:
+            kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+            if int in kinds and type(value) not in kinds and not (isinstance(value, str) and kinds & {float, Literal}):
+                raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+
+
+def _scalar_kinds(annotation) -> set:
+    """The scalar types a field annotation admits (``int | None`` -> {int, NoneType})."""
+    args = getattr(annotation, "__args__", None)
+    if args is None:
+        return {annotation}
+    if getattr(annotation, "__origin__", None) is Literal:
+        return {Literal} | {type(a) for a in args}
+    return set().union(*(_scalar_kinds(a) for a in args))
 
 
 class DatasetConfig(StrictModel):
@@ -71,7 +92,7 @@ class HostConfig(StrictModel):
     plugins: list[str] = []
 
     datasets: list[SerializeAsAny[DatasetConfig]] = []  # dumps each entry's type-specific keys too
-    val_set_size: float = 0.0
+    val_set_size: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of rows held out for evaluation.")
     dataset_prepared_path: str | None = None
     sequence_len: int = Field(512, gt=0)
     excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
@@ -93,7 +114,7 @@ class HostConfig(StrictModel):
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_epochs: float = Field(1.0, gt=0)
     max_steps: int | None = None
-    learning_rate: float = 2e-4
+    learning_rate: float = Field(2e-4, ge=0.0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float | None = None
     warmup_steps: int | None = None
@@ -141,26 +162,10 @@ class HostConfig(StrictModel):
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file into a dict, turning every failure into a ConfigError naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found. Check the path.") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror}).") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}. Fix the syntax there.") from None
-    if data is None:
-        raise ConfigError(f"{path}: config file is empty. Start from examples/quickstart.yaml.")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}.")
-    return data
+    """Read a config file into a dict (bounded, duplicate keys refused: :mod:`host.yaml_io`)."""
+    from host.yaml_io import read_yaml as read
+
+    return read(path)
 
 
 def _loc(loc: tuple) -> str:
@@ -275,6 +280,8 @@ def validate_with_warnings(data: dict[str, Any], pm, source: str = "config") -> 
     entries = data.get("datasets") or []
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: key 'datasets' must be a list of entries, got {type(entries).__name__}.")
+    if "datasets" in data and not entries:
+        raise ConfigError(f"{source}: datasets: the list is empty; add at least one entry (path and type).")
     try:
         cfg = model.model_validate({**data, "datasets": []})
     except ValidationError as exc:
@@ -296,6 +303,7 @@ def validate_with_warnings(data: dict[str, Any], pm, source: str = "config") -> 
             raise ConfigError(_format_errors(source, exc, entry_model, prefix=f"datasets[{i}].")) from None
     check_adapter_kind(cfg, pm, source)
     check_host_rules(cfg, source)
+    check_paths(cfg, source)
     warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
     check_patch_overlaps(pm, cfg, source)
     return cfg, warnings

@@ -218,6 +218,11 @@ def collator(cfg: HostConfig, tokenizer: Any, processor: Any) -> Any | None:
 def trainer_callbacks(cfg: HostConfig) -> list[Any] | None:
     """Return a list of ``transformers.TrainerCallback`` instances for this run.
 
-    Every plugin's lists are concatenated in ``plugins:`` order. Use ``on_train_begin`` /
-    ``on_train_end`` to apply and undo process-wide settings around training.
+    Every plugin's lists are concatenated in ``plugins:`` order, after the host's own callbacks.
+    Use ``on_train_begin`` / ``on_train_end`` to apply and undo process-wide settings around
+    training. Gradient norms: in ``on_log``, ``logs["grad_norm"]`` is the total norm *before*
+    clipping and ``logs["grad_norm_clipped"]`` the norm the optimizer step uses (after clipping to
+    ``max_grad_norm``); in ``on_pre_optimizer_step`` the gradients on ``kwargs["model"]`` are
+    already clipped. Import transformers inside this hook (or in a submodule it imports), not at
+    the plugin's top level: ``host validate`` imports the plugin and should stay fast.
     """

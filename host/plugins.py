@@ -33,8 +33,25 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
+def _claims() -> dict[str, list[EntryPoint]]:
+    """``{plugin name: entry points}``; more than one means several distributions claim the name."""
+    out: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        out.setdefault(ep.name, []).append(ep)
+    return out
+
+
 def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {name: eps[0] for name, eps in _claims().items()}
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    return ep.dist.name if ep.dist else "?"
+
+
+def conflicts() -> dict[str, list[str]]:
+    """``{plugin name: [distribution, ...]}`` for names claimed by more than one distribution."""
+    return {name: [_dist_name(ep) for ep in eps] for name, eps in sorted(_claims().items()) if len(eps) > 1}
 
 
 def hook_names() -> list[str]:
@@ -79,7 +96,7 @@ def _hooks_in_source(module: str) -> tuple[str, ...]:
 def installed_plugins() -> list[PluginInfo]:
     """Every plugin registered under the ``host.plugins`` entry-point group."""
     infos = []
-    for ep in sorted(_entry_points().values(), key=lambda e: e.name):
+    for ep in sorted((ep for eps in _claims().values() for ep in eps), key=lambda e: (e.name, _dist_name(e))):
         dist = ep.dist
         module = ep.value.split(":")[0]
         infos.append(
@@ -96,11 +113,41 @@ def installed_plugins() -> list[PluginInfo]:
 
 def _unknown_plugin(name: str, installed: list[str]) -> PluginError:
     close = difflib.get_close_matches(name, installed, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     listing = ", ".join(installed) if installed else "none"
+    if close:
+        fix = f"Did you mean {close[0]!r}? Fix the name in `plugins:`."
+    else:
+        fix = f"Install it (pip install host-plugin-{name.replace('_', '-')}) or remove it from `plugins:`."
+    return PluginError(f"plugins: unknown plugin {name!r}. {fix} Installed plugins: {listing}.")
+
+
+def _import_failure(ep: EntryPoint, exc: BaseException) -> PluginError:
+    """Say where the import failed and what fixes it: a missing dependency is installed, a missing
+    plugin module means a broken install, anything else is a bug at the file and line shown."""
+    import traceback
+
+    where = f"plugin {ep.name!r} ({ep.value}, from {_dist_name(ep)})"
+    module = ep.value.split(":")[0]
+    if isinstance(exc, ModuleNotFoundError) and exc.name and not (module + ".").startswith(exc.name + "."):
+        return PluginError(
+            f"plugins: {where} failed to import: it needs the module {exc.name!r}, which is not installed. "
+            f"Install the package that provides it (often `pip install {exc.name.split('.')[0]}`), or remove "
+            f"{ep.name!r} from `plugins:`. HOST_DEBUG=1 shows the traceback."
+        )
+    if isinstance(exc, ModuleNotFoundError):
+        return PluginError(
+            f"plugins: {where} failed to import: its module {module!r} is missing although the distribution "
+            f"is installed. Reinstall it (pip install --force-reinstall {_dist_name(ep)}) or remove it from `plugins:`."
+        )
+    if isinstance(exc, SyntaxError) and exc.filename:
+        at = f"{exc.filename}:{exc.lineno}"
+    else:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+        at = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
     return PluginError(
-        f"plugins: unknown plugin {name!r}.{hint} Installed plugins: {listing}. "
-        f"Install it (pip install host-plugin-{name.replace('_', '-')}) or remove it from `plugins:`."
+        f"plugins: {where} failed to import, at {at}: {type(exc).__name__}: {exc}. Fix the error there "
+        f"(it is in the plugin or what it imports), or remove {ep.name!r} from `plugins:`. "
+        f"HOST_DEBUG=1 shows the traceback."
     )
 
 
@@ -111,20 +158,25 @@ def load_plugin_modules(names: list[str]) -> list[tuple[str, object]]:
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         raise PluginError(f"plugins: {', '.join(dupes)} listed more than once; list each plugin once.")
-    installed = sorted(_entry_points())
+    claims = _claims()
+    installed = sorted(claims)
     for name in names:
         if name not in installed:
             raise _unknown_plugin(name, installed)
+        if len(claims[name]) > 1:
+            dists = ", ".join(f"{_dist_name(ep)} ({ep.value})" for ep in claims[name])
+            raise PluginError(
+                f"plugins: plugin name {name!r} is claimed by {len(claims[name])} installed distributions: {dists}. "
+                f"Uninstall all but one of them (pip uninstall ...); nothing was imported."
+            )
 
     def on_failure(_manager, ep, exc):
-        raise PluginError(
-            f"plugins: plugin {ep.name!r} ({ep.value}) failed to import: "
-            f"{type(exc).__name__}: {exc}. Reinstall it or remove it from `plugins:`."
-        ) from exc
+        raise _import_failure(ep, exc) from exc
 
     # stevedore memoises a group's entry points per process; drop that so plugins installed since
     # (a notebook's pip install, a test's local plugin) are seen, as our own check above saw them.
     ExtensionManager.ENTRY_POINT_CACHE.pop(ENTRY_POINT_GROUP, None)
+    _forget_stevedore_path_cache()
     manager = NamedExtensionManager(
         namespace=ENTRY_POINT_GROUP,
         names=names,
@@ -135,16 +187,52 @@ def load_plugin_modules(names: list[str]) -> list[tuple[str, object]]:
     return [(ext.name, ext.plugin) for ext in manager.extensions]
 
 
+def _forget_stevedore_path_cache() -> None:
+    """stevedore also memoises entry points per ``sys.path`` value in-process (``stevedore._cache``);
+    a plugin installed into a directory already on the path would stay invisible. Dropped when present."""
+    try:
+        from stevedore import _cache
+    except ImportError:
+        return
+    internal = getattr(getattr(_cache, "_c", None), "_internal", None)
+    if isinstance(internal, dict):
+        internal.clear()
+
+
 def check_requirements(modules: list[tuple[str, object]]) -> None:
-    """A plugin's ``REQUIRES`` names must all be enabled."""
+    """A plugin's ``REQUIRES`` names must all be enabled, and listed before it (they run first)."""
     enabled = [name for name, _ in modules]
-    for name, module in modules:
-        for needed in getattr(module, "REQUIRES", ()):
+    requires = {name: list(getattr(module, "REQUIRES", ()) or ()) for name, module in modules}
+    for name in enabled:
+        for needed in requires[name]:
             if needed not in enabled:
                 raise PluginError(
                     f"plugins: plugin {name!r} requires plugin {needed!r}, which is not enabled. "
                     f"Add {needed!r} to `plugins:` (before {name!r})."
                 )
+    for name in enabled:
+        late = [n for n in requires[name] if enabled.index(n) > enabled.index(name)]
+        if late:
+            raise PluginError(
+                f"plugins: plugin {name!r} requires {', '.join(map(repr, late))}, which must come before it "
+                f"(hooks run in `plugins:` order). Write plugins: [{', '.join(_required_first(enabled, requires))}]."
+            )
+
+
+def _required_first(enabled: list[str], requires: dict[str, list[str]]) -> list[str]:
+    """``enabled`` reordered so every plugin follows the plugins it requires (stable otherwise)."""
+    out: list[str] = []
+
+    def place(name: str, path: tuple[str, ...] = ()) -> None:
+        if name in out or name in path:
+            return
+        for needed in requires.get(name, []):
+            place(needed, (*path, name))
+        out.append(name)
+
+    for name in enabled:
+        place(name)
+    return out
 
 
 def build_plugin_manager(names: list[str]) -> pluggy.PluginManager:

@@ -9,15 +9,20 @@ from host.errors import HostError
 
 _PYPROJECT = """\
 [build-system]
-requires = ["setuptools>=68"]
+requires = ["setuptools>=77"]
 build-backend = "setuptools.build_meta"
 
 [project]
 name = "host-plugin-{dist}"
 version = "0.1.0"
 description = "host plugin: {name}"
+readme = "README.md"
 requires-python = ">=3.10"
-dependencies = ["host"]
+# the host API this plugin was written against: the next minor release may change hooks
+dependencies = ["{host_range}"]
+
+[project.optional-dependencies]
+test = ["host[test]"]
 
 [project.entry-points."host.plugins"]
 {name} = "host_plugin_{name}"
@@ -27,19 +32,19 @@ packages = ["host_plugin_{name}"]
 """
 
 _INIT = '''\
-"""host plugin {name}: describe what it does and why here."""
+"""host plugin {name}: describe what it does and why here.
+
+Keep this module light: the host imports it for every command that reads a config (even
+``host validate``), so import torch/transformers inside the hooks that need them.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from pydantic import BaseModel
-from transformers import TrainerCallback
 
 from host import hookimpl
 
-#: Other plugins this one needs enabled (checked by the host before anything loads).
+#: Other plugins this one needs enabled, and listed before it (checked before anything loads).
 REQUIRES: list[str] = []
 
 
@@ -49,14 +54,6 @@ class {cls}Config(BaseModel):
     {name}_enabled: bool = True
 
 
-class {cls}Callback(TrainerCallback):
-    """Writes how many optimizer steps ran to output_dir/{name}.json, to show the plugin ran."""
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            Path(args.output_dir, "{name}.json").write_text(json.dumps({{"steps": state.global_step}}))
-
-
 @hookimpl
 def config_model():
     return {cls}Config
@@ -64,7 +61,30 @@ def config_model():
 
 @hookimpl
 def trainer_callbacks(cfg):
-    return [{cls}Callback()] if cfg.{name}_enabled else []
+    if not cfg.{name}_enabled:
+        return []
+    from host_plugin_{name}.callbacks import {cls}Callback  # imports transformers: only when training
+
+    return [{cls}Callback()]
+'''
+
+_CALLBACKS = '''\
+"""Trainer callbacks (imported only by the ``trainer_callbacks`` hook, when a run trains)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class {cls}Callback(TrainerCallback):
+    """Writes how many optimizer steps ran to output_dir/{name}.json, to show the plugin ran."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            Path(args.output_dir, "{name}.json").write_text(json.dumps({{"steps": state.global_step}}))
 '''
 
 _README = """\
@@ -81,7 +101,7 @@ plugins: [{name}]
 | --- | --- | --- |
 | `{name}_enabled` | `true` | turn the plugin's callback on or off |
 
-Develop: `pip install -e . && pytest tests`.
+Develop: `pip install -e '.[test]' && pytest tests` (the `test` extra brings pytest and host's fixtures).
 """
 
 _TEST = '''\
@@ -106,6 +126,17 @@ def test_trains_with_plugin(tiny_model, text_file, write_config, run_host, tmp_p
 '''
 
 
+def host_range() -> str:
+    """``host>=X.Y,<X.(Y+1)``: the host release line whose hooks a new plugin is written against."""
+    from host import __version__
+
+    parts = __version__.split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return "host"
+    major, minor = int(parts[0]), int(parts[1])
+    return f"host>={major}.{minor},<{major}.{minor + 1}"
+
+
 def scaffold(name: str, parent: Path) -> Path:
     """Write ``parent/host-plugin-<name>/`` and return it; refuses to overwrite."""
     if not name.isidentifier() or keyword.iskeyword(name) or name != name.lower():
@@ -118,11 +149,12 @@ def scaffold(name: str, parent: Path) -> Path:
     files = {
         "pyproject.toml": _PYPROJECT,
         f"host_plugin_{name}/__init__.py": _INIT,
+        f"host_plugin_{name}/callbacks.py": _CALLBACKS,
         "README.md": _README,
         "tests/test_plugin.py": _TEST,
     }
     for rel, text in files.items():
         path = target / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text.format(name=name, dist=dist, cls=cls))
+        path.write_text(text.format(name=name, dist=dist, cls=cls, host_range=host_range()))
     return target

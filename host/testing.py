@@ -233,17 +233,21 @@ def run_host(offline, monkeypatch, tmp_path):
     return run
 
 
-def write_plugin_dist(site: str | Path, name: str, source: str, version: str = "0.1.0") -> Path:
+def write_plugin_dist(
+    site: str | Path, name: str, source: str, version: str = "0.1.0", distribution: str | None = None
+) -> Path:
     """Make ``name`` an installed plugin in directory ``site``: its module plus a ``.dist-info``
     with the ``host.plugins`` entry point, exactly what pip would leave. Put ``site`` on
-    ``sys.path`` (or PYTHONPATH for a subprocess) to use it."""
+    ``sys.path`` (or PYTHONPATH for a subprocess) to use it. ``distribution`` (default
+    ``host-plugin-<name>``) names the distribution; its module is named after it."""
     site = Path(site)
     site.mkdir(parents=True, exist_ok=True)
-    module = f"host_plugin_{name}"
+    distribution = distribution or f"host-plugin-{name.replace('_', '-')}"
+    module = distribution.replace("-", "_")
     (site / f"{module}.py").write_text(inspect.cleandoc(source) + "\n")
-    info = site / f"host_plugin_{name}-{version}.dist-info"
+    info = site / f"{module}-{version}.dist-info"
     info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: host-plugin-{name}\nVersion: {version}\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
     (info / "entry_points.txt").write_text(f"[host.plugins]\n{name} = {module}\n")
     (info / "RECORD").write_text("")
     return site
@@ -251,16 +255,32 @@ def write_plugin_dist(site: str | Path, name: str, source: str, version: str = "
 
 @pytest.fixture
 def local_plugin(tmp_path, monkeypatch):
-    """``local_plugin(name, source) -> site dir``: install a one-file plugin for this test only."""
+    """``local_plugin(name, source) -> site dir``: install a one-file plugin for this test only.
+
+    The module is dropped from ``sys.modules`` when it is written and when the test ends, so a later
+    test (or a second call in this one) that reuses the name imports its own source, never this one's."""
     import importlib
+    import sys
 
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
+    modules: set[str] = set()
+
+    def forget() -> None:
+        for module in modules:
+            for loaded in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+                del sys.modules[loaded]
+        importlib.invalidate_caches()
 
     def make(name: str, source: str) -> Path:
+        modules.add(f"host_plugin_{name}")
+        forget()
+        for stale in (site / "__pycache__").glob(f"host_plugin_{name}.*"):  # same second, same size: stale
+            stale.unlink()
         write_plugin_dist(site, name, source)
         importlib.invalidate_caches()
         return site
 
-    return make
+    yield make
+    forget()

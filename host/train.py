@@ -114,10 +114,10 @@ def _cuda() -> bool:
 
 
 def _callbacks(cfg, pm) -> list:
-    from host.callbacks import MarkComplete, StepTimer
+    from host.callbacks import GradNormLog, MarkComplete, StepTimer
 
     extra = [cb for cbs in pm.hook.trainer_callbacks(cfg=cfg) for cb in (cbs or [])]
-    return [MarkComplete(), StepTimer(), *extra]
+    return [MarkComplete(), StepTimer(), GradNormLog(), *extra]
 
 
 def train(cfg, pm, warnings=()):
@@ -156,7 +156,10 @@ def train(cfg, pm, warnings=()):
         callbacks=_callbacks(cfg, pm),
     )
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and checkpoints.finished_at(resume, cfg.max_steps) is not None:
+        result = _restore_finished(trainer, resume)  # killed during the final save: only that is left
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
     wall = time.time() - start
     if trainer.is_fsdp_enabled:  # the final model loads on one device: gather it, whatever checkpoints used
@@ -170,6 +173,21 @@ def train(cfg, pm, warnings=()):
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary
+
+
+def _restore_finished(trainer, checkpoint: str):
+    """Load a checkpoint that already ends training (weights and state), without a training step:
+    the Trainer would otherwise run one step past ``max_steps`` when resumed from it."""
+    import os
+
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    log.info("%s already ends training; restoring it to write the final model", checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
 
 
 def pack_for_training(cfg, train_ds, eval_ds):

@@ -17,6 +17,9 @@ print(" ".join(m.group(1).replace("-", "_") for d in deps if (m := re.match(r"ho
 PY
 }
 
+echo "=== packaging: build every distribution, twine check"
+bash scripts/check-packaging.sh
+
 all=()
 for dir in plugins/*/; do
   p=$(basename "$dir")

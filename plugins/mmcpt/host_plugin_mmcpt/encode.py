@@ -30,6 +30,10 @@ _TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "video_token", "vision_
 MM_TEXT, IMAGES, BASE, REMOTE, SRC, ROW = "_mm_text", "images", "_mm_base", "_mm_remote", "_mm_src", "_mm_row"
 
 
+#: The placeholder most image+text datasets use; in a row for a processor whose token differs, it is a mistake.
+GENERIC_PLACEHOLDER = "<image>"
+
+
 class BadRow(DataError):
     """A row that cannot be trained on as configured; dropped and counted under skip_bad_rows."""
 
@@ -211,16 +215,31 @@ class RowEncoder:
         if not isinstance(text, str):
             raise BadRow(f"{where}: column {self.entry.text_column!r} must be a string, got {type(text).__name__}.")
         refs = self._images(row, where)
+        if self.data_token != self.spec.placeholder and self.spec.placeholder in text:
+            raise BadRow(
+                f"{where}: column {self.entry.text_column!r} holds the processor's own image token "
+                f"{self.spec.placeholder!r} besides the configured image_token {self.data_token!r}; use only "
+                f"{self.data_token!r} to mark images (one per image)."
+            )
+        if self.entry.image_token is None and GENERIC_PLACEHOLDER != self.spec.placeholder and GENERIC_PLACEHOLDER in text:
+            raise BadRow(
+                f"{where}: column {self.entry.text_column!r} holds {GENERIC_PLACEHOLDER!r}, which is not this processor's "
+                f"image token {self.spec.placeholder!r}. If it marks images, set image_token: {GENERIC_PLACEHOLDER!r} on "
+                f"the dataset entry (and use only that); otherwise remove it from the text."
+            )
         n = text.count(self.data_token)
+        if n and not refs and self.entry.image_column not in row:
+            raise BadRow(
+                f"{where}: {n} image placeholder(s) {self.data_token!r} in the text, but the row has no "
+                f"{self.entry.image_column!r} column (it has {sorted(row)}); give the images there, or set "
+                f"image_column on the dataset entry."
+            )
         if n != len(refs):
             raise BadRow(
-                f"{where}: {n} image placeholder(s) {self.data_token!r} in the text but {len(refs)} image(s); "
-                f"each image needs exactly one placeholder."
+                f"{where}: {n} image placeholder(s) {self.data_token!r} in column {self.entry.text_column!r} but "
+                f"{len(refs)} image(s) in column {self.entry.image_column!r}; each image needs exactly one placeholder."
             )
         if self.data_token != self.spec.placeholder:
-            if self.spec.placeholder in text:
-                raise BadRow(f"{where}: the text contains the processor's own image token {self.spec.placeholder!r} "
-                             f"besides the configured image_token {self.data_token!r}.")
             text = text.replace(self.data_token, self.spec.placeholder)
         if self.entry.add_eos:
             text = text + self.tok.eos_token

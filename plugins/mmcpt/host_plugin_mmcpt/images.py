@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -62,6 +63,8 @@ def resolve(ref, base: str | None, allow_remote: bool, where: str) -> str:
     """Return the absolute path (or URL) ``ref`` stands for, or raise :class:`UnsafeImageRef`."""
     if not isinstance(ref, str) or not ref:
         raise BadImage(f"{where}: image reference {ref!r} is not a non-empty string.")
+    if "\x00" in ref:
+        raise BadImage(f"{where}: image reference {ref!r} holds a NUL byte; no file can have that name.")
     if is_url(ref):
         if not allow_remote:
             raise UnsafeImageRef(
@@ -117,6 +120,16 @@ def _open(target: str, ref: str, timeout: float, where: str):
             raise BadImage(f"{where}: image {ref!r} cannot be downloaded: {exc}") from None
         return Image.open(io.BytesIO(data))
     try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        raise BadImage(f"{where}: image {ref!r} not found ({target}).") from None
+    except OSError as exc:
+        raise BadImage(f"{where}: image {ref!r} cannot be read ({exc.strerror}).") from None
+    if stat.S_ISDIR(mode):
+        raise BadImage(f"{where}: image {ref!r} is a directory ({target}).")
+    if not stat.S_ISREG(mode):  # a FIFO or device would block the read forever
+        raise BadImage(f"{where}: image {ref!r} is not a regular file (a pipe, socket or device: {target}); refused.")
+    try:
         return Image.open(target)
     except FileNotFoundError:
         raise BadImage(f"{where}: image {ref!r} not found ({target}).") from None
@@ -127,12 +140,17 @@ def _open(target: str, ref: str, timeout: float, where: str):
 
 
 def image_size(ref, base, allow_remote, where: str, timeout: float = 30.0) -> tuple[int, int]:
-    """``(height, width)`` from the image header only (pixels are not decoded)."""
+    """``(height, width)`` from the image header; the file's structure and checksums are verified
+    too (PIL ``verify``: a corrupt body behind a valid header fails here, at preparation, not in
+    the middle of training), but pixels are not decoded."""
     target = resolve(ref, base, allow_remote, where)
     STATS.record("header", target)
     img = _open(target, ref, timeout, where)
     try:
         width, height = img.size
+        img.verify()
+    except Exception as exc:
+        raise BadImage(f"{where}: image {ref!r} is corrupt or truncated ({type(exc).__name__}: {exc}).") from None
     finally:
         img.close()
     if not width or not height:
