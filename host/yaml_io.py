@@ -96,7 +96,7 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror}).") from None
     if stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{path}: is a directory, not a config file. Give the path of a .yaml file.")
+        raise ConfigError(f"{path}: cannot read config file (it is a directory). Give the path of a .yaml file.")
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(
             f"{path}: is not a regular file (a pipe, socket or device); a config must be a .yaml file on disk "

@@ -109,7 +109,7 @@ def test_fifo_config_is_refused_without_hanging(run_host, tmp_path):
 
 
 def test_directory_and_non_utf8_configs(run_host, tmp_path):
-    assert "is a directory" in run_host("validate", tmp_path).output
+    assert "it is a directory" in run_host("validate", tmp_path).output
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("base_model: caf\xe9\n".encode("latin-1"))
     result = run_host("validate", bad)

@@ -61,7 +61,8 @@ def test_missing_and_corrupt_images(base):
         im.image_size("garbage.png", str(base), False, "data.jsonl: row 4")
     good = (base / "ok.png").read_bytes()
     (base / "truncated.png").write_bytes(good[: len(good) // 2])  # header fine, pixels cut
-    assert im.image_size("truncated.png", str(base), False, "row 5") == (24, 24)
+    with pytest.raises(im.BadImage, match=r"row 5: image 'truncated\.png' is corrupt"):
+        im.image_size("truncated.png", str(base), False, "row 5")  # caught at preparation, not mid-training
     with pytest.raises(im.BadImage, match=r"row 5: image 'truncated\.png' is corrupt"):
         im.load_image("truncated.png", str(base), False, "row 5")
 
