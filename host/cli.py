@@ -180,7 +180,7 @@ def plugins_new(
     from host.scaffold import scaffold
 
     target = scaffold(name, path)
-    typer.echo(f"created {target}\nnext: pip install -e {target} && pytest {target}/tests")
+    typer.echo(f"created {target}\nnext: pip install -e '{target}[test]' && pytest {target}/tests")
 
 
 def main() -> None:
