@@ -43,6 +43,9 @@ class Family:
 
 
 _NO_LAYER_NORM = "its norms are all RMSNorm (use liger_rms_norm); liger-kernel patches no LayerNorm for it"
+_CE_CLASS_UNUSED = ("liger-kernel replaces {what}, which this family's model no longer calls (its loss is "
+                    "transformers' shared loss function), so it would be a silent no-op; use "
+                    "liger_fused_linear_cross_entropy")
 
 
 def _m(name: str) -> str:
@@ -55,7 +58,8 @@ FAMILIES: dict[str, Family] = {
                     unsupported={"liger_layer_norm": _NO_LAYER_NORM}),
     "mistral": Family("apply_liger_kernel_to_mistral", _m("mistral"), ("MistralForCausalLM",),
                       rms_norm="MistralRMSNorm", glu_targets=("MistralMLP",),
-                      unsupported={"liger_layer_norm": _NO_LAYER_NORM}),
+                      unsupported={"liger_layer_norm": _NO_LAYER_NORM,
+                                   "liger_cross_entropy": _CE_CLASS_UNUSED.format(what="modeling_mistral.CrossEntropyLoss")}),
     "mixtral": Family("apply_liger_kernel_to_mixtral", _m("mixtral"), ("MixtralForCausalLM",),
                       rms_norm="MixtralRMSNorm", glu_targets=("MixtralExperts",), moe_experts=True,
                       unsupported={"liger_layer_norm": _NO_LAYER_NORM}),
@@ -77,7 +81,8 @@ FAMILIES: dict[str, Family] = {
                           unsupported={"liger_layer_norm": _NO_LAYER_NORM}),
     "gemma3": Family("apply_liger_kernel_to_gemma3", _m("gemma3"), ("Gemma3ForConditionalGeneration",),
                      glu_param="geglu", rms_norm="Gemma3RMSNorm", glu_targets=("Gemma3MLP",),
-                     layer_norm=("torch.nn.LayerNorm",), extra_modules=(_m("siglip"),)),
+                     layer_norm=("torch.nn.LayerNorm",), extra_modules=(_m("siglip"),),
+                     unsupported={"liger_cross_entropy": _CE_CLASS_UNUSED.format(what="torch.nn.CrossEntropyLoss")}),
     "gemma4_text": Family("apply_liger_kernel_to_gemma4_text", _m("gemma4"), ("Gemma4ForCausalLM",),
                           glu_param="geglu", rms_norm="Gemma4RMSNorm", glu_targets=("Gemma4TextMLP",),
                           unsupported={

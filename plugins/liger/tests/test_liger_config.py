@@ -45,6 +45,8 @@ def test_model_type_is_read_from_config_json_only(tmp_path):
         ("qwen3_5_moe", "liger_rope", "NotImplementedError"),
         ("llama", "liger_layer_norm", "RMSNorm"),
         ("qwen3_moe", "liger_layer_norm", "RMSNorm"),
+        ("mistral", "liger_cross_entropy", "silent no-op"),
+        ("gemma3", "liger_cross_entropy", "silent no-op"),
     ],
 )
 def test_unsupported_key_names_key_family_and_alternative(make_plugin_manager, tmp_path, model_type, key, why):
@@ -123,3 +125,20 @@ def test_torch_compile_keeps_the_fused_loss_out_of_dynamo(make_plugin_manager, t
     assert wrapped is not original and getattr(wrapped, "__wrapped__", None) is original
     patching.restore()
     assert ops.fused_linear_cross_entropy_forward is original
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_patches_exactly_what_it_declares(model_type):
+    """liger's apply function, all supported keys on (except the loss pair): every declared target changes."""
+    from host_plugin_liger import patching
+    from host_plugin_liger.families import targets
+
+    family = FAMILIES[model_type]
+    supported = {k: k in supported_keys(family) for k in KEYS}
+    losses = ("liger_cross_entropy", "liger_fused_linear_cross_entropy")
+    for loss_key in losses:  # the two losses are exclusive: one at a time
+        on = {**supported, **{k: k == loss_key and supported[k] for k in losses}}
+        changed = patching.apply(family, on)
+        patching.restore()
+        declared = {t for t in targets(family, on) if t.startswith(("transformers.", "torch."))}
+        assert declared <= changed, (declared - changed, sorted(changed))
