@@ -29,14 +29,6 @@ def check_paths(cfg, source: str) -> None:
                 f"{source}: {key}: {value} does not exist. It is a local path (not a hub id such as "
                 f"'org/name'); check the path or build the model there first."
             )
-    for i, entry in enumerate(getattr(cfg, "datasets", None) or []):
-        value = getattr(entry, "path", None)
-        if (isinstance(value, str) and looks_local(value) and not any(c in value for c in "*?[")
-                and not Path(value).expanduser().exists()):
-            raise ConfigError(
-                f"{source}: datasets[{i}].path: {value} does not exist. It is a local path (not a hub dataset id "
-                f"such as 'org/name'); check the path."
-            )
     resume = cfg.resume_from_checkpoint
     if isinstance(resume, str) and not Path(resume).expanduser().is_dir():
         raise ConfigError(

@@ -25,8 +25,6 @@ def _cfg(tmp_path, tiny_model, text_file, **overrides):
         ({"base_model": "./models/tiny"}, "base_model: ./models/tiny does not exist"),
         ({"tokenizer": "~/no/such/tokenizer"}, "tokenizer: ~/no/such/tokenizer does not exist"),
         ({"resume_from_checkpoint": "/nonexistent/checkpoint-5"}, "resume_from_checkpoint: /nonexistent/checkpoint-5"),
-        ({"datasets": [{"path": "./no/such/data.jsonl", "type": "completion"}]},
-         "datasets[0].path: ./no/such/data.jsonl does not exist"),
         ({"max_steps": True}, "max_steps"),
         ({"max_steps": "7"}, "max_steps"),
         ({"lora_r": True}, "lora_r"),

@@ -15,6 +15,7 @@ from host_plugin_compile_opts.options import ALLOWLIST
 
 def _cfg(tmp_path, **overrides) -> dict:
     data = {"path": str(tmp_path / "data.jsonl"), "type": "completion"}
+    (tmp_path / "no-model-here").mkdir(exist_ok=True)  # must exist for validate; empty, so any load would fail
     cfg = base_config(tmp_path / "no-model-here", data["path"], tmp_path / "out", plugins=["compile_opts"])
     cfg["datasets"] = [data]
     cfg.update(overrides)
