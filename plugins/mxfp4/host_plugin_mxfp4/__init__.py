@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from host import hookimpl
 from host.config import StrictModel
@@ -36,6 +36,17 @@ class Mxfp4Config(StrictModel):
         "(selective on CPU); selective: dequantize the routed experts, then scattermoe's bf16 kernels; "
         "fused: dequantize inside the Triton K loop (lowest memory: no bf16 weight tile is ever written).",
     )
+
+    @field_validator("quantize_moe_experts", mode="before")
+    @classmethod
+    def _axolotl_bool(cls, value):
+        """axolotl's boolean form means bitsandbytes-quantised experts: that is the qlora plugin's."""
+        if value is True:
+            raise ValueError(
+                "true is axolotl's bitsandbytes expert quantisation, which the qlora plugin provides (enable it "
+                "instead of mxfp4); with mxfp4, set quantize_moe_experts: mxfp4 or nvfp4"
+            )
+        return None if value is False else value
 
 
 @hookimpl

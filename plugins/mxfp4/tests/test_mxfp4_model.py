@@ -180,6 +180,11 @@ def test_config_errors(tiny_model, make_plugin_manager, tmp_path):
     data["quantize_moe_experts"] = "int4"
     with pytest.raises(ConfigError, match="quantize_moe_experts"):
         validate(data, pm)
+    data["quantize_moe_experts"] = True  # axolotl's form: bitsandbytes experts, the qlora plugin's job
+    with pytest.raises(ConfigError, match="quantize_moe_experts.*qlora plugin"):
+        validate(data, pm)
+    data["quantize_moe_experts"] = False  # axolotl's "off": the same as unset
+    assert validate(data, pm).quantize_moe_experts is None
 
 
 def test_dense_model_is_a_clear_error(tiny_model, make_plugin_manager, tmp_path):
