@@ -176,11 +176,17 @@ def _checked(ds, where: str, schema: dict | None, checks: dict):
         return ds
     require_columns(ds, list(schema or {}), where)
     present = [c for c in checks if c in ds.column_names]
-    for i, row in enumerate(ds.select_columns(present)):
-        for column in present:
-            problem = checks[column](row[column])
-            if problem:
-                raise DataError(f"{where}: row {i}: field {column!r} {problem}.")
+    if not present:
+        return ds
+    start = 0
+    for batch in ds.select_columns(present).iter(batch_size=1000):
+        n = len(batch[present[0]])
+        for j in range(n):
+            for column in present:
+                problem = checks[column](batch[column][j])
+                if problem:
+                    raise DataError(f"{where}: row {start + j}: field {column!r} {problem}.")
+        start += n
     return ds
 
 
@@ -378,7 +384,9 @@ def finish_rows(ds, cfg, where: str, owner: str, kind: str, tokenizer=None):
             return _truncate(row, seq) if n > seq and policy == "truncate" else {}
 
         out = ds.map(enforce, with_indices=True)
-        return out.filter(lambda row: len(row["input_ids"]) <= seq) if policy == "drop" else out
+        if policy == "drop":
+            out = out.filter(lambda row: len(row["input_ids"]) <= seq)
+        return out.filter(lambda row: any(t != -100 for t in row["labels"]))
 
     columns = set(ds.column_names)
     missing = [k for k in ("input_ids", "labels") if k not in columns]
@@ -395,7 +403,12 @@ def finish_rows(ds, cfg, where: str, owner: str, kind: str, tokenizer=None):
         keep = sorted(set(range(len(lengths))) - set(too_long))
         ds = ds.select(keep)
         log.warning("%s: dropped %d row(s) longer than sequence_len=%d", where, len(too_long), seq)
-    if len(ds) == 0 or not _any_label(ds):
+    trained = _rows_with_labels(ds) if len(ds) else []
+    if trained and not all(trained) and any(trained):
+        ds = ds.select([i for i, t in enumerate(trained) if t])
+        log.warning("%s: dropped %d row(s) whose labels are all -100 (nothing to learn, e.g. a prompt without "
+                    "a response)", where, trained.count(False))
+    if len(ds) == 0 or not any(trained):
         raise DataError(
             f"{where}: no trainable rows left after dropping {len(too_long)} row(s) longer than sequence_len={seq} "
             f"(or no row has a label other than -100, e.g. no assistant turns). Raise sequence_len or set "
@@ -450,11 +463,16 @@ def _check_all(ds, rules: _RowRules) -> list[int]:
     return lengths.to_pylist()
 
 
-def _any_label(ds) -> bool:
+def _rows_with_labels(ds) -> list[bool]:
+    """Per row: does any label differ from -100?"""
+    import numpy as np
     import pyarrow.compute as pc
 
-    flat = pc.list_flatten(ds.with_format("arrow")[:].column("labels"))
-    return len(flat) > 0 and bool(pc.any(pc.not_equal(flat, -100)).as_py())
+    col = ds.with_format("arrow")[:].column("labels").combine_chunks()
+    hit = pc.filter(pc.list_parent_indices(col), pc.not_equal(pc.list_flatten(col), -100))
+    mask = np.zeros(len(ds), dtype=bool)
+    mask[hit.to_numpy()] = True
+    return mask.tolist()
 
 
 def prepare(cfg, pm, tokenizer, processor=None):

@@ -213,3 +213,31 @@ def test_axolotl_thinking_keys_passthrough_and_drop_system(make_plugin_manager, 
     assert b["input_ids"] == a["input_ids"]
     _, c = _run(make_plugin_manager, tok_dir, [same], entry={"drop_system_message": True, "type": "chat_template.default"}, **kw)
     assert "Be brief" not in tokenizer.decode(c[0]["input_ids"]) and "Be brief" in tokenizer.decode(b[0]["input_ids"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_added_token_rows_train_tied_or_not(make_plugin_manager, tiny_tokenizer, tied):
+    """LoRA + new tokens: only the new rows (and LoRA) get gradients, whether lm_head is tied or not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from host.model import attach_adapter
+    from host.testing import tiny_config
+    from host.tokens import apply_to_tokenizer, fit_embeddings
+
+    pm = make_plugin_manager([])
+    cfg = validate({"base_model": "u", "adapter": "lora", "lora_target_modules": ["q_proj"], "tokens": ["<|a|>", "<|b|>"]}, pm)
+    tok = copy.deepcopy(tiny_tokenizer)
+    assert sorted(apply_to_tokenizer(cfg, tok)) == ["<|a|>", "<|b|>"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3", len(tiny_tokenizer), tie_word_embeddings=tied))
+    fit_embeddings(model, tok)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    model = attach_adapter(cfg, model, tok)
+    ids = torch.tensor([tok.convert_tokens_to_ids(["<|a|>", "<|b|>"]) + [5, 6]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    deltas = [n for n in trainable if "trainable_tokens_delta" in n]
+    assert len(deltas) == (1 if tied else 2), deltas
+    assert all(trainable[n].shape[0] == 2 and trainable[n].grad.abs().sum() > 0 for n in deltas)
+    assert all("lora_" in n or "trainable_tokens" in n for n in trainable)

@@ -203,3 +203,14 @@ def test_readme_dataset_type_example_works(local_plugin, make_plugin_manager, ti
     train, _ = prepare(validate(data, pm), pm, tiny_tokenizer)
     row = train[0]
     assert tiny_tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]) == "FIFO.<|endoftext|>"
+
+
+def test_rows_without_any_label_are_dropped(make_plugin_manager, tiny_tokenizer, tmp_path, caplog):
+    """A row whose labels are all -100 teaches nothing (and a batch of them has no loss): dropped, counted."""
+    rows = [{"messages": [{"role": "user", "content": "only a question"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"}]}]
+    f = write_jsonl(tmp_path / "c.jsonl", rows)
+    pm = make_plugin_manager([])
+    cfg = validate({"base_model": "u", "datasets": [{"path": str(f), "type": "chat_template"}]}, pm)
+    train, _ = prepare(cfg, pm, tiny_tokenizer)
+    assert len(train) == 1 and "dropped 1 row(s) whose labels are all -100" in caplog.text
