@@ -233,9 +233,12 @@ def dataset_type_models(pm) -> dict[str, tuple[str, type[DatasetConfig]]]:
     for impl in reversed(pm.hook.dataset_types.get_hookimpls()):
         for name, model in (impl.function() or {}).items():
             if name in types:
+                owners = sorted({types[name][0], impl.plugin_name})
+                fix = (f"it is built into the host, so plugin {owners[1 - owners.index('host')]!r} must give its type "
+                       f"another name" if "host" in owners else "disable one of them")
                 raise PluginError(
                     f"plugins: dataset type {name!r} is claimed by both {types[name][0]!r} and "
-                    f"{impl.plugin_name!r}; disable one of them."
+                    f"{impl.plugin_name!r}; {fix}."
                 )
             types[name] = (impl.plugin_name, model)
     return types

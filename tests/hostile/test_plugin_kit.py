@@ -197,3 +197,20 @@ def test_callbacks_see_grad_norm_before_and_after_clipping(local_plugin, run_hos
         assert abs(r["after"] - min(r["before"], 0.05)) < 1e-6, r
         assert abs(r["applied"] - r["after"]) < 1e-4, r  # what the optimizer got is what was reported
     assert any(r["before"] > 0.05 for r in records), "no step was clipped; the test shows nothing"
+
+
+def test_plugin_type_clashing_with_a_builtin_type_says_rename(local_plugin, run_host, write_config):
+    local_plugin("mine", '''
+        from host import hookimpl
+        from host.config import DatasetConfig
+
+        class Mine(DatasetConfig):
+            pass
+
+        @hookimpl
+        def dataset_types():
+            return {"completion": Mine}
+    ''')
+    result = run_host("validate", write_config({"base_model": "gpt2", "plugins": ["mine"]}))
+    assert result.exit_code == 2
+    assert "built into the host, so plugin 'mine' must give its type another name" in result.output
