@@ -107,13 +107,14 @@ def attach_adapter(cfg, model, tokenizer=None):
         return model
     from peft import LoraConfig, get_peft_model
 
-    from host.tokens import trainable_token_indices
+    from host.tokens import save_token_rows_only, trainable_token_indices
 
     if not cfg.lora_target_modules and not cfg.lora_target_parameters:
         raise ConfigError(
             f"lora_target_modules: adapter is {cfg.adapter} but no targets are set; set lora_target_modules "
             "(e.g. [q_proj, v_proj] or all-linear) and/or lora_target_parameters."
         )
+    token_rows = trainable_token_indices(cfg, model, tokenizer) if tokenizer is not None else None
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -121,13 +122,15 @@ def attach_adapter(cfg, model, tokenizer=None):
         target_modules=cfg.lora_target_modules or [],
         target_parameters=cfg.lora_target_parameters or None,
         modules_to_save=cfg.lora_modules_to_save,
-        trainable_token_indices=trainable_token_indices(cfg, model, tokenizer) if tokenizer is not None else None,
+        trainable_token_indices=token_rows,
         task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"lora_target_modules/lora_target_parameters: {exc}") from None
+    if token_rows:
+        save_token_rows_only(model)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     return model

@@ -87,3 +87,15 @@ def trainable_token_indices(cfg, model, tokenizer) -> dict[str, list[int]] | Non
             len(ids), ids, ", ".join(out), "tied input/output embeddings" if tied else "input and output embeddings",
         )
     return out or None
+
+
+def save_token_rows_only(peft_model) -> None:
+    """Save only the added tokens' rows, not two whole vocabulary-sized layers.
+
+    peft's ``save_embedding_layers="auto"`` sees a resized vocabulary and writes the full input and
+    output embeddings into every adapter (GBs for a real model). The trainable-token rows *replace*
+    the base rows (peft writes them with ``index_copy``), so they are all a resized base needs.
+    """
+    import functools
+
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)

@@ -193,6 +193,7 @@ def test_added_tokens_train_with_lora_and_merge(run_host, write_config, tiny_mod
     token_keys = [k for k in saved if "trainable_tokens" in k]
     assert any("embed_tokens" in k for k in token_keys) and any("lm_head" in k for k in token_keys), sorted(saved)
     assert all(v.shape[0] == 2 for k, v in saved.items() if k in token_keys)  # two new tokens, nothing more
+    assert not [k for k in saved if "base_layer" in k or k.endswith("embed_tokens.weight")], sorted(saved)
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in (out / "tokenizer.json").read_text() and "chat_template" in str(tok_cfg) + str(list(out.iterdir()))
     result = run_host("merge-lora", write_config(cfg))
