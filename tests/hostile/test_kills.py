@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from host.testing import base_config, offline_env
@@ -28,7 +29,9 @@ KILLER = '''
                 os.kill(os.getpid(), signal.SIGKILL)
 
         def on_save(self, args, state, control, **kwargs):
-            if os.environ.get("KILL_AT") == "first_save":
+            if os.environ.get("KILL_AT") == "first_save" or (
+                os.environ.get("KILL_AT") == "second_save" and state.global_step > args.save_steps
+            ):
                 # the Trainer has written the checkpoint, the host's marker is not there yet
                 Path(args.output_dir, f"checkpoint-{state.global_step}", "host_complete").unlink()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -48,27 +51,36 @@ def _killed_run(site, cfg_path, point):
     assert proc.returncode == -9, proc.stderr[-3000:]
 
 
-def test_killed_during_final_save_resumes_without_an_extra_step(local_plugin, run_host, write_config, tiny_model,
-                                                                 text_file, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["final_save", "second_save"])
+def test_killed_then_resumed_matches_uninterrupted(local_plugin, run_host, write_config, tiny_model, text_file,
+                                                    tmp_path, point):
+    """final_save: killed while writing the final model (checkpoint-6 is complete): resuming must not
+    train step 7. second_save: killed before checkpoint-4 was marked complete: resume from checkpoint-2."""
     site = local_plugin("killer", KILLER)
-    common = dict(plugins=["killer"], max_steps=6, save_steps=3, lr_scheduler="constant", lora_dropout=0.1)
+    common = dict(plugins=["killer"], max_steps=6, save_steps=2, lr_scheduler="constant", lora_dropout=0.1)
     model = tiny_model("qwen3_moe")
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"
     assert run_host("train", write_config(base_config(model, text_file, ref_out, **common), "ref.yaml")).exit_code == 0
 
-    _killed_run(site, write_config(base_config(model, text_file, run_out, **common), "run.yaml"), "final_save")
-    assert (run_out / "checkpoint-6" / "host_complete").exists() and not (run_out / "run_summary.json").exists()
+    _killed_run(site, write_config(base_config(model, text_file, run_out, **common), "run.yaml"), point)
+    assert not (run_out / "run_summary.json").exists()
+    if point == "final_save":
+        assert (run_out / "checkpoint-6" / "host_complete").exists()
+    else:
+        assert not (run_out / "checkpoint-4" / "host_complete").exists() and not (run_out / "checkpoint-6").exists()
 
     resumed = write_config(base_config(model, text_file, run_out, resume_from_checkpoint=True, **common), "res.yaml")
     result = run_host("train", resumed)
     assert result.exit_code == 0, result.output
     assert json.loads((run_out / "run_summary.json").read_text())["steps"] == 6
-    assert not (run_out / "checkpoint-7").exists()
+    assert not (run_out / "checkpoint-7").exists() and not (run_out / "checkpoint-8").exists()
     ref, got = load_file(ref_out / "adapter_model.safetensors"), load_file(run_out / "adapter_model.safetensors")
     assert ref.keys() == got.keys()
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-6
 
 
+@pytest.mark.slow
 def test_killed_before_first_complete_checkpoint_starts_fresh(local_plugin, run_host, write_config, tiny_model,
                                                               text_file, tmp_path):
     site = local_plugin("killer", KILLER)
