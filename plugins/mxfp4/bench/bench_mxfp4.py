@@ -247,9 +247,15 @@ def correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=("sele
     b1 = getattr(dense, "gate_up_proj_bias", None) if getattr(dense, "has_bias", False) else None
     b2 = getattr(dense, "down_proj_bias", None) if getattr(dense, "has_bias", False) else None
     h = ops.scattered_experts(x, W1, k, sei, ssi, offs, *lor["gate_up_proj"][:2], lor["gate_up_proj"][2], b1, False, True)
-    h = dense._apply_gate(h)
-    y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, *lor["down_proj"][:2], lor["down_proj"][2], b2, True, False)
-    ref = ops.combine(y, w.to(y.dtype))
+    from host_plugin_scattermoe import experts as sm_experts
+    from host_plugin_scattermoe import fused
+
+    if sm_experts._is_default_silu_gate(dense) and b2 is None:  # scattermoe's experts forward takes its fused tail
+        ref = fused.glu_down_combine(h, W2, k, sei, ssi, offs, *lor["down_proj"][:2], lor["down_proj"][2], w)
+    else:
+        h = dense._apply_gate(h)
+        y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, *lor["down_proj"][:2], lor["down_proj"][2], b2, True, False)
+        ref = ops.combine(y, w.to(y.dtype))
     ref.backward(dy)
     ref_vals = {"out": ref.detach().float(), "dX": x.grad.float()}
     for pname, (A, B, _) in lor.items():

@@ -2,8 +2,12 @@
 
 * ``selective`` (A): the experts this batch routes to are gathered from the packed container,
   dequantized to the activation dtype (a ``[a, N, K]`` buffer, ``a`` = active experts), the routing
-  is remapped to ``0..a-1``, and scattermoe's bf16 path (``host_plugin_scattermoe.ops``) runs on
-  them: bit-identical to scattermoe on the dequantized weights.
+  is remapped to ``0..a-1``, and scattermoe's bf16 path (``host_plugin_scattermoe.ops``, and its
+  fused GLU/down/combine tail for the default SiLU gate) runs on them: bit-identical to scattermoe
+  on the dequantized weights. With at least ``DENSE_ROUTES_PER_EXPERT`` routed rows per expert
+  (T·k ≥ 4E: every expert is almost surely routed) all experts are dequantized in place of the
+  selection: no ``torch.unique`` (a host synchronisation that stalls the step), no remap, no gather
+  copy of the packed bytes.
 * ``fused`` (B): :func:`host_plugin_mxfp4.ops.fp4_scattered_experts`; no bf16 weight tile exists.
 * ``auto``: per layer shape and batch (bucketed token count and active-expert fraction), both are
   timed once (forward + backward on CUDA) and the faster is cached; A is skipped when its dequant
@@ -30,6 +34,8 @@ log = logging.getLogger("host.mxfp4")
 STRATEGIES = ("auto", "selective", "fused")
 SETTINGS = {"strategy": "auto"}
 AUTO_MAX_DEQUANT_BYTES = 4 << 30
+#: Routed rows per expert from which A dequantizes every expert instead of selecting the active ones.
+DENSE_ROUTES_PER_EXPERT = 4
 _AUTO_CACHE: dict = {}
 STATS = {"selective": 0, "fused": 0}
 
@@ -72,29 +78,40 @@ def _select_experts(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.permute(order).index_select(order.index(0), index).permute(inv)
 
 
+def _dense_routing(self, top_k_index) -> bool:
+    return top_k_index.numel() >= DENSE_ROUTES_PER_EXPERT * self.num_experts
+
+
 def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     """Strategy A (see module doc)."""
-    from host_plugin_scattermoe import ops
+    from host_plugin_scattermoe import experts as sm_experts
+    from host_plugin_scattermoe import fused, ops
     from host_plugin_scattermoe.routing import sort_tokens
 
     up_name, (l1, b1), (l2, b2) = _layer_params(self)
     E = self.num_experts
     k = top_k_index.shape[-1]
     dt = _dtype(self, up_name)
-    active = torch.unique(top_k_index.reshape(-1))  # sorted
-    remap = torch.full((E,), -1, dtype=torch.long, device=top_k_index.device)
-    remap[active] = torch.arange(active.numel(), device=top_k_index.device)
-    idx = remap[top_k_index]
-    a = active.numel()
+    if _dense_routing(self, top_k_index):
+        active, idx, a = None, top_k_index, E
+    else:
+        active = torch.unique(top_k_index.reshape(-1))  # sorted
+        remap = torch.full((E,), -1, dtype=torch.long, device=top_k_index.device)
+        remap[active] = torch.arange(active.numel(), device=top_k_index.device)
+        idx = remap[top_k_index]
+        a = active.numel()
 
     def weights(name, lora, bias):
         # [a, K, N] kernel view, stored like the module's own parameter (K-major when transposed)
-        W = loading.get_weights(self, name).select(active).dequantize(dt, k_major=loading.is_transposed(self))
+        w = loading.get_weights(self, name)
+        W = (w if active is None else w.select(active)).dequantize(dt, k_major=loading.is_transposed(self))
         W = W.transpose(1, 2)
-        if lora is not None:
-            A, B, s = lora
-            lora = (_select_experts(A, active), _select_experts(B, active), s)
-        return W, lora, (bias.index_select(0, active) if bias is not None else None)
+        if active is not None:
+            if lora is not None:
+                A, B, s = lora
+                lora = (_select_experts(A, active), _select_experts(B, active), s)
+            bias = bias.index_select(0, active) if bias is not None else None
+        return W, lora, bias
 
     W1, l1, b1 = weights(up_name, l1, b1)
     sei, ssi, offs = sort_tokens(idx, a)
@@ -102,9 +119,13 @@ def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     h = ops.scattered_experts(x, W1, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
     del W1
-    h = _gate(self, h)
     W2, l2, b2 = weights("down_proj", l2, b2)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
+    tail = (bool(getattr(self, "has_gate", True)) and sm_experts._is_default_silu_gate(self) and b2 is None
+            and not getattr(self, "has_post_expert_norm", False))
+    if tail:  # the same fused tail as scattermoe's experts forward (bit-identical to it)
+        return fused.glu_down_combine(h, W2, k, sei, ssi, offs, A2, B2, s2, top_k_weights).to(hidden_states.dtype)
+    h = _gate(self, h)
     y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, A2, B2, s2, b2, grouped_in=True, grouped_out=False)
     return _finish(self, y, top_k_weights, hidden_states)
 
@@ -158,7 +179,7 @@ def choose(self, hidden_states, top_k_index) -> str:
         # test vehicle); A dequantizes only the routed experts, so it is never slower here
         return "selective"
     E = self.num_experts
-    active = int(torch.unique(top_k_index).numel())
+    active = E if _dense_routing(self, top_k_index) else int(torch.unique(top_k_index).numel())
     w1 = loading.get_weights(self, loading.quantized_names(self)[0])
     per_expert = 2 * sum(loading.get_weights(self, n).shape[1] * loading.get_weights(self, n).shape[2] for n in loading.quantized_names(self))
     if active * per_expert > AUTO_MAX_DEQUANT_BYTES:

@@ -64,9 +64,8 @@ def main():
     print(f"{'proj':<6}{'case':<32}{'ms':>8}{'TFLOP/s':>9}")
     for name, case, ms, tf in rows:
         print(f"{name:<6}{case:<32}{ms:>8.3f}{tf:>9.0f}")
-    for kern in (K._s2s_tuned,):
-        for key, conf in kern.cache.items():
-            print("tuned", key[:8], conf)
+    for key, conf in K._PICKED.items():
+        print("tiles", key, conf)
 
 
 if __name__ == "__main__":

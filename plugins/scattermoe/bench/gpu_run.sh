@@ -40,6 +40,24 @@ if [ "$what" = rerun ]; then  # after kernel changes: GPU tests, GEMM breakdown,
   timeout 280 python3 plugins/scattermoe/bench/bench_moe_block.py > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -8 "$OUT/bench.log"
 fi
+if [ "$what" = tune ]; then  # issue 16, first call: what the two benches include, then every tile of every launch
+  timeout 110 python3 plugins/scattermoe/bench/diagnose_gap.py --shapes Qwen3-30B-A3B OLMoE-1B-7B > "$OUT/diag.log" 2>&1
+  echo "diag rc=$?"
+  timeout 300 python3 plugins/scattermoe/bench/tune_tiles.py > "$OUT/tune.log" 2>&1
+  echo "tune rc=$?"
+  grep -A 20 "^device" "$OUT/diag.log" | cut -c1-150
+  grep -B2 -A 80 "^device" "$OUT/tune.log" | cut -c1-170 | grep -v "^TILE_TABLE\|^    (" | head -70
+fi
+if [ "$what" = probe ]; then  # issue 16, second call: new kernels on the GPU, the block table, host profile
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_fused_tail.py \
+    plugins/scattermoe/tests/test_scattermoe_gpu.py > "$OUT/pytest_probe.log" 2>&1
+  echo "pytest rc=$?"; tail -3 "$OUT/pytest_probe.log"
+  timeout 200 python3 plugins/scattermoe/bench/bench_moe_block.py > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep -A 20 "^device" "$OUT/bench.log"; grep failed "$OUT/bench.log" | cut -c1-200
+  timeout 50 python3 plugins/scattermoe/bench/diagnose_gap.py --shapes Qwen3-30B-A3B --impls scattermoe --cprofile --kernel-info \
+    --iters 20 > "$OUT/diag2.log" 2>&1
+  echo "diag rc=$?"; grep -A 12 "^----- compiled" "$OUT/diag2.log" | cut -c1-120; grep -A 8 "^device" "$OUT/diag2.log" | cut -c1-150
+fi
 if [ "$what" = bf16 ]; then
   python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_models.py -k bf16 \
     > "$OUT/pytest_bf16.log" 2>&1

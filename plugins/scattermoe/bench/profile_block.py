@@ -1,4 +1,4 @@
-"""Per-kernel breakdown of one MoE block fwd+bwd (torch.profiler) and the autotuned configs.
+"""Per-kernel breakdown of one MoE block fwd+bwd (torch.profiler) and the tiles each launch used.
 
 Usage: python bench/profile_block.py [shape ...]   (shapes from bench_moe_block.SHAPES)
 """
@@ -39,11 +39,9 @@ def main(names):
             torch.cuda.synchronize()
         print(f"===== {name} (5 steps)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
-        for kname, kern in (("s2s", kernels._s2s_tuned), ("outer", kernels._outer_tuned)):
-            for key, conf in kern.cache.items():
-                print(kname, key[:8], conf)
-        kernels._s2s_tuned.cache.clear()
-        kernels._outer_tuned.cache.clear()
+        for key, conf in kernels._PICKED.items():
+            print(key, conf)
+        kernels._PICKED.clear()
         del holder, x, g
 
 

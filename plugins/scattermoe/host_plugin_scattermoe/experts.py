@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from host_plugin_scattermoe import ops
+from host_plugin_scattermoe import fused, ops
 from host_plugin_scattermoe.lora import transpose_for_kernel, weight_and_lora
 from host_plugin_scattermoe.routing import sort_tokens
 
@@ -40,6 +40,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
     h = ops.scattered_experts(x, W1k, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
+    if has_gate and _is_default_silu_gate(self) and b2 is None and not getattr(self, "has_post_expert_norm", False):
+        # GLU + down projection + combine as one node: its backward is one GEMM launch (see fused.py)
+        out = fused.glu_down_combine(h, W2k, k, sei, ssi, offs, A2, B2, s2, top_k_weights)
+        return out.to(hidden_states.dtype)
     if has_gate and _is_default_silu_gate(self):
         h = ops.silu_glu(h)
     else:

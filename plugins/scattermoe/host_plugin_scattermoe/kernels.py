@@ -280,12 +280,6 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
 
 
-@triton.heuristics(
-    {
-        "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
-        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
-    }
-)
 @triton.jit
 def _s2s_kernel(
     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
@@ -294,10 +288,11 @@ def _s2s_kernel(
     s_ae, s_ar, s_ak, s_be, s_bn, s_br,
     s_xam, s_xar, s_bias_e, s_bias_n,
     scaling,
+    Gates, Hin, DGP, s_hm, s_dgp,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
@@ -363,11 +358,31 @@ def _s2s_kernel(
     if HAS_BIAS:
         bias = tl.load(Bias + e64 * s_bias_e + n_offs * s_bias_n, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    tl.store(
-        Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
-        acc.to(Y.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
-    )
+    if GLU_BWD:
+        # dX of the down projection fed the *token* gradient (x rows = dout[t]), so acc = d(act) / g.
+        # Here, per row (sorted position, grouped h [L, 2N]): the routing weight g of the row, the
+        # combine's gradient dg = Σ_n act·acc (a partial per column block; act = silu(h_g)·h_u
+        # recomputed in fp32 from h), and the SiLU-GLU backward of d(act) = g·acc written as
+        # dh = [d gate | d up] in Y. dy = g·dout, d(act) and the expert outputs never exist.
+        sidx = tl.load(ssi_ptr + rows, mask=m_mask, other=0)
+        gv = tl.load(Gates + sidx, mask=m_mask, other=0.0).to(tl.float32)
+        hmask = m_mask[:, None] & n_mask[None, :]
+        h_off = rows[:, None] * s_hm + n_offs[None, :]
+        hg = tl.load(Hin + h_off, mask=hmask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(hg)
+        hu = tl.load(Hin + h_off + N, mask=hmask, other=0.0).to(tl.float32)
+        silu = hg * sg
+        tl.store(DGP + pid_n * s_dgp + sidx, tl.sum(silu * hu * acc, 1), mask=m_mask)
+        da = acc * gv[:, None]
+        y_off = y_rows[:, None] * s_ym + n_offs[None, :] * s_yn
+        tl.store(Y + y_off + N * s_yn, (da * silu).to(Y.dtype.element_ty), mask=hmask)
+        tl.store(Y + y_off, (da * hu * (sg + silu * (1.0 - sg))).to(Y.dtype.element_ty), mask=hmask)
+    else:
+        tl.store(
+            Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
+            acc.to(Y.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
 
 
 @triton.jit
@@ -478,10 +493,14 @@ def _silu_glu_bwd_kernel(H, DO, DH, I, s_hm, s_dom, s_dhm, BLOCK: tl.constexpr):
 if not INTERPRET:
     _s2s_tuned = triton.autotune(
         configs=_s2s_configs(),
-        key=["M_BUCKET", "N", "K", "R", "X_GROUPED", "Y_GROUPED", "LORA", "INT64"],
+        key=["M_BUCKET", "N", "K", "R", "X_GROUPED", "Y_GROUPED", "LORA", "INT64", "GLU_BWD"],
         prune_configs_by={"early_config_prune": _prune_s2s},
         do_bench=_bench,
-    )(_s2s_kernel)
+    )(
+        triton.heuristics(
+            {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
+        )(_s2s_kernel)
+    )
     _outer_tuned = triton.autotune(
         configs=_outer_configs(),
         key=["M_BUCKET", "P", "Q", "L_GATHER", "R_GATHER", "INT64"],
@@ -497,6 +516,89 @@ _SMALL_OUTER = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 64, "num_warps": 4, "nu
 # The interpreter runs one fixed, small configuration (it cannot autotune, and small tiles keep it fast).
 INTERP_S2S = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 INTERP_OUTER = {"BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_Q": 64}
+
+# ------------------------------------------------------------------------------------------------
+# tile choice on the GPU: deterministic by default
+# ------------------------------------------------------------------------------------------------
+
+#: ``"rule"`` (default): the same problem always gets the same tiles, from ``s2s_rule`` /
+#: ``outer_rule`` (fitted to a sweep of every candidate tile of every launch of a block step at five
+#: real MoE shapes on an H200, ``bench/tune_tiles.py``; results in ``bench/results/``), checked
+#: against the device's shared memory and registers. Nothing is timed at run time, so a cold start
+#: costs only the compiles (one configuration per launch kind) and repeated runs pick identical
+#: kernels. ``"autotune"`` (``SCATTERMOE_TILES=autotune``): Triton's autotuner over the candidate
+#: lists above, once per process and key (its pick can differ between runs when two candidates are
+#: within timing noise; the sweep found several within 2%).
+TILE_MODE = os.environ.get("SCATTERMOE_TILES", "rule")
+#: ``{"s2s": cfg, "outer": cfg}``: force one configuration (tuning and benchmark scripts).
+FORCE: dict = {}
+
+
+def _cfg(bm, bn, bk, g, w, s):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "num_warps": w, "num_stages": s}
+
+
+def s2s_rule(
+    L: int, E: int, K: int, N: int, lora: int, grouped_in: bool = False, grouped_out: bool = False, glu: bool = False
+) -> list[dict]:
+    """Candidate tiles for a scatter2scatter launch, best first (the first that fits the device is used).
+
+    From the H200 sweep (bf16, 128-4096 rows per expert): 128×128×64 tiles, 8 warps, 3 stages won
+    every launch except those reading sorted rows and writing a wide (≥ 2048) scattered output (the
+    down projection's forward and the up projection's dX), where 128×256 was 10-25% faster; a
+    rank-sized output (the split path's ``x·Aᵀ``) wants a thin, deep tile. Below ~96 rows per
+    expert a 128-row block is mostly padding (blocks never straddle experts), so 64 rows. The
+    GLU-backward epilogue (``glu_down_dx``) holds h's two halves beside the accumulator: at 128×128
+    ptxas spills ~900 B per thread (``bench/sm90_compile_check.py``), at 128×64 it fits in 236
+    registers, so that launch takes 64 columns."""
+    if glu:
+        return [_cfg(128, 64, 64, 8, 8, 3), _cfg(64, 64, 64, 8, 4, 3)]
+    if N <= 32:
+        bk = min(256, max(64, triton.next_power_of_2(K)))
+        return [_cfg(64, max(16, triton.next_power_of_2(N)), bk, 8, 4, 3), _cfg(64, 16, 128, 8, 4, 3)]
+    if L / max(E, 1) < 96:
+        return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
+    out = []
+    if grouped_in and not grouped_out and N >= 2048:
+        out.append(_cfg(128, 256, 64, 8, 8, 3))
+    out += [_cfg(128, 128, 64, 8, 8, 3), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
+    return out
+
+
+def outer_rule(L: int, E: int, P: int, Q: int) -> list[dict]:
+    """Candidate tiles for a group_outer launch (per-expert ``Lᵀ·R``), best first (same H200 sweep:
+    within 3-6% of each launch's best on average)."""
+    def c(bm, bp, bq, w, s):
+        return {"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq, "num_warps": w, "num_stages": s}
+
+    if P <= 32:
+        return [c(32, max(16, triton.next_power_of_2(P)), 128, 4, 4), c(32, 16, 64, 4, 3)]
+    if Q <= 32:
+        return [c(64, 128, max(16, triton.next_power_of_2(Q)), 4, 3), c(32, 64, 16, 4, 3)]
+    return [c(64, 128, 128, 8, 3), c(64, 64, 64, 4, 3), c(32, 32, 64, 4, 3)]
+
+
+_PICKED: dict = {}
+
+
+def _as_config(d: dict):
+    kw = {k: v for k, v in d.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(kw, num_warps=d.get("num_warps", 4), num_stages=d.get("num_stages", 3))
+
+
+def _config_dict(c) -> dict:
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def pick_tiles(kind: str, key: tuple, candidates: list[dict], named_args: dict) -> dict:
+    """The configuration a launch uses in ``"rule"`` mode (cached per key): the first rule candidate
+    that fits the device (pruned like the autotuner's candidates)."""
+    got = _PICKED.get((kind, key))
+    if got is None:
+        prune = _prune_s2s if kind == "s2s" else _prune_outer
+        kept = prune([_as_config(d) for d in candidates], named_args)
+        got = _PICKED[(kind, key)] = _config_dict(kept[0])
+    return got
 
 
 def _dot_prec(dtype):
@@ -531,11 +633,54 @@ def scatter2scatter(
     ``A``+``B``: fused LoRA (``LORA=1``). ``xa_in``+``B``: split epilogue (``LORA=2``).
     ``write_xa`` also returns the grouped ``[L, r]`` fp32 rank intermediate.
     """
-    L = sorted_scattered_idxs.numel()
+    y, xa, _ = _s2s_launch(
+        x, W, sorted_scattered_idxs, expert_offsets, fan_out, A, B, xa_in, scaling, bias,
+        grouped_in, grouped_out, write_xa, out, out_dtype, None,
+    )
+    return y, xa
+
+
+def glu_down_dx(
+    dout: torch.Tensor,
+    Wt: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    h: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    xa_in: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    write_xa: bool = False,
+):
+    """Backward of ``combine(silu_glu(h) · W_e (+ LoRA), gates)`` through the down projection in ONE launch.
+
+    ``dout [T, H]`` is the gradient of the combined output; rows are gathered per token (``ssi // k``),
+    ``Wt`` is the down projection's ``[E, H, I]`` view (``W.transpose(1, 2)``), LoRA factors as for a dX
+    launch (``A = B_downᵀ``, ``B = A_downᵀ``, or ``xa_in`` = ``dout·B_down`` for the split path).
+    Returns ``(dh [L, 2I] grouped, dout·B_down [L, r] fp32 or None, dgates [T, k] fp32)``: the epilogue
+    multiplies by each row's routing weight, applies the SiLU-GLU backward against ``h`` and reduces
+    the routing weight's gradient ``Σ act·(dout·W_eᵀ…)`` (= ``<y, dout>``) per column block."""
+    if h.stride(-1) != 1 or h.shape[1] != 2 * Wt.shape[2]:
+        raise ValueError("glu_down_dx needs h [L, 2I] with contiguous columns")
+    dh, xa, dgp = _s2s_launch(
+        dout, Wt, sorted_scattered_idxs, expert_offsets, top_k, A, B, xa_in, scaling, None,
+        False, True, write_xa, None, None, (gates.reshape(-1), h),
+    )
+    return dh, xa, dgp.sum(0).view(-1, top_k)
+
+
+def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, grouped_in, grouped_out, write_xa,
+                out, out_dtype, glu):
+    L = ssi.numel()
     E, K, N = W.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features but W expects {K}")
-    if out is None:
+    if glu is not None:
+        out = torch.empty(L, 2 * N, device=x.device, dtype=glu[1].dtype)
+    elif out is None:
         out = torch.empty(L, N, device=x.device, dtype=out_dtype or x.dtype)
     lora = 0
     R = 0
@@ -557,32 +702,55 @@ def scatter2scatter(
     xab = xa_buf if xa_buf is not None else dummy.new_empty(1, 1)
     bb = bias if bias is not None else dummy.new_empty(1, 1)
     if L == 0:
-        return out, xa_out
+        dgp = torch.zeros(1, 0, device=x.device, dtype=torch.float32) if glu is not None else None
+        return out, xa_out, dgp
     int64 = needs_int64(x, out, xab)
+    cuda = x.is_cuda and not INTERPRET
+    if not cuda:
+        cfg = INTERP_S2S
+    elif "s2s" in FORCE:
+        cfg = FORCE["s2s"]
+    elif L < AUTOTUNE_MIN_ROWS:
+        cfg = _SMALL_S2S
+    elif TILE_MODE == "autotune" and glu is None:
+        cfg = None
+    else:
+        key = (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, glu is not None)
+        cfg = pick_tiles(
+            "s2s", key, s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, glu is not None),
+            {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
+        )
+    if glu is not None:
+        gates, h = glu
+        dgp = torch.empty(triton.cdiv(N, cfg["BLOCK_N"]), L, device=x.device, dtype=torch.float32)
+        gb, hb, dgb, s_hm, s_dgp = gates, h, dgp, h.stride(0), dgp.stride(0)
+    else:
+        dgp = None
+        gb = hb = dgb = dummy
+        s_hm = s_dgp = 0
     args = (
-        x, W, out, Am, Bm, xab, xab, bb, sorted_scattered_idxs, expert_offsets,
+        x, W, out, Am, Bm, xab, xab, bb, ssi, expert_offsets,
         K, N, R, E, fan_out, m_bucket(L),
         x.stride(0), x.stride(1), W.stride(0), W.stride(1), W.stride(2), out.stride(0), out.stride(1),
         Am.stride(0), Am.stride(1), Am.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
         xab.stride(0), xab.stride(1), bb.stride(0), bb.stride(1),
-        float(scaling),
+        float(scaling), gb, hb, dgb, s_hm, s_dgp,
     )
     meta = dict(
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
-        E_POW2=max(64, triton.next_power_of_2(E)), BLOCK_R=rank_block(R),
+        E_POW2=max(64, triton.next_power_of_2(E)), BLOCK_R=rank_block(R), GLU_BWD=glu is not None,
     )
 
     def grid(META):
         return (triton.cdiv(N, META["BLOCK_N"]) * (triton.cdiv(L, META["BLOCK_M"]) + E),)
 
-    if INTERPRET or not x.is_cuda:
-        _s2s_kernel[grid](*args, **meta, **INTERP_S2S)
-    elif L < AUTOTUNE_MIN_ROWS:
-        _s2s_kernel[grid](*args, **meta, **_SMALL_S2S)
-    else:
+    if cfg is None:
         _s2s_tuned[grid](*args, **meta)
-    return out, xa_out
+    else:
+        grid_ = (triton.cdiv(N, cfg["BLOCK_N"]) * (triton.cdiv(L, cfg["BLOCK_M"]) + E),)
+        _s2s_kernel[grid_](*args, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0, EVEN_N=N % cfg["BLOCK_N"] == 0)
+    return out, xa_out, dgp
 
 
 def group_outer(
@@ -627,10 +795,16 @@ def group_outer(
 
     if INTERPRET or not Rmat.is_cuda:
         _group_outer_kernel[grid](*args, **meta, **INTERP_OUTER)
+    elif "outer" in FORCE:
+        _group_outer_kernel[grid](*args, **meta, **FORCE["outer"])
     elif L < AUTOTUNE_MIN_ROWS:
         _group_outer_kernel[grid](*args, **meta, **_SMALL_OUTER)
-    else:
+    elif TILE_MODE == "autotune":
         _outer_tuned[grid](*args, **meta)
+    else:
+        key = (P, Q, l_fan > 0, r_fan > 0, m_bucket(L), E)
+        cfg = pick_tiles("outer", key, outer_rule(L, E, P, Q), {"Rp": Rmat, "P": P, "Q": Q})
+        _group_outer_kernel[grid](*args, **meta, **cfg)
     return out
 
 

@@ -1,0 +1,102 @@
+"""Compile the scatter2scatter kernel for sm_90a on a machine without a GPU and report ptxas's registers,
+spills and the MMA instructions (wgmma = Hopper's async warpgroup MMA), per variant and tile.
+
+A check that costs no device time: a variant that does not compile, spills, or falls back from
+wgmma shows here before a GPU run. Usage: python bench/sm90_compile_check.py [--glu] [--tiles 128,128,64,8,3 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from host_plugin_scattermoe import kernels as K  # noqa: E402
+
+PTRS = ["X", "W", "Y", "A", "Bm", "XA_in", "XA_out", "Bias", "ssi_ptr", "offsets_ptr", "Gates", "Hin", "DGP"]
+PTR_T = {"XA_in": "*fp32", "XA_out": "*fp32", "ssi_ptr": "*i64", "offsets_ptr": "*i64", "Gates": "*bf16", "DGP": "*fp32"}
+
+
+# the stride arguments a launch at a real shape specialises to 1 (Triton turns an int argument equal to 1
+# into a constant, which is what lets it vectorise and pipeline the loads); the other ints and every
+# pointer are multiples of 16 there
+UNIT = {"s_xk", "s_wk", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
+UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
+
+
+def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s):
+    fn = K._s2s_kernel
+    sig, const, attrs = {}, {}, {}
+    unit = UNIT_DX if dx else UNIT
+    for i, name in enumerate(fn.arg_names):
+        p = fn.params[i]
+        if p.is_constexpr:
+            continue
+        if name in unit:
+            sig[name] = "constexpr"
+            const[name] = 1
+            continue
+        if name in PTRS:
+            sig[name] = PTR_T.get(name, "*bf16")
+        elif name == "scaling":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if name != "scaling" and name not in ("FAN_OUT", "R"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    const.update(
+        X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
+        E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=glu,
+    )
+    for k2 in const:
+        sig[k2] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": w, "num_stages": s})
+    ptx = ck.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    info = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    return {
+        "regs": int(regs.group(1)) if regs else None,
+        "spill_stores": int(spill.group(1)) if spill else None,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "cp_async": ptx.count("cp.async"),
+        "mma_sync": ptx.count("mma.sync"),
+        "shared": ck.metadata.shared,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiles", nargs="*", default=["128,128,64,8,3", "128,256,64,8,3", "128,64,64,8,3", "64,128,64,4,4"])
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, target sm_90a")
+    print(f"{'variant':<34}{'tile bm,bn,bk,w,s':<20}{'regs':>6}{'spill B':>9}{'wgmma':>7}{'mma.sync':>9}{'cp.async':>9}{'smem':>8}")
+    variants = [("fwd up (gather, LoRA fused)", False, 1, False, True, False),
+                ("dX down + GLU/combine epilogue", True, 1, False, True, True),
+                ("dX down + GLU epilogue, split", True, 2, False, True, True),
+                ("dX down (plain store)", False, 1, False, True, True)]
+    for label, glu, lora, gin, gout, dx in variants:
+        for t in args.tiles:
+            bm, bn, bk, w, s = map(int, t.split(","))
+            try:
+                r = compile_variant(glu, lora, gin, gout, dx, bm, bn, bk, w, s)
+                print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}{r['cp_async']:>9}{r['shared']:>8}")
+            except Exception as e:  # noqa: BLE001
+                print(f"{label:<34}{t:<20} failed: {repr(e)[:200]}")
+
+
+if __name__ == "__main__":
+    main()
