@@ -128,6 +128,9 @@ def step_fn(block, x0, idx, w, dy):
     return run
 
 
+SKIP_FUSED = False  # --skip-fused: strategy A only (B's autotune compiles dominate a short GPU session)
+
+
 def layer_bench(name, spec, iters, results, checks):
     from host_plugin_scattermoe import experts as sm_experts
     from host_plugin_scattermoe import lora as sm_lora
@@ -165,7 +168,8 @@ def layer_bench(name, spec, iters, results, checks):
     checks.append(dict(shape=name, check="expert weight memory", bf16_gib=bf16_bytes / GiB, mxfp4_gib=fp4_bytes / GiB,
                        ratio=bf16_bytes / fp4_bytes))
     fp4_experts.install(block)
-    for strat, label in (("selective", "mxfp4 A (selective)"), ("fused", "mxfp4 B (fused)")):
+    strategies = (("selective", "mxfp4 A (selective)"),) + (() if SKIP_FUSED else (("fused", "mxfp4 B (fused)"),))
+    for strat, label in strategies:
         fp4_experts.SETTINGS["strategy"] = strat
         for kind, (idx, w) in routes.items():
             try:
@@ -182,7 +186,7 @@ def layer_bench(name, spec, iters, results, checks):
             traceback.print_exc()
             checks.append(dict(shape=name, check=f"{strat} correctness failed", error=traceback.format_exc(limit=2)[-300:]))
     fp4_experts.SETTINGS["strategy"] = "auto"
-    for kind, (idx, w) in routes.items():
+    for kind, (idx, w) in ([] if SKIP_FUSED else routes.items()):
         try:
             ms, peak = bench(step_fn(block, x0, idx, w, dy), iters)
             results.append(dict(shape=name, routing=kind, method="mxfp4 auto", ms=ms, peak_gib=peak,
@@ -247,13 +251,14 @@ def correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=("sele
     b1 = getattr(dense, "gate_up_proj_bias", None) if getattr(dense, "has_bias", False) else None
     b2 = getattr(dense, "down_proj_bias", None) if getattr(dense, "has_bias", False) else None
     h = ops.scattered_experts(x, W1, k, sei, ssi, offs, *lor["gate_up_proj"][:2], lor["gate_up_proj"][2], b1, False, True)
-    from host_plugin_scattermoe import experts as sm_experts
     from host_plugin_scattermoe import fused
 
-    if sm_experts._is_default_silu_gate(dense) and b2 is None:  # scattermoe's experts forward takes its fused tail
+    if fused.applies(dense, b2):  # scattermoe's experts forward takes its fused tail
         ref = fused.glu_down_combine(h, W2, k, sei, ssi, offs, *lor["down_proj"][:2], lor["down_proj"][2], w)
-    else:
-        h = dense._apply_gate(h)
+    else:  # the activation as scattermoe's experts forward runs it
+        from host_plugin_scattermoe.experts import _is_default_silu_gate
+
+        h = ops.silu_glu(h) if _is_default_silu_gate(dense) else dense._apply_gate(h)
         y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, *lor["down_proj"][:2], lor["down_proj"][2], b2, True, False)
         ref = ops.combine(y, w.to(y.dtype))
     ref.backward(dy)
@@ -421,7 +426,10 @@ def main():
     ap.add_argument("--isolate", action="store_true", help="each shape / the load bench in its own process")
     ap.add_argument("--part", default=None, help="(internal) write this process's results to this JSON file")
     ap.add_argument("--only-load", action="store_true")
+    ap.add_argument("--skip-fused", action="store_true", help="time strategy A only (no B, no auto)")
     args = ap.parse_args()
+    global SKIP_FUSED
+    SKIP_FUSED = args.skip_fused
     global T_TOKENS
     if args.tiny:
         SHAPES.clear()

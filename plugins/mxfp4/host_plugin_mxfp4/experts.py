@@ -3,7 +3,7 @@
 * ``selective`` (A): the experts this batch routes to are gathered from the packed container,
   dequantized to the activation dtype (a ``[a, N, K]`` buffer, ``a`` = active experts), the routing
   is remapped to ``0..a-1``, and scattermoe's bf16 path (``host_plugin_scattermoe.ops``, and its
-  fused GLU/down/combine tail for the default SiLU gate) runs on them: bit-identical to scattermoe
+  fused GLU/down/combine tail when that is on) runs on them: bit-identical to scattermoe
   on the dequantized weights. With at least ``DENSE_ROUTES_PER_EXPERT`` routed rows per expert
   (T·k ≥ 4E: every expert is almost surely routed) all experts are dequantized in place of the
   selection: no ``torch.unique`` (a host synchronisation that stalls the step), no remap, no gather
@@ -54,7 +54,13 @@ def _layer_params(self):
 
 
 def _gate(self, h):
-    return self._apply_gate(h) if bool(getattr(self, "has_gate", True)) else self.act_fn(h)
+    """The module's activation; the default SiLU gate runs scattermoe's fused kernel, as its experts forward does."""
+    from host_plugin_scattermoe import ops
+    from host_plugin_scattermoe.experts import _is_default_silu_gate
+
+    if not bool(getattr(self, "has_gate", True)):
+        return self.act_fn(h)
+    return ops.silu_glu(h) if _is_default_silu_gate(self) else self._apply_gate(h)
 
 
 def _finish(self, y, top_k_weights, hidden_states):
@@ -84,7 +90,6 @@ def _dense_routing(self, top_k_index) -> bool:
 
 def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     """Strategy A (see module doc)."""
-    from host_plugin_scattermoe import experts as sm_experts
     from host_plugin_scattermoe import fused, ops
     from host_plugin_scattermoe.routing import sort_tokens
 
@@ -121,9 +126,7 @@ def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     del W1
     W2, l2, b2 = weights("down_proj", l2, b2)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
-    tail = (bool(getattr(self, "has_gate", True)) and sm_experts._is_default_silu_gate(self) and b2 is None
-            and not getattr(self, "has_post_expert_norm", False))
-    if tail:  # the same fused tail as scattermoe's experts forward (bit-identical to it)
+    if fused.applies(self, b2):  # the same fused tail as scattermoe's experts forward (bit-identical to it)
         return fused.glu_down_combine(h, W2, k, sei, ssi, offs, A2, B2, s2, top_k_weights).to(hidden_states.dtype)
     h = _gate(self, h)
     y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, A2, B2, s2, b2, grouped_in=True, grouped_out=False)

@@ -3,6 +3,8 @@
 (a) transformers ``grouped_mm`` experts + peft ``target_parameters`` (peft folds W + B·A per step)
 (b) this plugin's ``scattermoe`` experts (Triton, LoRA consumed as factors; the LoRA forward path
     its default threshold picks)
+(b+) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
+    backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
     base weights only (it takes no LoRA factors and always computes the full weight gradients)
 
@@ -164,7 +166,7 @@ def print_table(rows, dev, T, R):
           f"{'TFLOP/s':>8}{'vs (a)':>7}{'target':>7}{'relerr':>9}")
     base = {r["shape"]: r["ms"] for r in rows if r["impl"] == "grouped_mm"}
     for r in rows:
-        tgt = f"{r['target_ms']:.1f}" if r["target_ms"] and r["impl"] == "scattermoe" else "-"
+        tgt = f"{r['target_ms']:.1f}" if r["target_ms"] and r["impl"].startswith("scattermoe") else "-"
         sp = f"{base[r['shape']] / r['ms']:.1f}x" if r["shape"] in base else "-"
         tf = f"{r['tflops']:.0f}" if r["tflops"] else "-"
         err = f"{r['err']:.1e}" if r["err"] is not None else "-"
@@ -178,7 +180,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--impls", nargs="*", default=["grouped_mm", "scattermoe", "liger"])
+    ap.add_argument("--impls", nargs="*", default=["grouped_mm", "scattermoe", "scattermoe+tail", "liger"])
     ap.add_argument("--json", default=os.environ.get("OUT", ".") + "/bench_moe_block.json")
     ap.add_argument("--isolate", action="store_true",
                     help="each shape in its own process (host-side numbers of later shapes otherwise grow with the process)")
@@ -203,13 +205,16 @@ def main():
         fl = flops(E, H, I, k, T, R)
         ref = None
         for impl in impls:
-            if impl == "liger" and family == "gpt_oss":
+            if impl in ("liger", "scattermoe+tail") and family == "gpt_oss":
                 continue
             torch.cuda.empty_cache()
             holder, cfg = build_block(family, E, H, I, k, R, lora=impl != "liger")
-            if impl == "scattermoe":
+            if impl.startswith("scattermoe"):
                 lora.attach(holder)
-            cfg._experts_implementation = impl
+            from host_plugin_scattermoe import ops
+
+            ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
+            cfg._experts_implementation = impl.split("+")[0]
             lparams = [p for p in holder.parameters() if p.requires_grad]
             torch.manual_seed(1)
             x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -244,12 +249,10 @@ def main():
                 ref = (out, grads)
             rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()  # noqa: E731
             err = None
-            if impl == "scattermoe" and ref is not None:
+            if impl.startswith("scattermoe") and ref is not None:
                 err = max([rel(out, ref[0])] + [rel(b, a) for a, b in zip(ref[1], grads)])
             path = ""
-            if impl == "scattermoe":
-                from host_plugin_scattermoe import ops
-
+            if impl.startswith("scattermoe"):
                 path = "split" if ops.use_split(E, H, 2 * I) else "fused"
             row = dict(shape=name, E=E, H=H, I=I, k=k, T=T, r=R, impl=impl, path=path, **res,
                        tflops=fl / res["ms"] / 1e9 if impl != "liger" else None, err=err, target_ms=TARGET_MS.get(name))

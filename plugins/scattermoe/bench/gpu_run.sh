@@ -14,21 +14,19 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 fi
-if [ "$what" = final ]; then  # one device session: GPU tests, block bench, e2e train, profile
-  timeout 170 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests \
-    -k "not forward_matches and not backward_dx and not full_finetune and not combine_forward" --durations=10 \
-    > "$OUT/pytest.log" 2>&1
-  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -12
-  timeout 200 python3 plugins/scattermoe/bench/bench_moe_block.py > "$OUT/bench.log" 2>&1
-  echo "bench rc=$?"; tail -9 "$OUT/bench.log"
-  timeout 50 python3 plugins/scattermoe/bench/profile_block.py Qwen3-30B-A3B > "$OUT/profile.log" 2>&1
-  echo "profile rc=$?"; grep -E "_kernel|aten::|Self CUDA time total|^s2s|^outer" "$OUT/profile.log" | cut -c1-160 | head -40
-  if python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/scattermoe > "$OUT/pip.log" 2>&1; then
-    timeout 150 python3 plugins/scattermoe/bench/bench_e2e_train.py > "$OUT/e2e.log" 2>&1
-    echo "e2e rc=$?"; tail -8 "$OUT/e2e.log"
-  else
-    echo "pip install -e failed"; tail -3 "$OUT/pip.log"
-  fi
+if [ "$what" = final ]; then  # issue 16, last call: block table, GPU tests, mxfp4 layer bench, end-to-end train
+  python3 -m pip install -q --no-deps --no-build-isolation -e . -e plugins/scattermoe -e plugins/mxfp4 > /tmp/pip.log 2>&1 \
+    || { echo "pip install -e failed"; tail -3 /tmp/pip.log; }
+  timeout 80 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep -A 24 "^device" "$OUT/bench.log" | cut -c1-140; grep failed "$OUT/bench.log" | cut -c1-200
+  timeout 50 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib \
+    plugins/scattermoe/tests/test_scattermoe_gpu.py plugins/scattermoe/tests/test_scattermoe_models.py plugins/mxfp4/tests/test_mxfp4_gpu.py \
+    -k "gpu or triton or int64 or real_shapes or dequant or selective or fused" > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -8
+  timeout 35 python3 plugins/mxfp4/bench/bench_mxfp4.py --shapes Qwen3-30B-A3B --iters 3 --skip-load --skip-fused > "$OUT/mxfp4.log" 2>&1
+  echo "mxfp4 rc=$?"; grep -E "^\| Qwen|^- " "$OUT/mxfp4.log" | cut -c1-150 | head -24
+  timeout 60 python3 plugins/scattermoe/bench/bench_e2e_train.py --steps 10 --work /tmp/e2e > "$OUT/e2e.log" 2>&1
+  echo "e2e rc=$?"; tail -6 "$OUT/e2e.log"
 fi
 if [ "$what" = rerun ]; then  # after kernel changes: GPU tests, GEMM breakdown, block bench
   timeout 170 python3 -m pytest -q -p no:cacheprovider -p host.testing --import-mode=importlib plugins/scattermoe/tests \

@@ -40,7 +40,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
     h = ops.scattered_experts(x, W1k, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
-    if has_gate and _is_default_silu_gate(self) and b2 is None and not getattr(self, "has_post_expert_norm", False):
+    if fused.applies(self, b2):
         # GLU + down projection + combine as one node: its backward is one GEMM launch (see fused.py)
         out = fused.glu_down_combine(h, W2k, k, sei, ssi, offs, A2, B2, s2, top_k_weights)
         return out.to(hidden_states.dtype)

@@ -672,6 +672,18 @@ def glu_down_dx(
     return dh, xa, dgp.sum(0).view(-1, top_k)
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(like: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A cached 1-element stand-in for an absent operand (never read: its constexpr flag is off)."""
+    key = (like.device, like.dtype, ndim)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.empty((1,) * ndim, device=like.device, dtype=like.dtype)
+    return t
+
+
 def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, grouped_in, grouped_out, write_xa,
                 out, out_dtype, glu):
     L = ssi.numel()
@@ -697,10 +709,10 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         xa_out = xa_in
         write_xa = False
     dummy = out
-    Am = A if (A is not None and lora == 1) else dummy.new_empty(1, 1, 1)
-    Bm = B if B is not None else dummy.new_empty(1, 1, 1)
-    xab = xa_buf if xa_buf is not None else dummy.new_empty(1, 1)
-    bb = bias if bias is not None else dummy.new_empty(1, 1)
+    Am = A if (A is not None and lora == 1) else _dummy(out, 3)
+    Bm = B if B is not None else _dummy(out, 3)
+    xab = xa_buf if xa_buf is not None else _dummy(out, 2)
+    bb = bias if bias is not None else _dummy(out, 2)
     if L == 0:
         dgp = torch.zeros(1, 0, device=x.device, dtype=torch.float32) if glu is not None else None
         return out, xa_out, dgp

@@ -37,6 +37,8 @@ intermediates (``X·Aᵀ`` is kept from the forward); there is no per-expert hos
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from host_plugin_scattermoe import kernels as K
@@ -47,6 +49,7 @@ SETTINGS: dict = {
     "fused_lora": True,
     "split_threshold": 20_000_000,
     "split_max_experts": 32,
+    "fused_tail": os.environ.get("SCATTERMOE_FUSED_TAIL", "0") == "1",
     "backend": "auto",
 }
 

@@ -127,12 +127,21 @@ def test_family_matches_grouped_mm_peft_fp32(model_type, torch_backend):
     compare(pm, ids, 1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
-def test_family_triton_kernels_match(model_type, monkeypatch):
-    """The Triton path end to end (interpreter on CPU, fp32) against grouped_mm + PEFT."""
+@pytest.mark.parametrize("model_type,tail", [("qwen3_moe", False), ("qwen3_moe", True), ("gpt_oss", False)],
+                         ids=["qwen3_moe", "qwen3_moe-fused_tail", "gpt_oss"])
+def test_family_triton_kernels_match(model_type, tail, monkeypatch):
+    """The Triton path end to end (interpreter on CPU, fp32) against grouped_mm + PEFT; with
+    ``scattermoe_fused_tail`` the SiLU-GLU/down/combine run as one node (fused.py), and it is really taken."""
     if not (kernels.INTERPRET or torch.cuda.is_available()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
+    monkeypatch.setitem(ops.SETTINGS, "fused_tail", tail)
+    if tail:
+        from host_plugin_scattermoe import fused
+
+        calls = []
+        real = fused.GluDownCombineFunction.apply
+        monkeypatch.setattr(fused.GluDownCombineFunction, "apply", lambda *a: calls.append(1) or real(*a))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pm = build(model_type, device=device)
     lora.attach(pm)
@@ -140,6 +149,8 @@ def test_family_triton_kernels_match(model_type, monkeypatch):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     compare(pm, ids, 1e-4)
+    if tail:
+        assert calls, "the fused tail was not used"
 
 
 def test_unattached_peft_proxy_path_matches(torch_backend):

@@ -17,6 +17,7 @@ def test_config_keys_have_defaults(make_plugin_manager, tmp_path):
     cfg = validate(_cfg(tmp_path), make_plugin_manager(["scattermoe"]))
     assert cfg.scattermoe_fused_lora is True
     assert cfg.scattermoe_split_threshold == 20_000_000 and cfg.scattermoe_backend == "auto"
+    assert cfg.scattermoe_fused_tail is False
 
 
 def test_other_experts_implementation_is_an_error(make_plugin_manager, tmp_path):
@@ -43,13 +44,13 @@ def test_pre_model_load_registers_and_selects(make_plugin_manager, tmp_path):
     from host_plugin_scattermoe import experts, ops
 
     pm = make_plugin_manager(["scattermoe"])
-    cfg = validate(_cfg(tmp_path, scattermoe_fused_lora=False), pm)
+    cfg = validate(_cfg(tmp_path, scattermoe_fused_lora=False, scattermoe_fused_tail=True), pm)
     assert cfg.experts_implementation is None
     pm.hook.pre_model_load(cfg=cfg)
     assert cfg.experts_implementation == "scattermoe"
     assert ALL_EXPERTS_FUNCTIONS["scattermoe"] is experts.experts_forward
-    assert ops.SETTINGS["fused_lora"] is False
-    ops.SETTINGS["fused_lora"] = True
+    assert ops.SETTINGS["fused_lora"] is False and ops.SETTINGS["fused_tail"] is True
+    ops.SETTINGS.update(fused_lora=True, fused_tail=False)
 
 
 def test_host_train_with_plugin(run_host, write_config, tiny_model, text_file, tmp_path):
