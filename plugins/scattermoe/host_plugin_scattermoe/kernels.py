@@ -28,10 +28,12 @@ kernel layout of :mod:`host_plugin_scattermoe.reference` (``W [E, K, N]``, ``A [
 
 Index arithmetic is int32 unless a buffer reaches ``2**31`` elements, in which case the
 ``INT64`` variant (a separate specialisation, so the int32 path pays nothing) is launched.
-On a GPU, tiles are autotuned: the candidate list is pruned by the device's shared memory per
-block and registers per block (read from the driver), and the token count enters the autotune key
-bucketed to a power of two, so varying sequence lengths reuse the tuned entry. Under
+On a GPU, tiles come from a deterministic rule (``s2s_rule`` / ``outer_rule``, fitted to an H200
+sweep of every launch of a real block step), pruned by the device's shared memory and registers per
+block (read from the driver); ``SCATTERMOE_TILES=autotune`` uses Triton's autotuner instead. Under
 ``TRITON_INTERPRET=1`` one small fixed configuration is used (the interpreter cannot autotune).
+``glu_down_dx`` is the down projection's dX with the SiLU-GLU backward, the routing-weight scaling
+and the routing-weight gradient in its epilogue (``GLU_BWD``; see ``fused.py``).
 """
 
 from __future__ import annotations
