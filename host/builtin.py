@@ -108,6 +108,30 @@ def config_model():
 
 
 @hookimpl
+def validate_config(cfg):
+    """What can be known about the text keys without a tokenizer: a template that cannot be found,
+    roles_to_train naming no role (a typo would otherwise train on nothing)."""
+    from pathlib import Path
+
+    from host.errors import ConfigError
+
+    if cfg.chat_template == "jinja" and not cfg.chat_template_jinja:
+        raise ConfigError("chat_template: jinja needs chat_template_jinja (the template text or a path to a .jinja file).")
+    src = cfg.chat_template_jinja
+    if src and "{" not in src and "\n" not in src and not Path(src).expanduser().is_file():
+        raise ConfigError(f"chat_template_jinja: {src!r} is neither Jinja template text nor an existing template file.")
+    for i, entry in enumerate(cfg.datasets):
+        if isinstance(entry, ChatTemplateDataset):
+            names = entry.role_names()
+            known = set(names) | set(names.values())
+            unknown = [r for r in entry.roles_to_train if r not in known]
+            if unknown:
+                raise ConfigError(f"datasets[{i}].roles_to_train: {unknown} name no role; known roles: "
+                                  f"{', '.join(sorted(known))} (add others with the entry's roles key).")
+    return None
+
+
+@hookimpl
 def dataset_types():
     # chat_template.default: axolotl's spelling of the same type
     return {"completion": CompletionDataset, "chat_template": ChatTemplateDataset,

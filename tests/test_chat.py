@@ -145,9 +145,13 @@ def test_bad_template_keys(make_plugin_manager, tok_dir):
     pm = make_plugin_manager([])
     with pytest.raises(ConfigError, match="unknown chat template 'chatmlx'"):
         validate({"base_model": "u", "chat_template": "chatmlx"}, pm)
-    cfg = validate({"base_model": str(tok_dir), "chat_template": "jinja"}, pm)
     with pytest.raises(ConfigError, match="chat_template: jinja needs chat_template_jinja"):
-        load_tokenizer_and_processor(cfg)
+        validate({"base_model": str(tok_dir), "chat_template": "jinja"}, pm)
+    with pytest.raises(ConfigError, match="chat_template_jinja: 'no/such.jinja' is neither"):
+        validate({"base_model": str(tok_dir), "chat_template_jinja": "no/such.jinja"}, pm)
+    entry = {"path": "org/data", "type": "chat_template", "roles_to_train": ["asistant"]}
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.roles_to_train: \['asistant'\] name no role"):
+        validate({"base_model": str(tok_dir), "datasets": [entry]}, pm)
 
 
 def test_no_template_at_all(make_plugin_manager, tiny_tokenizer, tmp_path):
