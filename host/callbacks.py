@@ -35,6 +35,26 @@ class GradNormLog(TrainerCallback):
             logs["grad_norm_clipped"] = norm * min(1.0, limit / (norm + 1e-6)) if limit and limit > 0 else norm
 
 
+class EarlyStopping(TrainerCallback):
+    """axolotl's ``early_stopping_patience``: stop once ``eval_loss`` has not improved for
+    ``patience`` evaluations in a row (without the Trainer's load-best-model machinery, so it
+    works with any checkpoint schedule)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.bad = patience, float("inf"), 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if loss < self.best:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                control.should_training_stop = True
+
+
 class StepTimer(TrainerCallback):
     """Steady-state speed over the second half of training (compilation and autotuning happen early).
 

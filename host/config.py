@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
 
 from host.errors import ConfigError, PluginError
 from host.paths import check_paths
@@ -59,7 +60,23 @@ class DatasetConfig(StrictModel):
 
 
 class FSDPConfig(StrictModel):
-    """``fsdp_config:`` keys (axolotl's, without the ``fsdp_`` prefix), passed to accelerate."""
+    """``fsdp_config:`` keys, passed to accelerate. axolotl's legacy ``fsdp_``-prefixed names and
+    ``offload_params`` (= ``cpu_offload``) are read as their plain names."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _axolotl_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            bare = key[len("fsdp_"):] if key.startswith("fsdp_") else key
+            name = bare if bare in cls.model_fields or bare in FSDP_ALIASES else key
+            name = FSDP_ALIASES.get(name, name)
+            if name in out and out[name] != value:
+                raise ValueError(f"{key!r} and another spelling of {name!r} disagree; keep one")
+            out[name] = value
+        return out
 
     auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
     transformer_layer_cls_to_wrap: list[str] | str | None = Field(
@@ -77,7 +94,14 @@ class FSDPConfig(StrictModel):
     use_orig_params: bool | None = None
     sync_module_states: bool | None = None
     limit_all_gathers: bool | None = None
+    # axolotl's names for host behaviour
+    final_state_dict_type: Literal["FULL_STATE_DICT"] | None = Field(
+        None, description="The final save is always gathered into one full state dict (loadable on one device)."
+    )
+    version: Literal[1, 2] | None = Field(None, description="axolotl's fsdp_config.fsdp_version; same as top-level fsdp_version.")
 
+
+FSDP_ALIASES = {"offload_params": "cpu_offload"}
 
 FSDP1_ONLY = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers")
 
@@ -141,10 +165,38 @@ class HostConfig(StrictModel):
     ddp_broadcast_buffers: bool | None = None
     ddp_timeout: int = 1800
 
+    # axolotl's training keys (the README's "axolotl compatibility" lists what is supported and why)
+    lora_target_linear: bool | None = Field(None, description="LoRA on every linear layer but the output head (with lora_target_modules: both).")
+    lora_model_dir: str | None = Field(None, description="Start from this saved LoRA adapter (trained further) instead of a fresh one.")
+    tf32: bool | Literal["auto"] = Field("auto", description="TF32 matmuls on Ampere+ GPUs; auto: on where supported. No effect on CPU.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(None, description="Passed to transformers, e.g. {use_reentrant: false}.")
+    max_grad_norm: float | None = Field(None, ge=0, description="Gradient clipping norm (default 1.0, the Trainer's); 0 turns clipping off.")
+    adam_beta1: float | None = Field(None, gt=0, lt=1)
+    adam_beta2: float | None = Field(None, gt=0, lt=1)
+    adam_epsilon: float | None = Field(None, gt=0)
+    save_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        None, description="Unset: steps when save_steps/saves_per_epoch are set, else one checkpoint per epoch (axolotl's default)."
+    )
+    save_total_limit: int | None = Field(None, gt=0, description="Keep only the newest N checkpoints.")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evaluations without a lower eval_loss.")
+    deepspeed: str | None = Field(None, description="Path to a DeepSpeed ZeRO JSON (see examples/deepspeed/); GPUs only.")
+    wandb_project: str | None = Field(None, description="Log to Weights & Biases under this project (needs host[logging]).")
+    wandb_entity: str | None = None
+    wandb_name: str | None = Field(None, description="The run's name (wandb and TensorBoard).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="offline writes the run under output_dir/wandb.")
+    use_tensorboard: bool = Field(False, description="Write TensorBoard event files under output_dir/runs (needs host[logging]).")
+
     torch_compile: bool | Literal["auto"] = False
     torch_compile_mode: str | None = None
     experts_implementation: str | None = None
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2, flex_attention")
+
+    @model_validator(mode="after")
+    def _fsdp_version_from_fsdp_config(self):
+        """axolotl may give the version inside fsdp_config; the top-level key wins when both are set."""
+        if self.fsdp_config is not None and self.fsdp_config.version and "fsdp_version" not in self.model_fields_set:
+            self.fsdp_version = self.fsdp_config.version
+        return self
 
     @property
     def eval_packing(self) -> bool:
@@ -175,21 +227,24 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+SUGGEST_CUTOFF = 0.8  # difflib ratio: 'lerning_rate'->'learning_rate' (0.96), never 'deepspeed'->'seed' (0.62)
+
+
+def _key_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
+    loc = err["loc"]
+    key = prefix + _loc(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=SUGGEST_CUTOFF)
+        hint = f" Did you mean {close[0]!r}?" if close else " Remove it or enable the plugin that owns it."
+        return f"unknown key {key!r}.{hint}"
+    if err["type"] == "missing":
+        return f"missing required key {key!r}."
+    return f"key {key!r}: {err['msg']} (got {err.get('input')!r})."
+
+
 def _format_errors(source: str, exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    lines = []
-    for err in exc.errors():
-        loc = err["loc"]
-        key = prefix + _loc(loc)
-        if err["type"] == "extra_forbidden":
-            valid = _fields_at(model, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else " Remove it or enable the plugin that owns it."
-            lines.append(f"{source}: unknown key {key!r}.{hint}")
-        elif err["type"] == "missing":
-            lines.append(f"{source}: missing required key {key!r}.")
-        else:
-            lines.append(f"{source}: key {key!r}: {err['msg']} (got {err.get('input')!r}).")
-    return "\n".join(lines)
+    return "\n".join(f"{source}: {_key_error(err, model, prefix)}" for err in exc.errors())
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -268,78 +323,271 @@ def check_adapter_kind(cfg: HostConfig, pm, source: str) -> None:
         )
 
 
+GROUPS = ("plugins", "keys", "datasets", "rules")
+
+
+class Problems:
+    """Every problem of one config, grouped, raised together as one :class:`ConfigError`."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+        self.warnings: list[str] = []
+
+    def add(self, group: str, message: str) -> None:
+        prefix = f"{group}: "
+        self.groups[group].append(message[len(prefix):] if message.startswith(prefix) else message)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.groups.values())
+
+    def raise_if_any(self) -> None:
+        if not len(self):
+            return
+        n = len(self)
+        lines = [f"{self.source}: {n} problem{'s' if n > 1 else ''}; fix {'them all' if n > 1 else 'it'}, then run again."]
+        for group, messages in self.groups.items():
+            if messages:
+                lines.append(f"  {group}:")
+                lines += [f"    - {m}" for m in messages]
+        if self.warnings:
+            lines.append("  warnings (not errors):")
+            lines += [f"    - {w}" for w in self.warnings]
+        raise ConfigError("\n".join(lines))
+
+
+def drop_nulls(value: Any) -> Any:
+    """An explicit null means unset (as in axolotl): drop null values from mappings at any depth."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def screen_axolotl_keys(
+    data: dict[str, Any], fields: set[str], enabled: list[str], problems: Problems, where: str = "", entry: bool = False
+) -> dict[str, Any]:
+    """Drop from ``data`` the axolotl keys that host does not own, reporting each as the table says
+    (:mod:`host.axolotl_keys`); keys that are neither host's nor axolotl's stay for pydantic to reject."""
+    from host import axolotl_keys as ax
+
+    declared = ax.declared_names()
+    table = ax.DATASET_TABLE if entry else ax.TABLE
+    out, noops = {}, []
+    for key, value in data.items():
+        known = (key in ax.axolotl_schema.DATASET or key in table) if entry else (ax.is_axolotl_key(key) or key in declared)
+        if key in fields or not known:
+            out[key] = value
+            continue
+        decision = table[key] if entry and key in table else (
+            ax.refused("host does not implement it") if entry else ax.decide(key, declared)
+        )
+        default = ax.dataset_default(key) if entry else ax.top_default(key)
+        if ax.is_noop(value, default, decision.noop):
+            noops.append(f"{where}{key}: {'(empty)' if value in (None, '') else json.dumps(value)}")
+        elif decision.status == "ignored":
+            problems.warnings.append(f"{where}{key}: ignored ({decision.why}).")
+        elif decision.status == "plugin":
+            if decision.plugin in enabled:
+                continue  # a switch that enabling the plugin already answers
+            problems.add("keys", (
+                f"axolotl key `{where}{key}` needs host plugin `{decision.plugin}`: add {decision.plugin} to "
+                f"`plugins:` (pip install host-plugin-{decision.plugin.replace('_', '-')})."
+            ))
+        else:
+            problems.add("datasets" if entry else "keys", f"axolotl key `{where}{key}` is not supported by host: {decision.why}.")
+    if noops:
+        problems.warnings.append(f"ignored axolotl keys that do nothing at these values: {', '.join(noops)}.")
+    return out
+
+
 def validate(data: dict[str, Any], pm, source: str = "config") -> HostConfig:
     """Validate raw YAML data: merged schema, dataset entries, host rules and plugin rules
-    (whose warnings are logged). Raises ConfigError."""
+    (whose warnings are logged). Raises one ConfigError listing every problem."""
     cfg, warnings = validate_with_warnings(data, pm, source)
     for w in warnings:
         log.warning(w)
     return cfg
 
 
-def validate_with_warnings(data: dict[str, Any], pm, source: str = "config") -> tuple[HostConfig, list[str]]:
-    """:func:`validate`, returning the plugins' warnings instead of logging them."""
+def validate_with_warnings(
+    data: dict[str, Any], pm, source: str = "config", problems: Problems | None = None
+) -> tuple[HostConfig, list[str]]:
+    """:func:`validate`, returning the warnings instead of logging them.
+
+    Collects every problem before raising: keys (pydantic, with axolotl's keys classified by
+    :mod:`host.axolotl_keys`), dataset entries, host rules and each plugin's ``validate_config``.
+    Rules run on the keys that did validate, so a bad key does not hide a broken combination.
+    """
+    problems = problems or Problems(source)
     model = merged_model(pm)
+    enabled = [name for name, _ in pm.list_name_plugin()]
     entries = data.get("datasets") or []
     if not isinstance(entries, list):
-        raise ConfigError(f"{source}: key 'datasets' must be a list of entries, got {type(entries).__name__}.")
-    if "datasets" in data and not entries:
-        raise ConfigError(f"{source}: datasets: the list is empty; add at least one entry (path and type).")
+        problems.add("keys", f"key 'datasets' must be a list of entries, got {type(entries).__name__}.")
+        entries = []
+    elif "datasets" in data and not entries:
+        problems.add("datasets", "datasets: the list is empty; add at least one entry (path and type).")
+    top = drop_nulls(screen_axolotl_keys({k: v for k, v in data.items() if k != "datasets"}, set(model.model_fields), enabled, problems))
     try:
-        cfg = model.model_validate({**data, "datasets": []})
+        cfg = model.model_validate({**top, "datasets": []})
     except ValidationError as exc:
-        raise ConfigError(_format_errors(source, exc, model)) from None
+        bad = set()
+        for err in exc.errors():
+            problems.add("keys", _key_error(err, model))
+            if err["loc"]:
+                bad.add(err["loc"][0])
+        try:  # the rules still run on what is valid
+            cfg = model.model_validate({k: v for k, v in top.items() if k not in bad} | {"datasets": []})
+        except ValidationError:
+            cfg = None
     types = dataset_type_models(pm)
     for i, entry in enumerate(entries):
-        kind = entry.get("type") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            problems.add("datasets", f"datasets[{i}]: each entry must be a mapping (path, type, ...), got {entry!r}.")
+            continue
+        kind = entry.get("type")
         if kind not in types:
             close = difflib.get_close_matches(str(kind), list(types), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{source}: datasets[{i}].type: unknown dataset type {kind!r}.{hint} "
+            problems.add("datasets", (
+                f"datasets[{i}].type: unknown dataset type {kind!r}.{hint} "
                 f"Known types: {', '.join(sorted(types))} (plugins add more)."
-            )
+            ))
+            continue
         entry_model = types[kind][1]
+        entry = drop_nulls(screen_axolotl_keys(entry, set(entry_model.model_fields), enabled, problems, f"datasets[{i}].", entry=True))
         try:
-            cfg.datasets.append(entry_model.model_validate(entry))
+            validated = entry_model.model_validate(entry)
         except ValidationError as exc:
-            raise ConfigError(_format_errors(source, exc, entry_model, prefix=f"datasets[{i}].")) from None
-    check_adapter_kind(cfg, pm, source)
-    check_host_rules(cfg, source)
-    check_paths(cfg, source)
-    warnings = [w for ws in pm.hook.validate_config(cfg=cfg) for w in (ws or [])]
-    check_patch_overlaps(pm, cfg, source)
+            for err in exc.errors():
+                problems.add("datasets", _key_error(err, entry_model, prefix=f"datasets[{i}]."))
+            continue
+        if cfg is not None:
+            cfg.datasets.append(validated)
+    warnings = problems.warnings
+    if cfg is not None:
+        for message in host_rule_errors(cfg):
+            problems.add("rules", message)
+        for check in (check_adapter_kind, check_paths):  # each raises its first finding
+            try:
+                check(cfg, pm, source) if check is check_adapter_kind else check(cfg, source)
+            except ConfigError as exc:
+                problems.add("rules", str(exc).removeprefix(f"{source}: "))
+        warnings = _plugin_rules(pm, cfg, problems)
+        try:
+            check_patch_overlaps(pm, cfg, source)
+        except ConfigError as exc:
+            problems.add("rules", str(exc).removeprefix(f"{source}: "))
+    problems.raise_if_any()
     return cfg, warnings
 
 
+def _plugin_rules(pm, cfg, problems: Problems) -> list[str]:
+    """Each plugin's ``validate_config``, called one by one so every plugin's error is reported."""
+    for impl in reversed(pm.hook.validate_config.get_hookimpls()):  # plugins: order
+        try:
+            found = impl.function(**{a: cfg for a in impl.argnames})
+        except ConfigError as exc:
+            problems.add("rules", f"{exc} [plugin {impl.plugin_name}]" if impl.plugin_name != "host" else str(exc))
+            continue
+        problems.warnings.extend(found or [])
+    return problems.warnings
+
+
 def check_host_rules(cfg: HostConfig, source: str) -> None:
-    """Rules that span several host keys (plugins add theirs through ``validate_config``)."""
+    """Raise the first broken host rule (see :func:`host_rule_errors`)."""
+    errors = host_rule_errors(cfg)
+    if errors:
+        raise ConfigError(f"{source}: {errors[0]}")
+
+
+def host_rule_errors(cfg: HostConfig) -> list[str]:
+    """Rules that span several host keys (plugins add theirs through ``validate_config``); every
+    broken rule is returned, each naming its keys and the fix."""
+    errors = []
     if cfg.warmup_ratio is not None and cfg.warmup_steps is not None:
-        raise ConfigError(f"{source}: warmup_ratio/warmup_steps: set one of them, not both.")
+        errors.append("warmup_ratio/warmup_steps: set one of them, not both.")
     if cfg.save_steps and cfg.saves_per_epoch:
-        raise ConfigError(f"{source}: save_steps/saves_per_epoch: set one of them, not both.")
+        errors.append("save_steps/saves_per_epoch: set one of them, not both.")
     if cfg.eval_steps and cfg.evals_per_epoch:
-        raise ConfigError(f"{source}: eval_steps/evals_per_epoch: set one of them, not both.")
+        errors.append("eval_steps/evals_per_epoch: set one of them, not both.")
+    errors += _training_key_errors(cfg)
     if not cfg.fsdp_enabled:
-        return
+        return errors
     fc = cfg.fsdp_config or FSDPConfig()
     if cfg.fsdp_version == 2:
         used = [k for k in FSDP1_ONLY if getattr(fc, k) is not None]
         strategies = [s for s in (cfg.fsdp if isinstance(cfg.fsdp, list) else []) if s in ("hybrid_shard", "no_shard")]
         if used or strategies:
-            raise ConfigError(
-                f"{source}: fsdp_config: {', '.join(used + strategies)} exist only in FSDP1, but fsdp_version is 2. "
+            errors.append(
+                f"fsdp_config: {', '.join(used + strategies)} exist only in FSDP1, but fsdp_version is 2. "
                 f"Remove them (FSDP2 prefetches on its own), or set fsdp_version: 1 (deprecated in transformers)."
             )
         if not isinstance(fc.reshard_after_forward, bool):
-            raise ConfigError(f"{source}: fsdp_config.reshard_after_forward must be true or false with fsdp_version 2.")
-    if cfg.gradient_checkpointing:
-        raise ConfigError(
-            f"{source}: gradient_checkpointing with FSDP adds a redundant all-gather in backward; set "
-            f"fsdp_config.activation_checkpointing: true instead and gradient_checkpointing: false."
-        )
+            errors.append("fsdp_config.reshard_after_forward must be true or false with fsdp_version 2.")
+    if fc.version is not None and fc.version != cfg.fsdp_version and "fsdp_version" in cfg.model_fields_set:
+        errors.append(f"fsdp_config.fsdp_version ({fc.version}) and fsdp_version ({cfg.fsdp_version}) disagree; keep one.")
     if cfg.ddp_find_unused_parameters or cfg.ddp_bucket_cap_mb or cfg.ddp_broadcast_buffers is not None:
-        raise ConfigError(f"{source}: ddp_* options apply to DDP, not FSDP; remove them or disable fsdp.")
+        errors.append("ddp_* options apply to DDP, not FSDP; remove them or disable fsdp.")
+    return errors
+
+
+def _training_key_errors(cfg: HostConfig) -> list[str]:
+    """Rules for axolotl's training keys (adapter targets, checkpoints, early stopping)."""
+    errors = []
+    if cfg.adapter and not (cfg.lora_target_modules or cfg.lora_target_parameters or cfg.lora_target_linear or cfg.lora_model_dir):
+        errors.append(
+            f"adapter: {cfg.adapter} has nothing to target; set lora_target_linear: true (every linear layer), "
+            "lora_target_modules (e.g. [q_proj, v_proj]) and/or lora_target_parameters (MoE experts)."
+        )
+    if cfg.lora_model_dir:
+        if not cfg.adapter:
+            errors.append("lora_model_dir: set adapter (e.g. lora) to train a saved adapter further, or remove lora_model_dir.")
+        elif not (Path(cfg.lora_model_dir) / "adapter_config.json").is_file():
+            errors.append(
+                f"lora_model_dir: {cfg.lora_model_dir!r} holds no adapter_config.json; point it at a saved peft "
+                "adapter (an earlier run's output_dir), or remove it to start a fresh adapter."
+            )
+    if cfg.save_strategy == "no" and (cfg.save_steps or cfg.saves_per_epoch or cfg.save_total_limit):
+        errors.append("save_strategy: 'no' writes no checkpoints; remove save_steps/saves_per_epoch/save_total_limit or the strategy.")
+    if cfg.save_strategy == "epoch" and (cfg.save_steps or cfg.saves_per_epoch):
+        errors.append("save_strategy: 'epoch' saves once per epoch; remove save_steps/saves_per_epoch or set save_strategy: steps.")
+    if cfg.save_strategy == "steps" and not (cfg.save_steps or cfg.saves_per_epoch):
+        errors.append("save_strategy: 'steps' needs save_steps or saves_per_epoch.")
+    from host import deepspeed_json
+
+    errors += deepspeed_json.errors(cfg)
+    for key, package in (("wandb_project", "wandb"), ("use_tensorboard", "tensorboard")):
+        if getattr(cfg, key) and cfg.wandb_mode != "disabled" and importlib.util.find_spec(package) is None:
+            errors.append(f"{key}: the {package} package is not installed; pip install 'host[logging]' (or {package}).")
+    if cfg.early_stopping_patience and not cfg.val_set_size:
+        errors.append("early_stopping_patience: needs evaluation; set val_set_size (e.g. 0.05) or remove it.")
+    return errors
+
+
+def build_plugins_collecting(names: list[str], problems: Problems):
+    """``(manager, enabled names)``: each plugin that cannot load (unknown, failing import, missing or
+    late requirement) is reported and left out, so the rest of the config is still checked against
+    the plugins that do load."""
+    import re
+
+    from host.plugins import build_plugin_manager
+
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.add("plugins", f"{', '.join(dupes)} listed more than once; list each plugin once.")
+    names = list(dict.fromkeys(names))
+    while True:
+        try:
+            return build_plugin_manager(names), names
+        except PluginError as exc:
+            problems.add("plugins", str(exc))
+            culprit = next((n for n in re.findall(r"'([^']+)'", str(exc)) if n in names), None)
+            if culprit is None:
+                return build_plugin_manager([]), []
+            names = [n for n in names if n != culprit]
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
@@ -347,15 +595,23 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
 
     Returns ``(cfg, pm, warnings)``. ``overrides`` replace top-level keys (used by tests).
     """
-    from host.plugins import build_plugin_manager
-
     data = read_yaml(path)
     data.update(overrides or {})
+    problems = Problems(str(path))
     plugins = data.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        raise ConfigError(f"{path}: key 'plugins' must be a list of plugin names, got {plugins!r}.")
-    pm = build_plugin_manager(plugins)
-    cfg, warnings = validate_with_warnings(data, pm, source=str(path))
+        problems.add("plugins", f"key 'plugins' must be a list of plugin names, got {plugins!r}.")
+        plugins = []
+    from host.axolotl_keys import resolve_plugins
+    from host.plugins import _entry_points
+
+    plugins, plugin_problems, notes = resolve_plugins(plugins, set(_entry_points()))
+    problems.warnings += notes
+    for message in plugin_problems:
+        problems.add("plugins", message)
+    pm, plugins = build_plugins_collecting(plugins, problems)
+    data = {**data, "plugins": plugins}
+    cfg, warnings = validate_with_warnings(data, pm, source=str(path), problems=problems)
     return cfg, pm, warnings
 
 

@@ -99,37 +99,53 @@ def load_model(cfg, extra_kwargs: dict[str, Any] | None = None):
     raise ConfigError(f"base_model: {cfg.base_model!r} is neither a causal LM nor an image-text model: {errors}")
 
 
+def linear_module_names(model) -> list[str]:
+    """Leaf names of every linear layer but the output head: what ``lora_target_linear`` targets."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
+    return sorted(names)
+
+
 def attach_adapter(cfg, model, tokenizer=None):
-    """Wrap ``model`` with LoRA when ``adapter`` is set (``lora`` or a plugin's LoRA-based kind);
-    leave it for full fine-tuning otherwise. Tokens the config added to ``tokenizer`` train their
-    embedding rows (see host.tokens)."""
+    """Wrap ``model`` with LoRA when ``adapter`` is set (``lora`` or a plugin's LoRA-based kind), fresh
+    or loaded from ``lora_model_dir`` (trainable); leave it for full fine-tuning otherwise. Tokens the
+    config added to ``tokenizer`` train their embedding rows (see host.tokens)."""
     if cfg.adapter is None:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     from host.tokens import save_token_rows_only, trainable_token_indices
 
-    if not cfg.lora_target_modules and not cfg.lora_target_parameters:
+    targets = cfg.lora_target_modules or []
+    if cfg.lora_target_linear and targets != "all-linear":
+        targets = sorted(set(linear_module_names(model)) | set([targets] if isinstance(targets, str) else targets))
+    if not targets and not cfg.lora_target_parameters and not cfg.lora_model_dir:
         raise ConfigError(
-            f"lora_target_modules: adapter is {cfg.adapter} but no targets are set; set lora_target_modules "
-            "(e.g. [q_proj, v_proj] or all-linear) and/or lora_target_parameters."
+            f"lora_target_modules: adapter is {cfg.adapter} but no targets are set; set lora_target_linear: true, "
+            "lora_target_modules (e.g. [q_proj, v_proj] or all-linear) and/or lora_target_parameters."
         )
     token_rows = trainable_token_indices(cfg, model, tokenizer) if tokenizer is not None else None
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules or [],
-        target_parameters=cfg.lora_target_parameters or None,
-        modules_to_save=cfg.lora_modules_to_save,
-        trainable_token_indices=token_rows,
-        task_type="CAUSAL_LM",
-    )
     try:
-        model = get_peft_model(model, lora)
+        if cfg.lora_model_dir:
+            log.info("loading LoRA adapter from %s (trainable)", cfg.lora_model_dir)
+            model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
+        else:
+            lora = LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=targets,
+                target_parameters=cfg.lora_target_parameters or None,
+                modules_to_save=cfg.lora_modules_to_save,
+                trainable_token_indices=token_rows,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
     except ValueError as exc:
-        raise ConfigError(f"lora_target_modules/lora_target_parameters: {exc}") from None
-    if token_rows:
+        raise ConfigError(f"lora_target_modules/lora_target_parameters/lora_model_dir: {exc}") from None
+    if token_rows and not cfg.lora_model_dir:
         save_token_rows_only(model)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -61,8 +61,9 @@ def training_arguments(cfg, has_eval: bool):
         bf16=model_mod.use_bf16(cfg),
         fp16=cfg.fp16,
         logging_steps=cfg.logging_steps,
-        save_strategy="steps" if save_steps else "no",
+        save_strategy=_save_strategy(cfg, save_steps),
         save_steps=save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
         eval_strategy=("steps" if eval_steps else "epoch") if has_eval else "no",
         eval_steps=eval_steps,
         seed=cfg.seed,
@@ -71,21 +72,45 @@ def training_arguments(cfg, has_eval: bool):
         torch_compile_mode=cfg.torch_compile_mode,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
         dataloader_num_workers=0,
-        save_total_limit=None,
         ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
         ddp_bucket_cap_mb=cfg.ddp_bucket_cap_mb,
         ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
         ddp_timeout=cfg.ddp_timeout,
         **fsdp_arguments(cfg),
+        **deepspeed_arguments(cfg, cuda),
+        **logging_arguments(cfg),
     )
-    if cfg.gradient_checkpointing:  # passed only when on: newer transformers warn that the name is deprecated
+    if cfg.gradient_checkpointing and not cfg.fsdp_enabled:  # under FSDP it is fsdp_config.activation_checkpointing
         kwargs["gradient_checkpointing"] = True
+        if cfg.gradient_checkpointing_kwargs is not None:
+            kwargs["gradient_checkpointing_kwargs"] = cfg.gradient_checkpointing_kwargs
+    kwargs.update(optional_training_arguments(cfg, cuda))
     try:
         return TrainingArguments(**kwargs)
     except ValueError as exc:  # e.g. an unknown optimizer or scheduler name; HF's message names the value
         raise ConfigError(f"training keys (optimizer, lr_scheduler, bf16/fp16, ...): {exc}") from None
+
+
+def _save_strategy(cfg, save_steps) -> str:
+    """axolotl's default: a checkpoint per epoch unless save keys say otherwise."""
+    if cfg.save_strategy == "no":
+        return "no"
+    return "steps" if save_steps else "epoch"
+
+
+def optional_training_arguments(cfg, cuda: bool) -> dict:
+    """axolotl keys that map one-to-one onto TrainingArguments, passed only when set (the Trainer's
+    defaults apply otherwise)."""
+    out = {k: getattr(cfg, k) for k in ("max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon") if getattr(cfg, k) is not None}
+    if cuda and cfg.tf32 is not False:
+        import torch
+
+        supported = torch.cuda.get_device_capability()[0] >= 8
+        if cfg.tf32 is True and not supported:
+            raise ConfigError("tf32: this GPU has no TF32 (needs compute capability 8.0+); set tf32: false or auto.")
+        out["tf32"] = supported
+    return out
 
 
 def fsdp_arguments(cfg) -> dict:
@@ -97,14 +122,56 @@ def fsdp_arguments(cfg) -> dict:
             "fsdp: FSDP needs CUDA GPUs; on CPU accelerate would silently run plain DDP instead. Remove "
             "fsdp/fsdp_config for CPU runs (DDP under torchrun works there)."
         )
-    fc = (cfg.fsdp_config.model_dump(exclude_none=True) if cfg.fsdp_config else {})
+    return {"fsdp": True, "fsdp_config": fsdp_plugin_config(cfg)}
+
+
+def fsdp_plugin_config(cfg) -> dict:
+    """The accelerate ``fsdp_config`` for ``cfg`` (axolotl's names already read as host's)."""
+    fc = cfg.fsdp_config.model_dump(exclude_none=True, exclude={"final_state_dict_type", "version"}) if cfg.fsdp_config else {}
+    if cfg.gradient_checkpointing:  # axolotl's meaning under FSDP: checkpoint each wrapped layer
+        fc["activation_checkpointing"] = True
     options = cfg.fsdp if isinstance(cfg.fsdp, list) else []
     if "offload" in options:
         fc["cpu_offload"] = True
     if "shard_grad_op" in options:
         fc["reshard_after_forward"] = False if cfg.fsdp_version == 2 else "shard_grad_op"
     fc["version"] = cfg.fsdp_version
-    return {"fsdp": True, "fsdp_config": fc}
+    return fc
+
+
+def deepspeed_arguments(cfg, cuda: bool) -> dict:
+    """``deepspeed`` for TrainingArguments; the Trainer fills the JSON's "auto" values from the config."""
+    if not cfg.deepspeed:
+        return {}
+    if not cuda:
+        raise ConfigError("deepspeed: DeepSpeed needs CUDA GPUs; remove it for CPU runs (DDP under torchrun works there).")
+    return {"deepspeed": cfg.deepspeed}
+
+
+def logging_arguments(cfg) -> dict:
+    """``report_to`` from axolotl's wandb_* and use_tensorboard keys (wandb through its env vars, run
+    files under output_dir)."""
+    import os
+
+    report = []
+    if cfg.wandb_project and cfg.wandb_mode != "disabled":
+        report.append("wandb")
+        env = {"WANDB_PROJECT": cfg.wandb_project, "WANDB_DIR": cfg.output_dir,
+               "WANDB_ENTITY": cfg.wandb_entity, "WANDB_MODE": cfg.wandb_mode}
+        for key, value in env.items():  # set or cleared: a previous run in this process must not leak in
+            if value:
+                os.environ[key] = value
+            else:
+                os.environ.pop(key, None)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.use_tensorboard:
+        report.append("tensorboard")
+    out: dict = {"report_to": report or "none"}
+    if cfg.wandb_name:
+        out["run_name"] = cfg.wandb_name
+    if cfg.use_tensorboard:
+        out["logging_dir"] = str(Path(cfg.output_dir) / "runs")
+    return out
 
 
 def _cuda() -> bool:
@@ -114,10 +181,11 @@ def _cuda() -> bool:
 
 
 def _callbacks(cfg, pm) -> list:
-    from host.callbacks import GradNormLog, MarkComplete, StepTimer
+    from host.callbacks import EarlyStopping, GradNormLog, MarkComplete, StepTimer
 
     extra = [cb for cbs in pm.hook.trainer_callbacks(cfg=cfg) for cb in (cbs or [])]
-    return [MarkComplete(), StepTimer(), GradNormLog(), *extra]
+    stop = [EarlyStopping(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
+    return [MarkComplete(), StepTimer(), GradNormLog(), *stop, *extra]
 
 
 def train(cfg, pm, warnings=()):
