@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Callable
 
 from host import axolotl_schema
 
@@ -31,7 +31,7 @@ class Key:
     status: str  # "ignored" | "refused" | "plugin"
     why: str = ""
     plugin: str | None = None
-    noop: tuple = ()  # extra values (besides null/empty/default) at which axolotl does nothing
+    noop: tuple | Callable[[Any], bool] = ()  # extra values (or a test) at which the key does nothing here
 
 
 def ignored(why: str, noop: tuple = ()) -> Key:
@@ -73,9 +73,10 @@ TABLE: dict[str, Key] = {
     "dataloader_num_workers": ignored("host loads batches in the main process"),
     "tokenizer_type": ignored("host loads tokenizers with AutoTokenizer", noop=("AutoTokenizer",)),
     "tokenizer_use_fast": ignored("host always uses the fast tokenizer", noop=(True,)),
-    "model_type": refused(
-        "host loads with AutoModelForCausalLM (or AutoModelForImageTextToText when processor_type is set)",
-        noop=("AutoModelForCausalLM", "AutoModelForImageTextToText"),
+    "model_type": refused(  # a concrete *ForCausalLM class is what the auto class picks anyway
+        "host loads with AutoModelForCausalLM (or AutoModelForImageTextToText when processor_type is set); "
+        "other heads (sequence/token classification) are not supported",
+        noop=lambda v: str(v).endswith(("ForCausalLM", "ForConditionalGeneration", "AutoModelForImageTextToText")),
     ),
     "flash_attention": refused("axolotl's legacy switch; write attn_implementation: flash_attention_2"),
     "sdp_attention": refused("axolotl's legacy switch; write attn_implementation: sdpa"),
@@ -166,12 +167,15 @@ def is_axolotl_key(key: str) -> bool:
     return key in axolotl_schema.TOP or key in TABLE
 
 
-def is_noop(value: Any, default: Any = "?", extra: tuple = ()) -> bool:
+def is_noop(value: Any, default: Any = "?", extra: tuple | Callable[[Any], bool] = ()) -> bool:
     """True when axolotl does nothing with ``value``: null/empty, its default, or ``false`` for a switch
     that is off by default."""
     if value is None or value == "" or value == [] or value == {}:
         return True
-    if any(value == v and type(value) is type(v) for v in extra):
+    if callable(extra):
+        if extra(value):
+            return True
+    elif any(value == v and type(value) is type(v) for v in extra):
         return True
     if default != "?" and type(value) is type(default) and value == default:
         return True

@@ -420,7 +420,7 @@ def validate_with_warnings(
     :mod:`host.axolotl_keys`), dataset entries, host rules and each plugin's ``validate_config``.
     Rules run on the keys that did validate, so a bad key does not hide a broken combination.
     """
-    problems = problems or Problems(source)
+    problems = Problems(source) if problems is None else problems
     model = merged_model(pm)
     enabled = [name for name, _ in pm.list_name_plugin()]
     entries = data.get("datasets") or []

@@ -150,7 +150,7 @@ def deepspeed_arguments(cfg, cuda: bool) -> dict:
 
 def logging_arguments(cfg) -> dict:
     """``report_to`` from axolotl's wandb_* and use_tensorboard keys (wandb through its env vars, run
-    files under output_dir)."""
+    files under output_dir/wandb; TensorBoard event files under output_dir/runs, the Trainer's default)."""
     import os
 
     report = []
@@ -169,8 +169,6 @@ def logging_arguments(cfg) -> dict:
     out: dict = {"report_to": report or "none"}
     if cfg.wandb_name:
         out["run_name"] = cfg.wandb_name
-    if cfg.use_tensorboard:
-        out["logging_dir"] = str(Path(cfg.output_dir) / "runs")
     return out
 
 
@@ -238,6 +236,11 @@ def train(cfg, pm, warnings=()):
         (processor or tokenizer).save_pretrained(cfg.output_dir)
         summary = write_summary(cfg, pm, trainer, result, eval_metrics, wall, packing_stats)
         plot_losses(trainer.state.log_history, Path(cfg.output_dir) / "loss.png")
+    if "wandb" in args.report_to:  # flush and close the run now, not at interpreter exit
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary
