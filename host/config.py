@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
 
-from host.errors import ConfigError, PluginError
+from host.errors import ConfigError, HostError, PluginError
 from host.paths import check_paths
 
 log = logging.getLogger("host.config")
@@ -332,28 +332,36 @@ class Problems:
     def __init__(self, source: str):
         self.source = source
         self.groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+        self.errors: list[HostError] = []  # the original exceptions, for --debug's traceback
         self.warnings: list[str] = []
 
-    def add(self, group: str, message: str) -> None:
-        prefix = f"{group}: "
-        self.groups[group].append(message[len(prefix):] if message.startswith(prefix) else message)
+    def add(self, group: str, message: str, error: HostError | None = None) -> None:
+        # PluginError's leading "plugins: " repeats the group; other messages start with their key
+        self.groups[group].append(message.removeprefix("plugins: ") if group == "plugins" else message)
+        if error is not None:
+            self.errors.append(error)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.groups.values())
 
     def raise_if_any(self) -> None:
-        if not len(self):
-            return
+        """One problem reads as it always did (``<file>: <key>: ...``); several are listed by group."""
         n = len(self)
-        lines = [f"{self.source}: {n} problem{'s' if n > 1 else ''}; fix {'them all' if n > 1 else 'it'}, then run again."]
+        if not n:
+            return
+        cause = next((e for e in self.errors if e.__cause__ is not None), None)
+        notes = ["  warnings (not errors):", *(f"    - {w}" for w in self.warnings)] if self.warnings else []
+        if n == 1:
+            group, message = next((g, m[0]) for g, m in self.groups.items() if m)
+            text = str(self.errors[0]) if len(self.errors) == 1 else f"{self.source}: {'plugins: ' if group == 'plugins' else ''}{message}"
+            kind = type(self.errors[0]) if len(self.errors) == 1 else ConfigError
+            raise kind("\n".join([text, *notes])) from (cause.__cause__ if cause else None)
+        lines = [f"{self.source}: {n} problems; fix them all, then run again."]
         for group, messages in self.groups.items():
             if messages:
                 lines.append(f"  {group}:")
                 lines += [f"    - {m}" for m in messages]
-        if self.warnings:
-            lines.append("  warnings (not errors):")
-            lines += [f"    - {w}" for w in self.warnings]
-        raise ConfigError("\n".join(lines))
+        raise ConfigError("\n".join(lines + notes)) from (cause.__cause__ if cause else None)
 
 
 def drop_nulls(value: Any) -> Any:
@@ -583,7 +591,7 @@ def build_plugins_collecting(names: list[str], problems: Problems):
         try:
             return build_plugin_manager(names), names
         except PluginError as exc:
-            problems.add("plugins", str(exc))
+            problems.add("plugins", str(exc), exc)
             culprit = next((n for n in re.findall(r"'([^']+)'", str(exc)) if n in names), None)
             if culprit is None:
                 return build_plugin_manager([]), []

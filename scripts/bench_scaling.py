@@ -23,11 +23,16 @@ import yaml
 
 LAYER = "Qwen3MoeDecoderLayer"
 VARIANTS = {"1gpu": (1, False), "ddp2": (2, False), "fsdp2x2": (2, True)}  # name -> (GPUs, FSDP2)
+DEEPSPEED = {"zero2x2": "zero2.json", "zero3x2": "zero3.json"}  # 2 GPUs, examples/deepspeed/<json>
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def parse_variant(tag: str) -> tuple[str, int, bool, bool, bool]:
-    """``1gpu|ddp2|fsdp2x2`` with optional ``-scattermoe`` / ``-static`` -> (tag, GPUs, FSDP2, scattermoe, static)."""
+    """``1gpu|ddp2|fsdp2x2`` with optional ``-scattermoe`` / ``-static``, or ``zero2x2|zero3x2`` (DeepSpeed)
+    -> (tag, GPUs, FSDP2, scattermoe, static)."""
     name, *mods = tag.split("-")
+    if name in DEEPSPEED and not mods:
+        return tag, 2, False, False, False
     if name not in VARIANTS or not set(mods) <= {"scattermoe", "static"}:
         sys.exit(f"unknown variant {tag!r}: one of {', '.join(VARIANTS)}, optionally with -scattermoe and/or -static")
     gpus, fsdp = VARIANTS[name]
@@ -84,8 +89,11 @@ def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: boo
         "bf16": True,
         "logging_steps": 4,  # each logged step synchronises on the loss
         "output_dir": str(work / "runs" / name),
+        "save_strategy": "no",  # time training, not checkpoint writes
         "seed": 0,
     }
+    if name in DEEPSPEED:
+        cfg["deepspeed"] = str(EXAMPLES / "deepspeed" / DEEPSPEED[name])
     if static:  # every LoRA parameter gets a gradient each step: skip DDP's per-step unused-parameter search
         cfg["ddp_find_unused_parameters"] = False
     if fsdp:
@@ -113,7 +121,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
     ap.add_argument("--variants", default="1gpu,ddp2,fsdp2x2,1gpu-scattermoe,ddp2-scattermoe,fsdp2x2-scattermoe",
-                    help="comma-separated; suffix -scattermoe adds the plugin, -static sets ddp_find_unused_parameters: false")
+                    help="comma-separated; suffix -scattermoe adds the plugin, -static sets ddp_find_unused_parameters: "
+                    "false; zero2x2/zero3x2 run DeepSpeed ZeRO-2/3 on 2 GPUs with examples/deepspeed/*.json")
     ap.add_argument("--work", type=Path, default=Path("/tmp/host-scaling"))
     ap.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp/host-scaling-logs")))
     args = ap.parse_args()
