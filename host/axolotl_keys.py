@@ -119,6 +119,11 @@ TABLE: dict[str, Key] = {
     "bnb_4bit_quant_storage": plugin("qlora"),
     "bnb_config_kwargs": plugin("qlora"),
     "quantize_moe_experts": plugin("qlora"),
+    "qlora_sharded_model_loading": refused(
+        "FSDP-sharded QLoRA loading: the qlora plugin refuses FSDP; use DDP (each GPU loads its own 4-bit copy)"
+    ),
+    "nf4_backend": refused("NF4 comes from bitsandbytes only (plugins: [qlora])", noop=("bitsandbytes",)),
+    "embeddings_skip_upcast": ignored("the qlora plugin never upcasts the embeddings to fp32"),
     "liger_rms_norm": plugin("liger"),
     "liger_rms_norm_gated": plugin("liger"),
     "liger_glu_activation": plugin("liger"),
@@ -126,6 +131,11 @@ TABLE: dict[str, Key] = {
     "liger_layer_norm": plugin("liger"),
     "liger_fused_linear_cross_entropy": plugin("liger"),
     "liger_cross_entropy": plugin("liger"),
+}
+
+# ``adapter:`` values of axolotl that a host plugin provides (its ``adapter_kinds`` hook).
+ADAPTERS: dict[str, Key] = {
+    "qlora": plugin("qlora"),
 }
 
 # axolotl plugin class path (``plugins:``) -> host plugin name, or a refusal.

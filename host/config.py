@@ -315,7 +315,15 @@ def adapter_kind_owners(pm) -> dict[str, str]:
 
 def check_adapter_kind(cfg: HostConfig, pm, source: str) -> None:
     """``adapter:`` must be ``lora`` or a kind an enabled plugin declares."""
+    from host import axolotl_keys
+
     kinds = adapter_kind_owners(pm)
+    known = axolotl_keys.ADAPTERS.get(cfg.adapter)
+    if cfg.adapter not in kinds and known is not None and known.status == "plugin":
+        raise ConfigError(
+            f"{source}: adapter: {cfg.adapter!r} needs host plugin `{known.plugin}`: add {known.plugin} to `plugins:` "
+            f"(pip install host-plugin-{known.plugin.replace('_', '-')})."
+        )
     if cfg.adapter is not None and cfg.adapter not in kinds:
         raise ConfigError(
             f"{source}: adapter: unknown adapter kind {cfg.adapter!r}. Known: {', '.join(sorted(kinds))}; "

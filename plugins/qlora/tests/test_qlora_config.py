@@ -30,8 +30,20 @@ def test_qlora_keys_validate_with_axolotl_defaults(make_plugin_manager, tmp_path
 def test_qlora_adapter_kind_needs_the_plugin(make_plugin_manager, tmp_path):
     data = _cfg(tmp_path, adapter="qlora")
     data["plugins"] = []
-    with pytest.raises(ConfigError, match="unknown adapter kind 'qlora'"):
+    with pytest.raises(ConfigError, match="adapter: 'qlora' needs host plugin `qlora`: add qlora to `plugins:`"):
         _check(make_plugin_manager, data)
+
+
+def test_axolotl_qlora_config_without_the_plugin_names_it_once_per_key(make_plugin_manager, tmp_path):
+    data = _cfg(tmp_path, adapter="qlora", load_in_4bit=True, bnb_4bit_quant_type="nf4", load_in_8bit=False)
+    data["plugins"] = []
+    with pytest.raises(ConfigError) as err:
+        _check(make_plugin_manager, data)
+    msg = str(err.value)
+    for key in ("load_in_4bit", "bnb_4bit_quant_type"):
+        assert f"axolotl key `{key}` needs host plugin `qlora`" in msg
+    assert "adapter: 'qlora' needs host plugin `qlora`" in msg
+    assert "load_in_8bit`" not in msg  # false is axolotl's no-op: a warning, not an error
 
 
 @pytest.mark.parametrize(
