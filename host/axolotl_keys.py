@@ -157,6 +157,27 @@ DATASET_TABLE: dict[str, Key] = {
 }
 
 
+def enabling_keys() -> dict[str, str]:
+    """``{axolotl key: host plugin}`` for keys that turn an installed plugin on by themselves, because
+    axolotl acts on them without any plugin (``load_in_4bit`` -> ``qlora``). A plugin declares them
+    under ``[project.entry-points."host.axolotl_enables"]`` (``load_in_4bit = "<its module>"``)."""
+    by_module = {ep.value.split(":")[0]: ep.name for ep in entry_points(group="host.plugins")}
+    return {ep.name: by_module[ep.value.split(":")[0]] for ep in entry_points(group="host.axolotl_enables")
+            if ep.value.split(":")[0] in by_module}
+
+
+def enabled_by_keys(data: dict[str, Any], plugins: list[str]) -> tuple[list[str], list[str]]:
+    """``(plugins, notes)``: ``plugins`` plus every installed plugin that a key set to a real value in
+    ``data`` turns on (see :func:`enabling_keys`), each with one note."""
+    out, notes = list(plugins), []
+    for key, name in enabling_keys().items():
+        if key in data and name not in out and not is_noop(data[key], top_default(key)):
+            out.append(name)
+            notes.append(f"plugins: `{key}` turns on host plugin `{name}` (axolotl needs no plugin for it); "
+                         f"list {name} under `plugins:` to say so.")
+    return out, notes
+
+
 def declared_names() -> dict[str, str]:
     """``{axolotl key or plugin class path: host plugin}`` declared by installed plugins.
 

@@ -618,11 +618,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None):
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         problems.add("plugins", f"key 'plugins' must be a list of plugin names, got {plugins!r}.")
         plugins = []
-    from host.axolotl_keys import resolve_plugins
+    from host.axolotl_keys import enabled_by_keys, resolve_plugins
     from host.plugins import _entry_points
 
     plugins, plugin_problems, notes = resolve_plugins(plugins, set(_entry_points()))
-    problems.warnings += notes
+    plugins, enabled_notes = enabled_by_keys(data, plugins)
+    problems.warnings += notes + enabled_notes
     for message in plugin_problems:
         problems.add("plugins", message)
     pm, plugins = build_plugins_collecting(plugins, problems)

@@ -137,3 +137,27 @@ def test_installed_plugin_declares_its_axolotl_names(run_host, write_config, loc
     cfg = base_config("m", "d.jsonl", tmp_path / "o", use_fancy=True)
     result = run_host("validate", write_config(cfg, "b.yaml"))
     assert "axolotl key `use_fancy` needs host plugin `fancy`" in result.output
+
+
+def test_key_that_turns_a_plugin_on(run_host, write_config, local_plugin, tmp_path):
+    site = local_plugin("quanty", """
+        from pydantic import BaseModel
+
+        from host import hookimpl
+
+        class Cfg(BaseModel):
+            load_quanty: bool = False
+
+        @hookimpl
+        def config_model():
+            return Cfg
+    """)
+    (site / "host_plugin_quanty-0.1.0.dist-info" / "entry_points.txt").write_text(
+        "[host.plugins]\nquanty = host_plugin_quanty\n\n[host.axolotl_enables]\nload_quanty = host_plugin_quanty\n"
+    )
+    result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", load_quanty=True)))
+    assert result.exit_code == 0, result.output
+    assert "`load_quanty` turns on host plugin `quanty`" in result.output and "plugins:\n- quanty\n" in result.output
+    # null (unset) turns nothing on
+    result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", load_quanty=None), "b.yaml"))
+    assert result.exit_code == 0 and "turns on" not in result.output and "plugins: []" in result.output
