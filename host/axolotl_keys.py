@@ -6,7 +6,8 @@ table covers the rest of axolotl's keys (the full list, with defaults, is genera
 
 - ``ignored(why)``: harmless here whatever its value (one warning line names it);
 - ``refused(why)``: axolotl does something host does not; an error with the reason;
-- ``plugin(name)``: a host plugin answers it; an error naming the plugin when it is not enabled.
+- ``plugin(name)``: a host plugin answers it; an error naming the plugin when it is not enabled;
+- ``Key("alias", why, plugin=name, target=key)``: read as ``target``, a key of that plugin (one warning).
 
 Any axolotl key at a value where axolotl itself does nothing (null, empty, its default, ``false``
 for an off-by-default switch, or an entry's ``noop`` values) is dropped with one warning line,
@@ -32,6 +33,7 @@ class Key:
     why: str = ""
     plugin: str | None = None
     noop: tuple | Callable[[Any], bool] = ()  # extra values (or a test) at which the key does nothing here
+    target: str | None = None  # "alias": the key of ``plugin`` that means the same
 
 
 def ignored(why: str, noop: tuple = ()) -> Key:
@@ -91,7 +93,9 @@ TABLE: dict[str, Key] = {
     "group_by_length": refused("host does not reorder samples by length"),
     # --- not in host ---------------------------------------------------------------------------
     "rl": refused("preference/RL training (DPO, ORPO, KTO, GRPO) is not in host; it trains SFT and pretraining"),
-    "activation_offloading": refused("activation offloading is not in host; use gradient_checkpointing (or FSDP offload_params)"),
+    "activation_offloading": ignored(
+        "activations are not offloaded to CPU: the math is the same, GPU memory is higher; gradient_checkpointing still applies"
+    ),
     "unfrozen_parameters": refused("partial full fine-tuning by parameter regex is not in host; use adapter: lora or full fine-tuning"),
     "dp_shard_size": refused("axolotl's N-D parallelism is not in host; use fsdp (shards over all ranks) or DDP"),
     "tensor_parallel_size": refused("tensor parallelism is not in host; use FSDP or DeepSpeed ZeRO-3"),
@@ -101,10 +105,9 @@ TABLE: dict[str, Key] = {
     "llama4_linearized_experts": refused("Llama 4 expert linearization is not in host"),
     "tokenizer_use_mistral_common": refused("mistral-common tokenizers are not supported; host loads the HF tokenizer"),
     "use_sonicmoe": refused("sonicmoe kernels are not in host; use plugins: [scattermoe] (MoE kernels with LoRA fused in)"),
-    "cut_cross_entropy": refused(
-        "Apple's cut-cross-entropy is not in host; plugins: [liger] with liger_fused_linear_cross_entropy: true "
-        "also never materialises the logits"
-    ),
+    # the same loss without materialised logits: liger's fused linear cross-entropy stands in for it
+    "cut_cross_entropy": Key("alias", "liger's fused linear cross-entropy computes the same loss without "
+                             "materialising the logits", plugin="liger", target="liger_fused_linear_cross_entropy"),
     "max_packed_sequence_len": refused("axolotl's legacy packing key; use sample_packing with sequence_len"),
     "pretraining_dataset": plugin("mmcpt"),
     # --- answered by first-party plugins (installed plugins can declare more) ------------------
@@ -142,9 +145,7 @@ ADAPTERS: dict[str, Key] = {
 PLUGINS: dict[str, Key] = {
     "axolotl.integrations.kernels.KernelsPlugin": plugin("scattermoe"),
     "axolotl.integrations.liger.LigerPlugin": plugin("liger"),
-    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": refused(
-        "Apple's cut-cross-entropy is not in host; use plugins: [liger] with liger_fused_linear_cross_entropy: true"
-    ),
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": plugin("liger"),  # with cut_cross_entropy below
 }
 
 # ``datasets:`` entry keys of axolotl that host does not own (host and plugins declare the rest).

@@ -400,11 +400,15 @@ def screen_axolotl_keys(
             ax.refused("host does not implement it") if entry else ax.decide(key, declared)
         )
         default = ax.dataset_default(key) if entry else ax.top_default(key)
-        if ax.is_noop(value, default, decision.noop):
+        if decision.status == "alias" and decision.plugin in enabled:
+            if decision.target not in data:
+                out[decision.target] = value
+            problems.warnings.append(f"{where}{key}: read as {decision.target} ({decision.why}).")
+        elif ax.is_noop(value, default, decision.noop):
             noops.append(f"{where}{key}: {'(empty)' if value in (None, '') else json.dumps(value)}")
         elif decision.status == "ignored":
             problems.warnings.append(f"{where}{key}: ignored ({decision.why}).")
-        elif decision.status == "plugin":
+        elif decision.status in ("plugin", "alias"):
             if decision.plugin in enabled:
                 continue  # a switch that enabling the plugin already answers
             problems.add("keys", (

@@ -111,13 +111,23 @@ def test_axolotl_plugin_class_path_resolves_to_host_plugin(run_host, write_confi
 
 def test_axolotl_plugins_without_counterpart_get_one_line_each(run_host, write_config, tmp_path):
     cfg = base_config("m", "d.jsonl", tmp_path / "o", plugins=[
-        "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin",
         "axolotl.integrations.grokfast.GrokfastPlugin",
+        "axolotl.integrations.spectrum.SpectrumPlugin",
     ])
     out = _fails(run_host, "validate", write_config(cfg))
     assert "2 problems" in out
-    assert "CutCrossEntropyPlugin` is not supported by host: Apple's cut-cross-entropy is not in host; use plugins: [liger]" in out
     assert "axolotl plugin `axolotl.integrations.grokfast.GrokfastPlugin` has no host counterpart" in out
+    assert "axolotl plugin `axolotl.integrations.spectrum.SpectrumPlugin` has no host counterpart" in out
+
+
+def test_cut_cross_entropy_is_read_as_liger_fused_linear_cross_entropy(run_host, write_config, tmp_path):
+    from host.axolotl_keys import PLUGINS, TABLE
+
+    assert PLUGINS["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"].plugin == "liger"
+    assert TABLE["cut_cross_entropy"].target == "liger_fused_linear_cross_entropy"
+    # without the plugin, axolotl ignores the key (its default is true): a no-op
+    result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", cut_cross_entropy=True)))
+    assert result.exit_code == 0 and "do nothing at these values: cut_cross_entropy: true" in result.output
 
 
 def test_installed_plugin_declares_its_axolotl_names(run_host, write_config, local_plugin, tmp_path):
