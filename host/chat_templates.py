@@ -7,10 +7,13 @@ dataset type find each turn's characters (see :func:`render`).
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 
 from host.errors import ConfigError
+
+log = logging.getLogger("host.data")
 
 _CHATML = (
     "{%- for m in messages -%}"
@@ -60,6 +63,16 @@ TEMPLATES = {"chatml": _CHATML, "qwen3": _QWEN3, "llama3": _LLAMA3, "gemma": _GE
 CHOICES = ("tokenizer_default", "jinja", *TEMPLATES)
 FALLBACK = "tokenizer_default_fallback_"
 
+#: axolotl template names that are a model family's own template, which its checkpoints' tokenizers ship.
+#: host does not keep copies: for these it uses the tokenizer's template (as ``tokenizer_default``) and says
+#: so once; a tokenizer without one is a data error naming ``chat_template``.
+MODEL_OWN = frozenset({
+    "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "cohere", "llama3_2_vision", "llama4",
+    "phi_3", "phi_35", "deepseek_v2", "deepseek_v3", "jamba", "qwen_25", "qwen3_5", "falcon_h1", "nemotron_h",
+    "exaone", "exaone4", "pixtral", "llava", "qwen2_vl", "gemma3n", "gemma4", "gemma4_unified", "command_a",
+    "command_a_tool_use", "command_a_rag", "aya",
+})
+
 
 def resolve(cfg, tokenizer) -> str | None:
     """The Jinja source ``chat_template`` / ``chat_template_jinja`` select for ``tokenizer``
@@ -67,7 +80,7 @@ def resolve(cfg, tokenizer) -> str | None:
     name = cfg.chat_template
     if name is None and cfg.chat_template_jinja:
         name = "jinja"
-    if name is None or name == "tokenizer_default":
+    if name is None or name == "tokenizer_default" or name in MODEL_OWN:
         return None
     if name == "jinja":
         src = cfg.chat_template_jinja
@@ -94,6 +107,10 @@ def resolve(cfg, tokenizer) -> str | None:
 def check_name(value: str | None) -> str | None:
     """Config-time check of a ``chat_template`` value (so ``host validate`` catches typos)."""
     if value is None or value in CHOICES:
+        return value
+    if value in MODEL_OWN:
+        log.warning("chat_template: %r is that model family's own template, which host does not ship; the "
+                    "tokenizer's chat template is used (tokenizer_default). Set chat_template: jinja to pin one.", value)
         return value
     if value.startswith(FALLBACK) and value[len(FALLBACK):] in TEMPLATES:
         return value

@@ -246,3 +246,20 @@ def test_added_token_rows_train_tied_or_not(make_plugin_manager, tiny_tokenizer,
     assert len(deltas) == (1 if tied else 2), deltas
     assert all(trainable[n].shape[0] == 2 and trainable[n].grad.abs().sum() > 0 for n in deltas)
     assert all("lora_" in n or "trainable_tokens" in n for n in trainable)
+
+
+def test_model_family_template_names_use_the_tokenizers_own(make_plugin_manager, tok_dir, tiny_tokenizer, tmp_path, caplog):
+    """axolotl's names for a family's own template (qwen3_5, gemma4, ...) validate with one warning and render
+    with the tokenizer's template; without one, the data step names chat_template. Other unknown names stay errors."""
+    with caplog.at_level("WARNING", logger="host.data"):
+        tokenizer, train = _run(make_plugin_manager, tok_dir, [CHAT], chat_template="qwen3_5")
+    assert "'qwen3_5' is that model family's own template" in caplog.text
+    _, default = _run(make_plugin_manager, tok_dir, [CHAT], chat_template="tokenizer_default")
+    assert train["input_ids"] == default["input_ids"] and train["labels"] == default["labels"]
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = None
+    bare.save_pretrained(str(tmp_path / "bare"))
+    with pytest.raises(DataError, match="the tokenizer has no chat_template; set chat_template"):
+        _run(make_plugin_manager, tmp_path / "bare", [CHAT], chat_template="gemma4")
+    with pytest.raises(ConfigError, match="unknown chat template 'metharme'"):
+        validate({"base_model": "u", "chat_template": "metharme"}, make_plugin_manager([]))

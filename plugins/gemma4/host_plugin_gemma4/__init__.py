@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from host import hookimpl
 from host.config import StrictModel
@@ -44,6 +44,16 @@ class Gemma4Config(StrictModel):
     gemma4_packed_sequence_masks: bool = Field(
         True, description="Per-document causal masks when position_ids restart inside a row (packed sequences)."
     )
+    gemma4_hybrid_attn_impl: bool | None = Field(
+        None, description="axolotl's name for gemma4_hybrid_attention (true turns it on); an axolotl config "
+        "setting it turns this plugin on by itself."
+    )
+
+    @model_validator(mode="after")
+    def _axolotl_hybrid_name(self):
+        if self.gemma4_hybrid_attn_impl:
+            self.gemma4_hybrid_attention = True
+        return self
 
 
 @hookimpl

@@ -36,6 +36,18 @@ def test_gemma4_config_keys_validate(make_plugin_manager, write_config, tmp_path
     assert any("changes nothing" in w for w in warnings)
 
 
+def test_gemma4_axolotl_hybrid_attn_impl(write_config):
+    """axolotl's ``gemma4_hybrid_attn_impl: true`` turns this plugin on by itself and means gemma4_hybrid_attention."""
+    from host.config import load_config
+
+    cfg, _, warnings = load_config(write_config({"base_model": "x", "gemma4_hybrid_attn_impl": True,
+                                                 "gemma4_attn_implementation": "eager"}, "ax.yaml"))
+    assert "gemma4" in cfg.plugins and cfg.gemma4_hybrid_attention
+    assert any("turns on host plugin `gemma4`" in w for w in warnings)
+    cfg, _, _ = load_config(write_config({"base_model": "x", "plugins": ["gemma4"], "gemma4_hybrid_attn_impl": False}, "off.yaml"))
+    assert not cfg.gemma4_hybrid_attention
+
+
 def test_gemma4_side_channel_under_fsdp_activation_checkpointing(write_config, monkeypatch):
     """accelerate's checkpoint_wrapper captures the K/V kwarg first: forcing the side channel is an error
     naming the key; auto warns only on transformers versions that leak."""

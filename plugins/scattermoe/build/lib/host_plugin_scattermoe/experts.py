@@ -1,0 +1,92 @@
+"""The ``scattermoe`` experts implementation for transformers' ``ExpertsInterface``.
+
+``experts_forward(self, hidden_states, top_k_index, top_k_weights)`` replaces the forward of any
+``@use_experts_implementation`` experts module (Qwen3-MoE, Qwen3.5-MoE, OLMoE, Mixtral, Gemma 4,
+gpt-oss, ...): it reads the module's layout flags (``is_transposed``, ``has_bias``, ``has_gate``,
+``has_post_expert_norm``) and its own ``_apply_gate`` / ``act_fn``, so every family's activation
+(SiLU/GELU GLU, gpt-oss's interleaved clamped sigmoid-GLU) is the model's own code.
+
+``register()`` adds it to ``transformers.integrations.moe.ExpertsInterface`` under ``"scattermoe"``
+(the same call works on transformers 5.17 and 5.23).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from host_plugin_scattermoe import fused, ops
+from host_plugin_scattermoe.lora import transpose_for_kernel, weight_and_lora
+from host_plugin_scattermoe.routing import sort_tokens
+
+NAME = "scattermoe"
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    E = self.num_experts
+    k = top_k_index.shape[-1]
+    transposed = bool(getattr(self, "is_transposed", False))
+    has_gate = bool(getattr(self, "has_gate", True))
+    has_bias = bool(getattr(self, "has_bias", False))
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    W1, l1 = weight_and_lora(self, up_name)
+    W2, l2 = weight_and_lora(self, "down_proj")
+    b1 = getattr(self, f"{up_name}_bias") if has_bias else None
+    b2 = getattr(self, "down_proj_bias") if has_bias else None
+    _require_unsharded(W1, W2, *(l1[:2] if l1 is not None else ()), *(l2[:2] if l2 is not None else ()))
+    W1k, W2k = transpose_for_kernel(W1, transposed), transpose_for_kernel(W2, transposed)
+
+    sei, ssi, offs = sort_tokens(top_k_index, E)
+    x = hidden_states if hidden_states.dtype == W1.dtype else hidden_states.to(W1.dtype)
+    A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
+    A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
+    h = ops.scattered_experts(x, W1k, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
+    if fused.applies(self, b2):
+        # GLU + down projection + combine as one node: its backward is one GEMM launch (see fused.py)
+        out = fused.glu_down_combine(h, W2k, k, sei, ssi, offs, A2, B2, s2, top_k_weights)
+        return out.to(hidden_states.dtype)
+    if has_gate and _is_default_silu_gate(self):
+        h = ops.silu_glu(h)
+    else:
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
+    y = ops.scattered_experts(h, W2k, 1, sei, ssi, offs, A2, B2, s2, b2, grouped_in=True, grouped_out=False)
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    # Routing weights keep their dtype (fp32 from the routers): the gradient to the router is
+    # accumulated and returned in fp32, as transformers' grouped_mm path does by type promotion.
+    out = ops.combine(y, top_k_weights)
+    return out.to(hidden_states.dtype)
+
+
+def _require_unsharded(*tensors: torch.Tensor) -> None:
+    """The kernels index whole expert weights; a DTensor here would be a local shard used as if it
+    were the full weight. FSDP2 all-gathers a unit's parameters before its forward, so this only
+    happens when the experts run outside their FSDP unit."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    if any(isinstance(t, DTensor) for t in tensors):
+        raise RuntimeError(
+            "scattermoe: an expert weight or its LoRA factor is a sharded DTensor in forward. Shard whole decoder "
+            "layers with FSDP2 (fsdp_config.transformer_layer_cls_to_wrap: [<DecoderLayer class>]) so their "
+            "parameters are all-gathered before the experts run; never wrap or shard the experts module on its own."
+        )
+
+
+def _is_default_silu_gate(module) -> bool:
+    """The module uses transformers' default ``act(gate) * up`` with SiLU (fused kernel applies)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    if getattr(type(module), "_apply_gate", None) is not _default_apply_gate:
+        return False
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def register() -> None:
+    """Register ``"scattermoe"`` with transformers' experts registry (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    ExpertsInterface.register(NAME, experts_forward)
+    if NAME not in ALL_EXPERTS_FUNCTIONS:  # pragma: no cover - defensive for API drift
+        ALL_EXPERTS_FUNCTIONS[NAME] = experts_forward

@@ -1,0 +1,886 @@
+"""Triton kernels of the ScatterMoE experts path (internal launchers; the stable entry is ``ops``).
+
+All kernels work on the routing of :func:`host_plugin_scattermoe.routing.sort_tokens` and the
+kernel layout of :mod:`host_plugin_scattermoe.reference` (``W [E, K, N]``, ``A [E, r, K]``,
+``B [E, N, r]``, any strides; transposed views are free).
+
+* ``scatter2scatter``: for every block of ``BLOCK_M`` sorted rows of *one* expert (blocks never
+  straddle experts: each program finds its expert from ``expert_offsets`` on the device, so there
+  is no host synchronisation and no padding), gathers the input rows in the GEMM prologue
+  (``x[ssi // k]`` or grouped rows), computes ``x W_e`` and, with LoRA, either
+
+  - ``LORA=1`` (fused): ``x A_eᵀ`` accumulated in the same K loop (one extra ``[BLOCK_M, r]``
+    accumulator), then ``+ scaling · (x A_eᵀ) B_eᵀ`` in the epilogue, or
+  - ``LORA=2`` (split epilogue): the rank-``r`` intermediate ``x A_eᵀ`` was produced by a separate
+    rank-``r`` grouped GEMM (this same kernel with ``W = Aᵀ``) and only ``· B_eᵀ`` runs here,
+
+  adds the per-expert bias and scatters the rows straight to their destination in the epilogue
+  (grouped order, or the flat ``t*k+j`` order). ``WRITE_XA`` stores the rank-``r`` intermediate
+  (grouped, fp32) for the backward pass. The backward ``dX = dY Wᵀ + s (dY B) A`` is this same
+  kernel on transposed views (``W → Wᵀ``, ``A → Bᵀ``, ``B → Aᵀ``), LoRA fused, writing ``dY·B``.
+* ``group_outer``: per expert, ``out_e = scaling · Σ_rows L[row]ᵀ R[row]`` with either operand
+  gathered through ``ssi``; grid ``(E, P/BLOCK_P, Q/BLOCK_Q)``, each program walks its expert's
+  rows from the device-side offsets. ``dA = s·(dY B)ᵀ X``, ``dB = s·dYᵀ (X Aᵀ)`` and the
+  full-fine-tune ``dW = Xᵀ dY`` are all this one kernel: the LoRA gradients are grouped products
+  over the rank-sized intermediates, never an ``[N, K]`` product.
+* ``combine``: ``out[t] = Σ_j gates[t, j] · y[t*k + j]`` (fp32 accumulation); ``combine_bwd``
+  writes ``dy`` and reduces ``dgates`` in one pass over ``y`` (no ``[T·k, N]`` fp32 temporaries).
+
+Index arithmetic is int32 unless a buffer reaches ``2**31`` elements, in which case the
+``INT64`` variant (a separate specialisation, so the int32 path pays nothing) is launched.
+On a GPU, tiles come from a deterministic rule (``s2s_rule`` / ``outer_rule``, fitted to an H200
+sweep of every launch of a real block step), pruned by the device's shared memory and registers per
+block (read from the driver); ``SCATTERMOE_TILES=autotune`` uses Triton's autotuner instead. Under
+``TRITON_INTERPRET=1`` one small fixed configuration is used (the interpreter cannot autotune).
+``glu_down_dx`` is the down projection's dX with the SiLU-GLU backward, the routing-weight scaling
+and the routing-weight gradient in its epilogue (``GLU_BWD``; see ``fused.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INT32_LIMIT = 2**31
+
+
+def needs_int64(*tensors) -> bool:
+    """True when any buffer reaches 2**31 elements (or its last element's offset would)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.numel() >= INT32_LIMIT:
+            return True
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if span >= INT32_LIMIT:
+            return True
+    return False
+
+
+def m_bucket(m: int) -> int:
+    """Autotune bucket of a row count: the next power of two (at least 256)."""
+    return max(256, triton.next_power_of_2(max(int(m), 1)))
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"scattermoe kernels support float32/float16/bfloat16, got {dtype}") from None
+
+
+def rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(r), 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# device-aware autotune pruning
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(index: int | None = None) -> dict:
+    """Shared memory (bytes) and registers per block of the current CUDA device."""
+    if index is None:
+        index = torch.cuda.current_device()
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        return {"smem": int(props["max_shared_mem"]), "regs": int(props["max_num_regs"])}
+    except Exception:  # pragma: no cover - older triton / no driver
+        p = torch.cuda.get_device_properties(index)
+        smem = getattr(p, "shared_memory_per_block_optin", 99 * 1024)
+        return {"smem": int(smem), "regs": int(getattr(p, "regs_per_multiprocessor", 65536))}
+
+
+_SMEM_SLACK = 8 * 1024  # layout conversion scratch / barriers
+_MAX_REGS_PER_THREAD = 255
+
+
+def fits_device(smem_bytes: int, acc_elems: int, num_warps: int, limits: dict) -> bool:
+    threads = num_warps * 32
+    # fp32 accumulators live in registers; operands are staged through shared memory.
+    est_regs = acc_elems / threads + 40
+    reg_cap = min(_MAX_REGS_PER_THREAD, limits["regs"] // threads)
+    return smem_bytes <= limits["smem"] - _SMEM_SLACK and est_regs <= reg_cap
+
+
+def _elt(named_args, name) -> int:
+    t = named_args.get(name)
+    return t.element_size() if hasattr(t, "element_size") else 2
+
+
+def _prune_s2s(configs, named_args, **kwargs):
+    limits = device_limits()
+    lora = named_args.get("LORA", kwargs.get("LORA", 0))
+    br = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
+    elt = _elt(named_args, "X")
+    N = named_args.get("N", 1 << 30)
+    kept, scored = [], []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bn > max(16, triton.next_power_of_2(N)) or (N >= 128 and bn < 64):
+            continue  # tile wider than the output (wasted work) or needlessly thin
+        smem = c.num_stages * (bm * bk + bk * bn) * elt
+        acc = bm * bn
+        if lora == 1:
+            smem += c.num_stages * br * bk * elt + bn * br * elt
+            acc += bm * br
+        elif lora == 2:
+            smem += bn * br * elt + bm * br * 4
+        scored.append((smem + acc, c))
+        if fits_device(smem, acc, c.num_warps, limits):
+            kept.append(c)
+    if kept:
+        return kept
+    scored.sort(key=lambda sc: sc[0])
+    return [scored[0][1]] if scored else [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune_outer(configs, named_args, **kwargs):
+    limits = device_limits()
+    elt = _elt(named_args, "Rp")
+    P, Q = named_args.get("P", 1 << 30), named_args.get("Q", 1 << 30)
+    kept, scored = [], []
+    for c in configs:
+        bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+        if bp > max(16, triton.next_power_of_2(P)) or bq > max(16, triton.next_power_of_2(Q)):
+            continue
+        if (P >= 128 and bp < 64) or (Q >= 128 and bq < 64):
+            continue
+        smem = c.num_stages * bm * (bp + bq) * 4  # operands may be fp32 (rank intermediates)
+        acc = bp * bq
+        scored.append((smem + acc, c))
+        if fits_device(smem, acc, c.num_warps, limits):
+            kept.append(c)
+    if kept:
+        return kept
+    scored.sort(key=lambda sc: sc[0])
+    if scored:
+        return [scored[0][1]]
+    return [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
+
+
+def _s2s_configs():
+    out = []
+    for bm, bn, bk, g, w, s in [
+        (128, 128, 64, 8, 8, 3),
+        (128, 128, 64, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4),
+        (64, 128, 64, 1, 4, 4),  # the unswizzled order, kept so tuning can only improve on it
+        (128, 64, 64, 8, 4, 4),
+        (128, 256, 64, 8, 8, 3),
+        (64, 256, 64, 8, 8, 3),
+        (64, 64, 64, 8, 4, 4),
+        (64, 32, 64, 8, 4, 4),
+        (64, 16, 128, 8, 4, 3),  # rank-r GEMMs of the split path (N = r)
+        (128, 16, 128, 8, 4, 4),
+        (256, 16, 64, 8, 8, 3),
+    ]:
+        out.append(
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        )
+    return out
+
+
+def _outer_configs():
+    out = []
+    for bm, bp, bq, w, s in [
+        (64, 16, 128, 4, 3),
+        (128, 16, 128, 4, 3),
+        (64, 16, 256, 8, 3),
+        (64, 128, 16, 4, 3),
+        (128, 128, 16, 4, 3),
+        (64, 256, 16, 8, 3),
+        (64, 128, 128, 8, 3),
+        (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 3),
+    ]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq}, num_warps=w, num_stages=s))
+    return out
+
+
+def _bench(fn, quantiles=None):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Map a program's M index to (expert, first sorted row, expert's end row)."""
+    eidx = tl.arange(0, E_POW2)
+    emask = eidx < E
+    ends = tl.load(offsets_ptr + eidx, mask=emask, other=0).to(tl.int32)
+    starts = tl.load(offsets_ptr + eidx - 1, mask=emask & (eidx > 0), other=0).to(tl.int32)
+    nblk = tl.where(emask, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    cum = tl.cumsum(nblk, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    sel = eidx == e
+    first_blk = tl.sum(tl.where(sel, cum - nblk, 0), 0)
+    start = tl.sum(tl.where(sel, starts, 0), 0)
+    end = tl.sum(tl.where(sel, ends, 0), 0)
+    return e, start + (pid_m - first_blk) * BLOCK_M, end
+
+
+@triton.jit
+def gather_index(ssi_ptr, rows, mask, INT64: tl.constexpr):
+    """Sorted positions ``rows`` and their flat ``t*k+j`` indices ``ssi[rows]``, both in the launch's
+    index width (int64 only for the ``INT64`` specialisation)."""
+    sidx = tl.load(ssi_ptr + rows, mask=mask, other=0)
+    if INT64:
+        rows = rows.to(tl.int64)
+        sidx = sidx.to(tl.int64)
+    else:
+        sidx = sidx.to(tl.int32)
+    return rows, sidx
+
+
+@triton.jit
+def block_rows(
+    row0, end, ssi_ptr, FAN_OUT,
+    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Prologue of a scatter2scatter-style kernel for the row block at ``row0`` (from ``locate_block``):
+    ``(rows, mask, x_rows, y_rows)`` = the sorted positions, the rows to read (grouped, or token
+    ``ssi // FAN_OUT``) and the rows to write (grouped, or flat ``ssi``)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    mask = rows < end
+    rows, sidx = gather_index(ssi_ptr, rows, mask, INT64)
+    if X_GROUPED:
+        x_rows = rows
+    else:
+        x_rows = sidx // FAN_OUT
+    if Y_GROUPED:
+        y_rows = rows
+    else:
+        y_rows = sidx
+    return rows, mask, x_rows, y_rows
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """1-D program id → (pid_m, pid_n), walking ``GROUP_M`` row blocks across all column blocks.
+
+    Consecutive row blocks mostly belong to one expert, so a group's programs run together and
+    share that expert's weight slab and the group's gathered rows in L2: the weights are read from
+    HBM about once instead of once per row block (the block is weight-bandwidth bound otherwise).
+    """
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _s2s_kernel(
+    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
+    K, N, R, E, FAN_OUT, M_BUCKET,
+    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn,
+    s_ae, s_ar, s_ak, s_be, s_bn, s_br,
+    s_xam, s_xar, s_bias_e, s_bias_n,
+    scaling,
+    Gates, Hin, DGP, s_hm, s_dgp,
+    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
+    e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    e64 = e.to(tl.int64)
+    rows, m_mask, x_rows, y_rows = block_rows(row0, end, ssi_ptr, FAN_OUT, X_GROUPED, Y_GROUPED, INT64, BLOCK_M)
+
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < N
+    k_base = tl.arange(0, BLOCK_K)
+    r_offs = tl.arange(0, BLOCK_R)
+    r_mask = r_offs < R
+
+    x_ptrs = X + x_rows[:, None] * s_xm + k_base[None, :] * s_xk
+    w_ptrs = W + e64 * s_we + k_base[:, None] * s_wk + n_offs[None, :] * s_wn
+    a_ptrs = A + e64 * s_ae + r_offs[:, None] * s_ar + k_base[None, :] * s_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            if EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + k_base) < K
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
+        if LORA == 1:
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=DOT_PREC)
+            a_ptrs += BLOCK_K * s_ak
+        x_ptrs += BLOCK_K * s_xk
+        w_ptrs += BLOCK_K * s_wk
+
+    if LORA != 0:
+        if LORA == 2:
+            xa = tl.load(
+                XA_in + rows[:, None] * s_xam + r_offs[None, :] * s_xar,
+                mask=m_mask[:, None] & r_mask[None, :], other=0.0,
+            ).to(tl.float32)
+        if WRITE_XA:
+            if pid_n == 0:
+                tl.store(
+                    XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa,
+                    mask=m_mask[:, None] & r_mask[None, :],
+                )
+        b = tl.load(
+            Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br,
+            mask=n_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        b = b.to(X.dtype.element_ty)
+        # Accumulate in place: a separate [BLOCK_M, BLOCK_N] product tile would double the
+        # accumulator registers and push the tuner to small tiles.
+        acc = tl.dot((xa * scaling).to(X.dtype.element_ty), tl.trans(b), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(Bias + e64 * s_bias_e + n_offs * s_bias_n, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if GLU_BWD:
+        # dX of the down projection fed the *token* gradient (x rows = dout[t]), so acc = d(act) / g.
+        # Here, per row (sorted position, grouped h [L, 2N]): the routing weight g of the row, the
+        # combine's gradient dg = Σ_n act·acc (a partial per column block; act = silu(h_g)·h_u
+        # recomputed in fp32 from h), and the SiLU-GLU backward of d(act) = g·acc written as
+        # dh = [d gate | d up] in Y. dy = g·dout, d(act) and the expert outputs never exist.
+        sidx = tl.load(ssi_ptr + rows, mask=m_mask, other=0)
+        gv = tl.load(Gates + sidx, mask=m_mask, other=0.0).to(tl.float32)
+        hmask = m_mask[:, None] & n_mask[None, :]
+        h_off = rows[:, None] * s_hm + n_offs[None, :]
+        hg = tl.load(Hin + h_off, mask=hmask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(hg)
+        hu = tl.load(Hin + h_off + N, mask=hmask, other=0.0).to(tl.float32)
+        silu = hg * sg
+        tl.store(DGP + pid_n * s_dgp + sidx, tl.sum(silu * hu * acc, 1), mask=m_mask)
+        da = acc * gv[:, None]
+        y_off = y_rows[:, None] * s_ym + n_offs[None, :] * s_yn
+        tl.store(Y + y_off + N * s_yn, (da * silu).to(Y.dtype.element_ty), mask=hmask)
+        tl.store(Y + y_off, (da * hu * (sg + silu * (1.0 - sg))).to(Y.dtype.element_ty), mask=hmask)
+    else:
+        tl.store(
+            Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
+            acc.to(Y.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
+
+
+@triton.jit
+def _group_outer_kernel(
+    Lp, Rp, Out, ssi_ptr, offsets_ptr,
+    P, Q, E, M_BUCKET,
+    s_lm, s_lp, s_rm, s_rq, s_oe, s_op, s_oq,
+    L_FAN, R_FAN, scaling,
+    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, INT64: tl.constexpr,
+    COMPUTE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    e = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    end = tl.load(offsets_ptr + e).to(tl.int32)
+    start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0).to(tl.int32)
+    p_offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_offs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = p_offs < P
+    q_mask = q_offs < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mm = rows < end
+        rows, sidx = gather_index(ssi_ptr, rows, mm, INT64)
+        if L_GATHER:
+            l_rows = sidx // L_FAN
+        else:
+            l_rows = rows
+        if R_GATHER:
+            r_rows = sidx // R_FAN
+        else:
+            r_rows = rows
+        lt = tl.load(Lp + l_rows[:, None] * s_lm + p_offs[None, :] * s_lp, mask=mm[:, None] & p_mask[None, :], other=0.0)
+        rt = tl.load(Rp + r_rows[:, None] * s_rm + q_offs[None, :] * s_rq, mask=mm[:, None] & q_mask[None, :], other=0.0)
+        acc += tl.dot(tl.trans(lt.to(COMPUTE)), rt.to(COMPUTE), input_precision=DOT_PREC)
+    acc = acc * scaling
+    e64 = e.to(tl.int64)
+    tl.store(
+        Out + e64 * s_oe + p_offs[:, None] * s_op + q_offs[None, :] * s_oq,
+        acc.to(Out.dtype.element_ty),
+        mask=p_mask[:, None] & q_mask[None, :],
+    )
+
+
+@triton.jit
+def _combine_kernel(Y, G, Out, N, s_ym, s_yn, s_gt, s_gk, s_ot, s_on, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(TOP_K):
+        g = tl.load(G + t * s_gt + j * s_gk).to(tl.float32)
+        y = tl.load(Y + (t * TOP_K + j) * s_ym + n * s_yn, mask=nm, other=0.0).to(tl.float32)
+        acc += g * y
+    tl.store(Out + t * s_ot + n * s_on, acc.to(Out.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def _combine_bwd_kernel(
+    Y, G, DO, DY, DG, N, s_ym, s_yn, s_gt, s_gk, s_dot, s_don, s_dym, s_dyn, s_dgt, s_dgk,
+    TOP_K: tl.constexpr, NEED_DY: tl.constexpr, NEED_DG: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    for j in range(TOP_K):
+        row = t * TOP_K + j
+        g = tl.load(G + t * s_gt + j * s_gk).to(tl.float32)
+        dg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nm = n < N
+            do = tl.load(DO + t * s_dot + n * s_don, mask=nm, other=0.0).to(tl.float32)
+            if NEED_DY:
+                tl.store(DY + row * s_dym + n * s_dyn, (g * do).to(DY.dtype.element_ty), mask=nm)
+            if NEED_DG:
+                dg += tl.load(Y + row * s_ym + n * s_yn, mask=nm, other=0.0).to(tl.float32) * do
+        if NEED_DG:
+            tl.store(DG + t * s_dgt + j * s_dgk, tl.sum(dg, 0).to(DG.dtype.element_ty))
+
+
+@triton.jit
+def _silu_glu_fwd_kernel(H, Out, I, s_hm, s_om, BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < I
+    g = tl.load(H + m * s_hm + c, mask=cm, other=0.0).to(tl.float32)
+    u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    tl.store(Out + m * s_om + c, out.to(Out.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _silu_glu_bwd_kernel(H, DO, DH, I, s_hm, s_dom, s_dhm, BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < I
+    g = tl.load(H + m * s_hm + c, mask=cm, other=0.0).to(tl.float32)
+    u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
+    do = tl.load(DO + m * s_dom + c, mask=cm, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)
+    dg = do * u * sg * (1.0 + g * (1.0 - sg))
+    du = do * g * sg
+    tl.store(DH + m * s_dhm + c, dg.to(DH.dtype.element_ty), mask=cm)
+    tl.store(DH + m * s_dhm + I + c, du.to(DH.dtype.element_ty), mask=cm)
+
+
+if not INTERPRET:
+    _s2s_tuned = triton.autotune(
+        configs=_s2s_configs(),
+        key=["M_BUCKET", "N", "K", "R", "X_GROUPED", "Y_GROUPED", "LORA", "INT64", "GLU_BWD"],
+        prune_configs_by={"early_config_prune": _prune_s2s},
+        do_bench=_bench,
+    )(
+        triton.heuristics(
+            {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
+        )(_s2s_kernel)
+    )
+    _outer_tuned = triton.autotune(
+        configs=_outer_configs(),
+        key=["M_BUCKET", "P", "Q", "L_GATHER", "R_GATHER", "INT64"],
+        prune_configs_by={"early_config_prune": _prune_outer},
+        do_bench=_bench,
+    )(_group_outer_kernel)
+
+#: Below this many routed rows a fixed configuration is used on the GPU (tuning tiny problems is waste).
+AUTOTUNE_MIN_ROWS = 2048
+_SMALL_S2S = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+_SMALL_OUTER = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 64, "num_warps": 4, "num_stages": 3}
+
+# The interpreter runs one fixed, small configuration (it cannot autotune, and small tiles keep it fast).
+INTERP_S2S = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+INTERP_OUTER = {"BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_Q": 64}
+
+# ------------------------------------------------------------------------------------------------
+# tile choice on the GPU: deterministic by default
+# ------------------------------------------------------------------------------------------------
+
+#: ``"rule"`` (default): the same problem always gets the same tiles, from ``s2s_rule`` /
+#: ``outer_rule`` (fitted to a sweep of every candidate tile of every launch of a block step at five
+#: real MoE shapes on an H200, ``bench/tune_tiles.py``; results in ``bench/results/``), checked
+#: against the device's shared memory and registers. Nothing is timed at run time, so a cold start
+#: costs only the compiles (one configuration per launch kind) and repeated runs pick identical
+#: kernels. ``"autotune"`` (``SCATTERMOE_TILES=autotune``): Triton's autotuner over the candidate
+#: lists above, once per process and key (its pick can differ between runs when two candidates are
+#: within timing noise; the sweep found several within 2%).
+TILE_MODE = os.environ.get("SCATTERMOE_TILES", "rule")
+#: ``{"s2s": cfg, "outer": cfg}``: force one configuration (tuning and benchmark scripts).
+FORCE: dict = {}
+
+
+def _cfg(bm, bn, bk, g, w, s):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "num_warps": w, "num_stages": s}
+
+
+def s2s_rule(
+    L: int, E: int, K: int, N: int, lora: int, grouped_in: bool = False, grouped_out: bool = False, glu: bool = False
+) -> list[dict]:
+    """Candidate tiles for a scatter2scatter launch, best first (the first that fits the device is used).
+
+    From the H200 sweep (bf16, 128-4096 rows per expert): 128×128×64 tiles, 8 warps, 3 stages won
+    every launch except those reading sorted rows and writing a wide (≥ 2048) scattered output (the
+    down projection's forward and the up projection's dX), where 128×256 was 10-25% faster; a
+    rank-sized output (the split path's ``x·Aᵀ``) wants a thin, deep tile. Below ~96 rows per
+    expert a 128-row block is mostly padding (blocks never straddle experts), so 64 rows. The
+    GLU-backward epilogue (``glu_down_dx``) holds h's two halves beside the accumulator: at 128×128
+    ptxas spills ~900 B per thread (``bench/sm90_compile_check.py``), at 128×64 it fits in 236
+    registers, so that launch takes 64 columns."""
+    if glu:
+        return [_cfg(128, 64, 64, 8, 8, 3), _cfg(64, 64, 64, 8, 4, 3)]
+    if N <= 32:
+        bk = min(256, max(64, triton.next_power_of_2(K)))
+        return [_cfg(64, max(16, triton.next_power_of_2(N)), bk, 8, 4, 3), _cfg(64, 16, 128, 8, 4, 3)]
+    if L / max(E, 1) < 96:
+        return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
+    out = []
+    if grouped_in and not grouped_out and N >= 2048:
+        out.append(_cfg(128, 256, 64, 8, 8, 3))
+    out += [_cfg(128, 128, 64, 8, 8, 3), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
+    return out
+
+
+def outer_rule(L: int, E: int, P: int, Q: int) -> list[dict]:
+    """Candidate tiles for a group_outer launch (per-expert ``Lᵀ·R``), best first (same H200 sweep:
+    within 3-6% of each launch's best on average)."""
+    def c(bm, bp, bq, w, s):
+        return {"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq, "num_warps": w, "num_stages": s}
+
+    if P <= 32:
+        return [c(32, max(16, triton.next_power_of_2(P)), 128, 4, 4), c(32, 16, 64, 4, 3)]
+    if Q <= 32:
+        return [c(64, 128, max(16, triton.next_power_of_2(Q)), 4, 3), c(32, 64, 16, 4, 3)]
+    return [c(64, 128, 128, 8, 3), c(64, 64, 64, 4, 3), c(32, 32, 64, 4, 3)]
+
+
+_PICKED: dict = {}
+
+
+def _as_config(d: dict):
+    kw = {k: v for k, v in d.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(kw, num_warps=d.get("num_warps", 4), num_stages=d.get("num_stages", 3))
+
+
+def _config_dict(c) -> dict:
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def pick_tiles(kind: str, key: tuple, candidates: list[dict], named_args: dict) -> dict:
+    """The configuration a launch uses in ``"rule"`` mode (cached per key): the first rule candidate
+    that fits the device (pruned like the autotuner's candidates)."""
+    got = _PICKED.get((kind, key))
+    if got is None:
+        prune = _prune_s2s if kind == "s2s" else _prune_outer
+        kept = prune([_as_config(d) for d in candidates], named_args)
+        got = _PICKED[(kind, key)] = _config_dict(kept[0])
+    return got
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+
+
+def scatter2scatter(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    fan_out: int,
+    *,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    xa_in: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+    write_xa: bool = False,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+):
+    """``y = gather(x) W_e [+ s (x A_eᵀ) B_eᵀ] [+ b_e]`` scattered; returns ``(y, xa or None)``.
+
+    ``A``+``B``: fused LoRA (``LORA=1``). ``xa_in``+``B``: split epilogue (``LORA=2``).
+    ``write_xa`` also returns the grouped ``[L, r]`` fp32 rank intermediate.
+    """
+    y, xa, _ = _s2s_launch(
+        x, W, sorted_scattered_idxs, expert_offsets, fan_out, A, B, xa_in, scaling, bias,
+        grouped_in, grouped_out, write_xa, out, out_dtype, None,
+    )
+    return y, xa
+
+
+def glu_down_dx(
+    dout: torch.Tensor,
+    Wt: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    h: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    xa_in: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    write_xa: bool = False,
+):
+    """Backward of ``combine(silu_glu(h) · W_e (+ LoRA), gates)`` through the down projection in ONE launch.
+
+    ``dout [T, H]`` is the gradient of the combined output; rows are gathered per token (``ssi // k``),
+    ``Wt`` is the down projection's ``[E, H, I]`` view (``W.transpose(1, 2)``), LoRA factors as for a dX
+    launch (``A = B_downᵀ``, ``B = A_downᵀ``, or ``xa_in`` = ``dout·B_down`` for the split path).
+    Returns ``(dh [L, 2I] grouped, dout·B_down [L, r] fp32 or None, dgates [T, k] fp32)``: the epilogue
+    multiplies by each row's routing weight, applies the SiLU-GLU backward against ``h`` and reduces
+    the routing weight's gradient ``Σ act·(dout·W_eᵀ…)`` (= ``<y, dout>``) per column block."""
+    if h.stride(-1) != 1 or h.shape[1] != 2 * Wt.shape[2]:
+        raise ValueError("glu_down_dx needs h [L, 2I] with contiguous columns")
+    dh, xa, dgp = _s2s_launch(
+        dout, Wt, sorted_scattered_idxs, expert_offsets, top_k, A, B, xa_in, scaling, None,
+        False, True, write_xa, None, None, (gates.reshape(-1), h),
+    )
+    return dh, xa, dgp.sum(0).view(-1, top_k)
+
+
+_DUMMIES: dict = {}
+
+
+def _dummy(like: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A cached 1-element stand-in for an absent operand (never read: its constexpr flag is off)."""
+    key = (like.device, like.dtype, ndim)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.empty((1,) * ndim, device=like.device, dtype=like.dtype)
+    return t
+
+
+def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, grouped_in, grouped_out, write_xa,
+                out, out_dtype, glu):
+    L = ssi.numel()
+    E, K, N = W.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but W expects {K}")
+    if glu is not None:
+        out = torch.empty(L, 2 * N, device=x.device, dtype=glu[1].dtype)
+    elif out is None:
+        out = torch.empty(L, N, device=x.device, dtype=out_dtype or x.dtype)
+    lora = 0
+    R = 0
+    if B is not None:
+        R = B.shape[-1]
+        lora = 2 if xa_in is not None else 1
+        if lora == 1 and A is None:
+            raise ValueError("fused LoRA needs A")
+    xa_out = None
+    if lora and write_xa:
+        xa_out = torch.empty(L, R, device=x.device, dtype=torch.float32)
+    xa_buf = xa_in if lora == 2 else xa_out
+    if lora == 2 and write_xa:
+        xa_out = xa_in
+        write_xa = False
+    dummy = out
+    Am = A if (A is not None and lora == 1) else _dummy(out, 3)
+    Bm = B if B is not None else _dummy(out, 3)
+    xab = xa_buf if xa_buf is not None else _dummy(out, 2)
+    bb = bias if bias is not None else _dummy(out, 2)
+    if L == 0:
+        dgp = torch.zeros(1, 0, device=x.device, dtype=torch.float32) if glu is not None else None
+        return out, xa_out, dgp
+    int64 = needs_int64(x, out, xab)
+    cuda = x.is_cuda and not INTERPRET
+    if not cuda:
+        cfg = INTERP_S2S
+    elif "s2s" in FORCE:
+        cfg = FORCE["s2s"]
+    elif L < AUTOTUNE_MIN_ROWS:
+        cfg = _SMALL_S2S
+    elif TILE_MODE == "autotune" and glu is None:
+        cfg = None
+    else:
+        key = (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, glu is not None)
+        cfg = pick_tiles(
+            "s2s", key, s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, glu is not None),
+            {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
+        )
+    if glu is not None:
+        gates, h = glu
+        dgp = torch.empty(triton.cdiv(N, cfg["BLOCK_N"]), L, device=x.device, dtype=torch.float32)
+        gb, hb, dgb, s_hm, s_dgp = gates, h, dgp, h.stride(0), dgp.stride(0)
+    else:
+        dgp = None
+        gb = hb = dgb = dummy
+        s_hm = s_dgp = 0
+    args = (
+        x, W, out, Am, Bm, xab, xab, bb, ssi, expert_offsets,
+        K, N, R, E, fan_out, m_bucket(L),
+        x.stride(0), x.stride(1), W.stride(0), W.stride(1), W.stride(2), out.stride(0), out.stride(1),
+        Am.stride(0), Am.stride(1), Am.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
+        xab.stride(0), xab.stride(1), bb.stride(0), bb.stride(1),
+        float(scaling), gb, hb, dgb, s_hm, s_dgp,
+    )
+    meta = dict(
+        X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
+        HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
+        E_POW2=max(64, triton.next_power_of_2(E)), BLOCK_R=rank_block(R), GLU_BWD=glu is not None,
+    )
+
+    def grid(META):
+        return (triton.cdiv(N, META["BLOCK_N"]) * (triton.cdiv(L, META["BLOCK_M"]) + E),)
+
+    if cfg is None:
+        _s2s_tuned[grid](*args, **meta)
+    else:
+        grid_ = (triton.cdiv(N, cfg["BLOCK_N"]) * (triton.cdiv(L, cfg["BLOCK_M"]) + E),)
+        _s2s_kernel[grid_](*args, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0, EVEN_N=N % cfg["BLOCK_N"] == 0)
+    return out, xa_out, dgp
+
+
+def group_outer(
+    Lmat: torch.Tensor,
+    Rmat: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    *,
+    l_fan: int = 0,
+    r_fan: int = 0,
+    scaling: float = 1.0,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``out[e] = scaling · Σ_{rows of e} L[row]ᵀ R[row]`` → ``[E, P, Q]``.
+
+    ``l_fan``/``r_fan`` = 0: the operand is grouped (row = sorted position); ``f > 0``: gathered,
+    row = ``ssi[p] // f``. Experts without rows get zeros.
+    """
+    E = expert_offsets.numel()
+    P, Q = Lmat.shape[1], Rmat.shape[1]
+    if out is None:
+        out = torch.empty(E, P, Q, device=Rmat.device, dtype=out_dtype or Rmat.dtype)
+    if compute_dtype is None:
+        compute_dtype = Rmat.dtype if Rmat.dtype != torch.float32 else Lmat.dtype
+    L = sorted_scattered_idxs.numel()
+    int64 = needs_int64(Lmat, Rmat)
+    args = (
+        Lmat, Rmat, out, sorted_scattered_idxs, expert_offsets,
+        P, Q, E, m_bucket(L),
+        Lmat.stride(0), Lmat.stride(1), Rmat.stride(0), Rmat.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        max(l_fan, 1), max(r_fan, 1), float(scaling),
+    )
+    meta = dict(
+        L_GATHER=l_fan > 0, R_GATHER=r_fan > 0, INT64=int64, COMPUTE=_tl_dtype(compute_dtype),
+        DOT_PREC=_dot_prec(compute_dtype),
+    )
+
+    def grid(META):
+        return (E, triton.cdiv(P, META["BLOCK_P"]), triton.cdiv(Q, META["BLOCK_Q"]))
+
+    if INTERPRET or not Rmat.is_cuda:
+        _group_outer_kernel[grid](*args, **meta, **INTERP_OUTER)
+    elif "outer" in FORCE:
+        _group_outer_kernel[grid](*args, **meta, **FORCE["outer"])
+    elif L < AUTOTUNE_MIN_ROWS:
+        _group_outer_kernel[grid](*args, **meta, **_SMALL_OUTER)
+    elif TILE_MODE == "autotune":
+        _outer_tuned[grid](*args, **meta)
+    else:
+        key = (P, Q, l_fan > 0, r_fan > 0, m_bucket(L), E)
+        cfg = pick_tiles("outer", key, outer_rule(L, E, P, Q), {"Rp": Rmat, "P": P, "Q": Q})
+        _group_outer_kernel[grid](*args, **meta, **cfg)
+    return out
+
+
+def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out[t] = Σ_j gates[t, j] · y[t*k + j]`` (no autograd; see ``ops.combine``)."""
+    T, k = gates.shape
+    N = y.shape[1]
+    out = torch.empty(T, N, device=y.device, dtype=out_dtype or y.dtype)
+    if T == 0:
+        return out
+    BLOCK_N = min(1024, triton.next_power_of_2(N)) if not INTERPRET else min(64, triton.next_power_of_2(N))
+    grid = (T, triton.cdiv(N, BLOCK_N))
+    _combine_kernel[grid](
+        y, gates, out, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
+        TOP_K=k, BLOCK_N=BLOCK_N,
+    )
+    return out
+
+
+def combine_bwd(y, gates, dout, need_dy: bool = True, need_dg: bool = True):
+    """Gradients of :func:`combine` in one pass: ``dy[t*k+j] = g[t,j]·dout[t]`` (dout's dtype) and
+    ``dg[t,j] = y[t*k+j]·dout[t]`` (fp32 accumulation, gates' dtype). Returns ``(dy, dg)``."""
+    T, k = gates.shape
+    N = y.shape[1]
+    dy = torch.empty(T * k, N, device=y.device, dtype=dout.dtype) if need_dy else None
+    dg = torch.empty(T, k, device=y.device, dtype=gates.dtype) if need_dg else None
+    if T == 0:
+        return dy, dg
+    dyb = dy if dy is not None else dout
+    dgb = dg if dg is not None else gates
+    BLOCK_N = min(64 if INTERPRET else 1024, triton.next_power_of_2(N))
+    _combine_bwd_kernel[(T,)](
+        y, gates, dout, dyb, dgb, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
+        dout.stride(0), dout.stride(1), dyb.stride(0), dyb.stride(1), dgb.stride(0), dgb.stride(1),
+        TOP_K=k, NEED_DY=need_dy, NEED_DG=need_dg, BLOCK_N=BLOCK_N,
+    )
+    return dy, dg
+
+
+def _glu_block(I: int) -> int:
+    return min(64 if INTERPRET else 1024, triton.next_power_of_2(max(I, 1)))
+
+
+def silu_glu_fwd(h: torch.Tensor) -> torch.Tensor:
+    """``silu(h[:, :I]) * h[:, I:]`` for ``h`` ``[M, 2I]`` (concatenated gate/up), fp32 math."""
+    M, I2 = h.shape
+    I = I2 // 2
+    out = torch.empty(M, I, device=h.device, dtype=h.dtype)
+    if M:
+        BLOCK = _glu_block(I)
+        _silu_glu_fwd_kernel[(M, triton.cdiv(I, BLOCK))](h, out, I, h.stride(0), out.stride(0), BLOCK=BLOCK)
+    return out
+
+
+def silu_glu_bwd(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`silu_glu_fwd` w.r.t. ``h``."""
+    M, I2 = h.shape
+    I = I2 // 2
+    dh = torch.empty_like(h)
+    if M:
+        BLOCK = _glu_block(I)
+        _silu_glu_bwd_kernel[(M, triton.cdiv(I, BLOCK))](
+            h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), BLOCK=BLOCK
+        )
+    return dh

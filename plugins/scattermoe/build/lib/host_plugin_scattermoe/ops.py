@@ -1,0 +1,239 @@
+"""Autograd-level entry points (public, stable API).
+
+``scattered_experts(x, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+lora_A=None, lora_B=None, scaling=1.0, bias=None, grouped_in=False, grouped_out=False, *,
+fused_lora=None, split_threshold=None, split_max_experts=None, backend=None) -> Tensor``
+
+runs ONE expert projection: gather → ``x·W_e + scaling·(x·A_eᵀ)·B_eᵀ + b_e`` → scatter.
+
+* ``x``: ``[T, K]`` token rows (``grouped_in=False``; sorted position ``p`` reads row
+  ``sorted_scattered_idxs[p] // k``) or ``[T*k, K]`` already in sorted order (``grouped_in=True``).
+* ``W``: ``[E, K, N]`` expert weights, any strides (pass ``weight.transpose(1, 2)`` for the
+  transformers ``[E, N, K]`` layout; nothing is copied).
+* ``k``: top-k (fan-out of each token); use ``1`` when ``x`` is grouped.
+* ``sorted_expert_idxs``, ``sorted_scattered_idxs``, ``expert_offsets``: from
+  :func:`host_plugin_scattermoe.routing.sort_tokens`.
+* ``lora_A``: ``[E, r, K]``, ``lora_B``: ``[E, N, r]`` (kernel layout; see
+  :func:`host_plugin_scattermoe.lora.expert_lora`), ``scaling``: LoRA ``alpha / r``.
+* ``bias``: ``[E, N]`` or ``None``.
+* ``grouped_out``: ``True`` → ``[T*k, N]`` rows in sorted order; ``False`` → ``[T*k, N]`` rows in
+  flat ``t*k + j`` order (feed to :func:`combine`).
+* ``fused_lora`` / ``split_threshold`` / ``split_max_experts``: LoRA forward dispatch; ``None``
+  uses the plugin settings (``SETTINGS``). The split path (a rank-``r`` grouped GEMM for ``x·Aᵀ``,
+  then the base GEMM with ``·Bᵀ`` in its epilogue) is taken when ``fused_lora`` is off, or when
+  ``E <= split_max_experts`` and ``K*N >= split_threshold`` (few, large experts, e.g. Mixtral).
+* ``backend``: ``"triton"``, ``"torch"`` or ``"auto"`` (default: Triton for CUDA tensors, the
+  torch reference otherwise; ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``).
+
+Gradients flow to ``x``, ``W`` (full fine-tune), ``bias``, ``lora_A`` and ``lora_B``. The backward
+computes ``dX = dY·Wᵀ + s·(dY·B)·A`` in one fused kernel (which also emits the rank-sized
+``dY·B``), and ``dA = s·(dY·B)ᵀ·X``, ``dB = s·dYᵀ·(X·Aᵀ)`` as grouped products over the rank-sized
+intermediates (``X·Aᵀ`` is kept from the forward); there is no per-expert host synchronisation.
+
+``combine(y, gates) -> Tensor``: ``out[t] = Σ_j gates[t, j]·y[t*k + j]``, differentiable in both.
+
+``silu_glu(h) -> Tensor``: ``silu(h[:, :I]) * h[:, I:]`` fused (the default gate of most families).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from host_plugin_scattermoe import kernels as K
+from host_plugin_scattermoe import reference
+
+#: Plugin-wide defaults, set from the config by ``pre_model_load``.
+SETTINGS: dict = {
+    "fused_lora": True,
+    "split_threshold": 20_000_000,
+    "split_max_experts": 32,
+    "fused_tail": os.environ.get("SCATTERMOE_FUSED_TAIL", "0") == "1",
+    "backend": "auto",
+}
+
+
+def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    backend = backend or SETTINGS["backend"]
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not (x.is_cuda or K.INTERPRET):
+            raise RuntimeError("scattermoe backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+        return True
+    return x.is_cuda
+
+
+def use_split(E: int, Kdim: int, N: int, fused_lora=None, split_threshold=None, split_max_experts=None) -> bool:
+    """Whether the LoRA forward takes the split path for an ``[E, K, N]`` projection."""
+    fused = SETTINGS["fused_lora"] if fused_lora is None else fused_lora
+    thr = SETTINGS["split_threshold"] if split_threshold is None else split_threshold
+    emax = SETTINGS["split_max_experts"] if split_max_experts is None else split_max_experts
+    if not fused:
+        return True
+    return E <= emax and Kdim * N >= thr
+
+
+def _rank_xa(x, A, ssi, offs, fan, grouped_in):
+    """Rank-r grouped GEMM ``x·A_eᵀ`` → grouped ``[L, r]`` fp32 (split path)."""
+    xa, _ = K.scatter2scatter(
+        x, A.transpose(1, 2), ssi, offs, fan, grouped_in=grouped_in, grouped_out=True, out_dtype=torch.float32
+    )
+    return xa
+
+
+def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, want_xa):
+    """Forward launcher shared with the backward's dX (which passes transposed views)."""
+    if B is None:
+        y, _ = K.scatter2scatter(x, W, ssi, offs, k, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out)
+        return y, None
+    if split:
+        xa = _rank_xa(x, A, ssi, offs, k, grouped_in)
+        y, _ = K.scatter2scatter(
+            x, W, ssi, offs, k, B=B, xa_in=xa, scaling=scaling, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out
+        )
+        return y, xa
+    return K.scatter2scatter(
+        x, W, ssi, offs, k, A=A, B=B, scaling=scaling, bias=bias,
+        grouped_in=grouped_in, grouped_out=grouped_out, write_xa=want_xa,
+    )
+
+
+class ScatteredExpertsFunction(torch.autograd.Function):
+    """Autograd glue of the Triton kernels (see module docstring for the math)."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, sei, ssi, offs, k, scaling, grouped_in, grouped_out, split):
+        has_lora = B is not None
+        need_lora_grad = has_lora and (A.requires_grad or B.requires_grad)
+        y, xa = lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, need_lora_grad)
+        # x is only read again for dA and dW; frozen W without LoRA-A training does not keep it alive.
+        keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if keep_x else None, W, A, B, xa, sei, ssi, offs)
+        ctx.k, ctx.scaling, ctx.grouped_in, ctx.grouped_out, ctx.split = k, scaling, grouped_in, grouped_out, split
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W, A, B, xa, sei, ssi, offs = ctx.saved_tensors
+        k, s, gin, gout, split = ctx.k, ctx.scaling, ctx.grouped_in, ctx.grouped_out, ctx.split
+        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        E, Kdim, N = W.shape
+        has_lora = B is not None
+        dx = dW = db = dA = dB = None
+        dyb = None
+        # dy rows: sorted position (gout) or flat index ssi[p] (fan-out 1).
+        if need_x:
+            Wt = W.transpose(1, 2)
+            if has_lora:
+                dx, dyb = lora_linear_fwd(
+                    dy, Wt, ssi, offs, 1, B.transpose(1, 2), A.transpose(1, 2), s, None, gout, gin, split, need_A
+                )
+            else:
+                dx, _ = lora_linear_fwd(dy, Wt, ssi, offs, 1, None, None, 0.0, None, gout, gin, False, False)
+            if not gin and k > 1:
+                dx = dx.view(-1, k, Kdim).sum(1)
+        if has_lora and need_A and dyb is None:
+            dyb = _rank_xa(dy, B.transpose(1, 2), ssi, offs, 1, gout)
+        x_fan = 0 if gin else k
+        dy_fan = 0 if gout else 1
+        if has_lora and need_A:
+            dA = K.group_outer(dyb, x, ssi, offs, l_fan=0, r_fan=x_fan, scaling=s, out_dtype=A.dtype, compute_dtype=x.dtype)
+        if has_lora and need_B:
+            dB = K.group_outer(dy, xa, ssi, offs, l_fan=dy_fan, r_fan=0, scaling=s, out_dtype=B.dtype, compute_dtype=dy.dtype)
+        if need_W:
+            dW = K.group_outer(x, dy, ssi, offs, l_fan=x_fan, r_fan=dy_fan, out_dtype=W.dtype, compute_dtype=dy.dtype)
+        if need_b and ctx.has_bias:
+            dy_g = dy if gout else dy.index_select(0, ssi)
+            db = torch.zeros(E, N, device=dy.device, dtype=torch.float32).index_add_(0, sei, dy_g.float())
+        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None
+
+
+def scattered_experts(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    k: int,
+    sorted_expert_idxs: torch.Tensor,
+    sorted_scattered_idxs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    bias: torch.Tensor | None = None,
+    grouped_in: bool = False,
+    grouped_out: bool = False,
+    *,
+    fused_lora: bool | None = None,
+    split_threshold: int | None = None,
+    split_max_experts: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One expert projection with optional LoRA; see the module docstring for every argument."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("pass both lora_A and lora_B, or neither")
+    if lora_A is not None and scaling == 0:
+        lora_A = lora_B = None
+    # One compute dtype, the weights' (peft keeps LoRA factors in fp32 on a bf16 model; autograd casts back).
+    dt = W.dtype
+    x, bias = x.to(dt), (bias.to(dt) if bias is not None else None)
+    if lora_A is not None:
+        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+    if not _use_triton(x, backend):
+        return reference.scattered_linear(
+            x, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+            lora_A, lora_B, scaling, bias, grouped_in, grouped_out,
+        )
+    if lora_A is not None:
+        # Kernel-friendly strides (tiny copies, autograd-tracked): A [E, r, K] contiguous along K (forward
+        # K loop, dX epilogue), B [E, N, r] contiguous along N (forward epilogue, dX K loop). peft's
+        # rank-major lora_B would otherwise be read with an E-element stride inside the dX K loop.
+        lora_A = lora_A.contiguous()
+        lora_B = lora_B.transpose(1, 2).contiguous().transpose(1, 2)
+    E, Kdim, N = W.shape
+    split = lora_A is not None and use_split(E, Kdim, N, fused_lora, split_threshold, split_max_experts)
+    return ScatteredExpertsFunction.apply(
+        x, W, bias, lora_A, lora_B, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
+        int(k), float(scaling), bool(grouped_in), bool(grouped_out), split,
+    )
+
+
+class _CombineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, gates):
+        ctx.save_for_backward(y, gates)
+        return K.combine(y, gates)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, gates = ctx.saved_tensors
+        need_dy, need_dg = ctx.needs_input_grad[:2]
+        return K.combine_bwd(y, gates, dout, need_dy, need_dg)
+
+
+def combine(y: torch.Tensor, gates: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Weighted sum of each token's ``k`` expert outputs; ``y`` ``[T*k, N]`` flat order, ``gates`` ``[T, k]``."""
+    if not _use_triton(y, backend):
+        return reference.combine(y, gates)
+    return _CombineFunction.apply(y.contiguous(), gates.contiguous())
+
+
+class _SiluGluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return K.silu_glu_fwd(h)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        return K.silu_glu_bwd(h, dout.contiguous())
+
+
+def silu_glu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` for the concatenated ``[gate | up]`` layout, one fused Triton kernel each way."""
+    if not _use_triton(h, backend) or h.stride(-1) != 1:
+        return reference.glu(h)
+    return _SiluGluFunction.apply(h)
