@@ -123,9 +123,7 @@ def test_fsdp_on_cpu_is_refused(run_host, write_config, tiny_model, text_file, t
     [
         ({"fsdp_config": {"backward_prefetch": "BACKWARD_PRE"}}, "backward_prefetch exist only in FSDP1"),
         ({"fsdp": ["hybrid_shard", "auto_wrap"]}, "hybrid_shard exist only in FSDP1"),
-        ({"fsdp_config": {}, "gradient_checkpointing": True}, "set fsdp_config.activation_checkpointing: true"),
         ({"fsdp_config": {}, "ddp_find_unused_parameters": True}, "ddp_* options apply to DDP"),
-        ({"fsdp_config": {"fsdp_version": 2}}, "unknown key 'fsdp_config.fsdp_version'"),
     ],
 )
 def test_impossible_parallel_combinations(run_host, write_config, tmp_path, extra, message):
