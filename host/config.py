@@ -227,7 +227,7 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-SUGGEST_CUTOFF = 0.8  # difflib ratio: 'lerning_rate'->'learning_rate' (0.96), never 'deepspeed'->'seed' (0.62)
+SUGGEST_CUTOFF = 0.75  # difflib ratio: 'lerning_rate'->'learning_rate' (0.96), 'image_dir'->'image_base_dir' (0.78), never 'deepspeed'->'seed' (0.62); axolotl's own keys (tokenizer_type) are answered by the axolotl table first
 
 
 def _key_error(err: dict, model: type[BaseModel], prefix: str = "") -> str:
