@@ -4,7 +4,8 @@
 (``Linear8bitLt``), with axolotl's key names and defaults. The plugin hands transformers a
 ``BitsAndBytesConfig`` (``model_init_kwargs``), prepares the quantised model for peft
 (``post_model_load``), and optionally quantises 3-D MoE expert parameters, which bitsandbytes'
-``nn.Linear`` replacement leaves alone (``quantize_moe_experts``). See README.md.
+``nn.Linear`` replacement leaves alone (``quantize_moe_experts``). Under FSDP the packed 4-bit data is stored in the dtype FSDP gathers
+parameters in, so FSDP shards it like any other weight (``fsdp.py``). See README.md.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class QloraConfig(StrictModel):
         None, description="dtype of the dequantised weights in the matmul; unset: the training dtype (bf16 or fp32)."
     )
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantise the per-block scales too (~0.4 bit/weight less).")
-    bnb_4bit_quant_storage: DTYPES | Literal["uint8"] = Field(
-        "bfloat16", description="dtype the packed 4-bit data is stored as (matters only for sharding; uint8 is bnb's own)."
+    bnb_4bit_quant_storage: DTYPES | Literal["uint8"] | None = Field(
+        None,
+        description="dtype the packed 4-bit data is stored as (matters only for sharding; uint8 is bnb's own). "
+        "Unset: bfloat16 (axolotl's), or under FSDP the dtype FSDP gathers parameters in.",
     )
     bnb_config_kwargs: dict[str, Any] | None = Field(
         None, description="axolotl's overrides passed to BitsAndBytesConfig (keys: " + ", ".join(BNB_ARGS) + ")."
@@ -95,11 +98,9 @@ def validate_config(cfg):
             "plugin's quantize_moe_experts: mxfp4 instead."
         )
     if quantized and cfg.fsdp_enabled:
-        raise ConfigError(
-            "load_in_4bit/load_in_8bit: the qlora plugin does not support FSDP (its packed bitsandbytes weights "
-            "would be sharded as plain tensors). Remove fsdp/fsdp_config and launch with torchrun for DDP: the "
-            "4-bit base is ~3.5x smaller than bf16, so it usually fits on each GPU."
-        )
+        from host_plugin_qlora import fsdp
+
+        fsdp.check(cfg)
     warnings = []
     if cfg.adapter == "lora" and cfg.load_in_4bit:
         warnings.append(
@@ -140,6 +141,16 @@ def _training_dtype(cfg) -> str:
     return "bfloat16" if use_bf16(cfg) else "float32"
 
 
+def quant_storage(cfg) -> str:
+    """``bnb_4bit_quant_storage`` for this run: the key, or bfloat16 (axolotl's), or under FSDP the
+    dtype FSDP gathers parameters in (a packed weight stored otherwise would be cast, i.e. destroyed)."""
+    if cfg.fsdp_enabled:
+        from host_plugin_qlora import fsdp
+
+        return fsdp.storage_dtype(cfg)
+    return cfg.bnb_4bit_quant_storage or "bfloat16"
+
+
 def bnb_config(cfg):
     """The ``BitsAndBytesConfig`` for this run (axolotl's defaults, then ``bnb_config_kwargs``)."""
     import torch
@@ -155,7 +166,7 @@ def bnb_config(cfg):
             "bnb_4bit_compute_dtype": cfg.bnb_4bit_compute_dtype or _training_dtype(cfg),
             "bnb_4bit_use_double_quant": cfg.bnb_4bit_use_double_quant,
             "bnb_4bit_quant_type": cfg.bnb_4bit_quant_type,
-            "bnb_4bit_quant_storage": cfg.bnb_4bit_quant_storage,
+            "bnb_4bit_quant_storage": quant_storage(cfg),
         }
     args.update(cfg.bnb_config_kwargs or {})
     for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
@@ -212,7 +223,7 @@ def post_model_load(cfg, model):
 
     if cfg.quantize_moe_experts:
         n, gib = experts.quantize_experts(model, quant_type=cfg.bnb_4bit_quant_type,
-                                          double_quant=cfg.bnb_4bit_use_double_quant)
+                                          double_quant=cfg.bnb_4bit_use_double_quant, storage=quant_storage(cfg))
         if not n:
             raise ConfigError(
                 f"quantize_moe_experts: {cfg.base_model!r} has no 3-D MoE expert parameters; remove quantize_moe_experts."
@@ -228,6 +239,15 @@ def post_model_load(cfg, model):
             "qlora: %d 3-D MoE expert parameters (%.2f GiB) stay in %s: bitsandbytes quantises nn.Linear only "
             "(set quantize_moe_experts: true to quantise them too).", n, gib, _training_dtype(cfg),
         )
+
+
+@hookimpl
+def patched_targets(cfg):
+    """With 4-bit experts, peft's expert LoRA wrapper gets its own parametrization removal (see
+    ``experts.fix_lora_proxy_removal``)."""
+    if cfg.quantize_moe_experts and cfg.load_in_4bit:
+        return {"peft.tuners.lora.layer.ParamWrapper._remove_parametrizations": "quantize_moe_experts"}
+    return None
 
 
 @hookimpl

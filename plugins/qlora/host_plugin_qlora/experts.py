@@ -31,15 +31,25 @@ def dense_expert_params(model) -> tuple[int, float]:
     return len(params), sum(p.numel() * p.element_size() for _, _, p in params) / 2**30
 
 
-def quantize_experts(model, quant_type: str = "nf4", double_quant: bool = True) -> tuple[int, float]:
-    """Quantise every expert parameter in place to 4 bits; returns (count, GiB they took before)."""
+def quantize_experts(model, quant_type: str = "nf4", double_quant: bool = True,
+                     storage: str = "uint8") -> tuple[int, float]:
+    """Quantise every expert parameter in place to 4 bits; returns (count, GiB they took before).
+
+    ``storage`` is the dtype the packed bytes are viewed as (``bnb_4bit_quant_storage``): FSDP shards
+    and gathers the packed parameter like any other only when it is a float tensor of the training
+    dtype; the parametrization dequantises from its bytes whatever the view.
+    """
     import torch
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
     params = expert_params(model)
     gib = sum(p.numel() * p.element_size() for _, _, p in params) / 2**30
+    dtype = getattr(torch, storage)
     for module, name, _ in params:
         replace_parameter_4bit(module, name, compress_statistics=double_quant, quant_type=quant_type)
+        packed = module.parametrizations[name].original
+        if dtype != torch.uint8:
+            packed.data = packed.data.reshape(-1).view(dtype).unsqueeze(1)  # bnb's own layout for quant_storage
     del params
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
