@@ -34,13 +34,27 @@ def test_gemma4_fused_norm_rope_vs_liger_rms_norm(make_plugin_manager, tmp_path)
     validate({**data, "liger_rms_norm": False, "liger_fused_linear_cross_entropy": True}, make_plugin_manager(plugins))
 
 
-def test_scattermoe_vs_liger_moe_experts(make_plugin_manager, tmp_path):
+def test_scattermoe_owns_routed_experts_liger_glu_the_dense_and_shared_mlps(make_plugin_manager, tmp_path):
+    """The order scattermoe and liger agree on: scattermoe computes the routed experts; liger_glu_activation
+    then replaces only the dense MLPs / shared experts, so the host's overlap check passes."""
+    from host.config import validate_with_warnings
+
     plugins = ["scattermoe", "liger"]
-    data = {"base_model": _model(tmp_path, "qwen3_moe"), "plugins": plugins, "liger_glu_activation": True}
-    with pytest.raises(ConfigError, match=r"'scattermoe' \(always\) and 'liger' \(liger_glu_activation\) both patch "
-                       r"moe.experts.forward. Turn one off: remove 'scattermoe' from plugins or set liger_glu_activation"):
-        validate(data, make_plugin_manager(plugins))
-    validate({**data, "liger_glu_activation": False, "liger_rms_norm": True, "liger_rope": True,
-              "liger_fused_linear_cross_entropy": True}, make_plugin_manager(plugins))
+    keys = {"liger_glu_activation": True, "liger_rms_norm": True, "liger_fused_linear_cross_entropy": True}
+    cfg = validate({"base_model": _model(tmp_path, "qwen3_5_moe"), "plugins": plugins, **keys},
+                   make_plugin_manager(plugins))
+    pm = make_plugin_manager(plugins)
+    declared = {t: k for d in pm.hook.patched_targets(cfg=cfg) for t, k in (d or {}).items()}
+    mod = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe"
+    assert declared["moe.experts.forward"] == ""  # scattermoe's
+    assert declared[f"{mod}.Qwen3_5MoeMLP"] == "liger_glu_activation"  # the shared expert
+    assert f"{mod}.Qwen3_5MoeExperts" not in declared
+    # every layer of this Qwen3-MoE is routed: liger's GLU has nothing left, one warning says so
+    (tmp_path / "moe").mkdir()
+    _, warnings = validate_with_warnings({"base_model": _model(tmp_path / "moe", "qwen3_moe"), "plugins": plugins,
+                                          **keys}, make_plugin_manager(plugins))
+    (w,) = [w for w in warnings if "liger_glu_activation" in w]
+    assert "plugin 'scattermoe' computes the routed experts" in w
     # a dense family's GLU is not an MoE expert: no conflict
-    validate({**data, "base_model": _model(tmp_path, "qwen3")}, make_plugin_manager(plugins))
+    (tmp_path / "dense").mkdir()
+    validate({"base_model": _model(tmp_path / "dense", "qwen3"), "plugins": plugins, **keys}, make_plugin_manager(plugins))

@@ -21,9 +21,12 @@ from pydantic import Field
 from host import hookimpl
 from host.config import StrictModel
 from host.errors import ConfigError, HostError
-from host_plugin_liger.families import FAMILIES, KEYS, TARGETED, Family, supported_keys, targets
+from host_plugin_liger.families import FAMILIES, KEYS, MOE_EXPERTS, TARGETED, resolve, targets
 
 log = logging.getLogger("host.liger")
+
+#: the keys pre_model_load applied (after the family check), for post_model_build's checks
+_APPLIED: dict[str, bool] = {}
 
 
 class LigerConfig(StrictModel):
@@ -39,6 +42,9 @@ class LigerConfig(StrictModel):
     liger_fused_linear_cross_entropy: bool | None = Field(
         None, description="Loss computed chunk by chunk from the last hidden states: the [tokens, vocab] logits never exist."
     )
+    liger_rms_norm_gated: bool | None = Field(
+        None, description="axolotl's fused gated RMSNorm (Qwen3.5 linear attention): liger-kernel has none; a warning."
+    )
 
 
 @hookimpl
@@ -50,8 +56,8 @@ def enabled_keys(cfg) -> dict[str, bool]:
     return {k: bool(getattr(cfg, k, None)) for k in KEYS}
 
 
-def read_model_type(base_model: str) -> str | None:
-    """``model_type`` from ``config.json`` of a local model dir or the hub cache; None if neither has it."""
+def read_model_config(base_model: str) -> dict | None:
+    """``config.json`` of a local model dir or the hub cache (never the weights); None if neither has it."""
     path = Path(base_model) / "config.json"
     if not path.is_file():
         try:
@@ -64,31 +70,55 @@ def read_model_type(base_model: str) -> str | None:
             return None
         path = Path(cached)
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("model_type")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def check_family(model_type: str | None, on: dict[str, bool], where: str) -> Family | None:
-    """The family's table entry, or a ConfigError naming the key, the family and the alternative."""
-    keys = [k for k, v in on.items() if v]
+def read_model_type(base_model: str) -> str | None:
+    """``model_type`` from ``config.json`` of a local model dir or the hub cache; None if neither has it."""
+    return (read_model_config(base_model) or {}).get("model_type")
+
+
+def experts_owner(cfg) -> str | None:
+    """Who computes the routed MoE experts instead of liger-kernel's fused experts, or None.
+
+    Another enabled plugin that declares ``moe.experts.forward`` through ``patched_targets`` (e.g.
+    scattermoe), or an explicit ``experts_implementation``. The order the plugins agree on: that
+    owner keeps the routed experts and ``liger_glu_activation`` covers the dense MLPs and shared
+    experts only, so the two never patch the same module.
+    """
+    from importlib.metadata import entry_points
+
+    for name in cfg.plugins or []:
+        if name == "liger":
+            continue
+        for ep in entry_points(group="host.plugins", name=name):
+            declare = getattr(ep.load(), "patched_targets", None)
+            if callable(declare) and MOE_EXPERTS in (declare(cfg) or {}):
+                return f"plugin {name!r}"
+    if getattr(cfg, "experts_implementation", None):
+        return f"experts_implementation: {cfg.experts_implementation}"
+    return None
+
+
+def plan(cfg, model_type: str | None = None, model_config: dict | None = None):
+    """``(family, model_type, keys that patch something, warnings, experts owner)`` for this config.
+
+    ``model_type`` is read from ``config.json`` unless given; ``family`` and ``model_type`` are None
+    when it cannot be read without loading (then the keys stay as set and the check runs later).
+    """
+    on = enabled_keys(cfg)
     if model_type is None:
-        return None
+        model_config = read_model_config(cfg.base_model)
+        model_type = (model_config or {}).get("model_type")
+    if model_type is None:
+        return None, None, on, [], None
+    owner = experts_owner(cfg)
     family = FAMILIES.get(model_type)
-    if family is None:
-        raise ConfigError(
-            f"{where}: {', '.join(keys)}: liger-kernel has no patches for model_type {model_type!r} "
-            f"(families supported here: {', '.join(sorted(FAMILIES))}). Set the liger_* keys to false or remove "
-            f"liger from plugins."
-        )
-    for key in keys:
-        if key in family.unsupported:
-            usable = ", ".join(supported_keys(family))
-            raise ConfigError(
-                f"{where}: {key}: not available for model_type {model_type!r}: {family.unsupported[key]}. "
-                f"Set {key}: false (keys liger-kernel supports for {model_type}: {usable})."
-            )
-    return family
+    eff, notes = resolve(model_type, family, on, model_config, owner)
+    return family, model_type, eff, notes, owner
 
 
 @hookimpl
@@ -111,17 +141,20 @@ def validate_config(cfg):
             f"{', '.join(k for k, v in on.items() if v)}: liger-kernel's kernels are Triton and need a CUDA GPU "
             "(or TRITON_INTERPRET=1 for tests); set the liger_* keys to false on this machine."
         )
-    warnings = []
-    model_type = read_model_type(cfg.base_model)
-    check_family(model_type, on, "liger")
+    family, model_type, eff, warnings, _ = plan(cfg)
+    if cfg.liger_rms_norm_gated:
+        warnings.append(
+            "liger: liger_rms_norm_gated does nothing: liger-kernel has no fused gated RMSNorm (axolotl's is a kernel of "
+            "its own), so transformers' gated RMSNorm of Qwen3.5's linear-attention layers stays. Remove the key."
+        )
     if model_type is None:
         warnings.append(
             f"liger: cannot read config.json of {cfg.base_model!r} without loading it; the family check runs "
             "when the model config is loaded."
         )
-    elif model_type not in TARGETED:
+    elif family is not None and model_type not in TARGETED:
         warnings.append(f"liger: model_type {model_type!r} is supported by liger-kernel but not tested by this plugin.")
-    if on["liger_fused_linear_cross_entropy"] and cfg.adapter == "lora" and cfg.lora_dropout and _lm_head_has_lora(cfg):
+    if eff["liger_fused_linear_cross_entropy"] and cfg.adapter == "lora" and cfg.lora_dropout and _lm_head_has_lora(cfg):
         raise ConfigError(
             f"lora_dropout: {cfg.lora_dropout} with LoRA on lm_head and liger_fused_linear_cross_entropy: the fused loss "
             "reads lm_head's effective weight W + B·A, which a dropout on lm_head's input cannot be folded into. Set "
@@ -137,53 +170,57 @@ def _lm_head_has_lora(cfg) -> bool:
     return any(t == "lm_head" or t.endswith(".lm_head") for t in (targets_ or []))
 
 
-def _family(cfg) -> tuple[Family | None, str | None]:
-    return FAMILIES.get(read_model_type(cfg.base_model) or ""), read_model_type(cfg.base_model)
-
-
 @hookimpl
 def patched_targets(cfg):
-    on = enabled_keys(cfg)
-    family, _ = _family(cfg)
-    if family is None or not any(on.values()):
+    family, _, eff, _, owner = plan(cfg)
+    if family is None or not any(eff.values()):
         return {}
-    return targets(family, on)
+    return targets(family, eff, owner)
 
 
 @hookimpl
 def pre_model_load(cfg):
     from host_plugin_liger import patching
 
-    on = enabled_keys(cfg)
-    if not any(on.values()):
+    _APPLIED.clear()
+    if not any(enabled_keys(cfg).values()):
         return
-    model_type = read_model_type(cfg.base_model)
+    family, model_type, eff, notes, owner = plan(cfg)
     if model_type is None:  # a hub id not cached yet: its config is small, fetch it now (no weights)
         from transformers import AutoConfig
 
-        model_type = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code).model_type
-    family = check_family(model_type, on, "liger")
+        config = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+        family, model_type, eff, notes, owner = plan(cfg, config.model_type, config.to_dict())
+        for note in notes:  # validation could not say these yet
+            log.warning("%s", note)
+    _APPLIED.update(eff)
     patching.restore()  # a previous run in this process that did not reach on_train_end
-    changed = patching.apply(family, on)
-    missing = [t for t in targets(family, on) if t.startswith(("transformers.", "torch.")) and t not in changed]
+    if family is None or not any(eff.values()):
+        return
+    changed = patching.apply(family, eff, owner)
+    missing = [t for t in targets(family, eff, owner) if t.startswith(("transformers.", "torch.")) and t not in changed]
     if missing:
         patching.restore()
         raise HostError(
             f"liger: liger-kernel's {family.apply_fn} did not patch {', '.join(missing)} in this transformers version; "
             "refusing to train without the kernels you asked for. Turn those keys off."
         )
-    if on["liger_fused_linear_cross_entropy"] and cfg.torch_compile:
-        _keep_flce_out_of_compile(patching)
+    if eff["liger_fused_linear_cross_entropy"]:
+        _tune_flce(patching, compile_=bool(cfg.torch_compile))
     log.info("liger: %s patched %s", family.apply_fn, ", ".join(sorted(changed)))
 
 
-def _keep_flce_out_of_compile(patching) -> None:
-    """Dynamo must not trace into liger's chunked loss (it launches Triton kernels in a Python loop)."""
+def _tune_flce(patching, compile_: bool) -> None:
+    """Wrap liger's chunked loss forward: kept out of Dynamo under ``torch_compile`` (it launches
+    Triton kernels in a Python loop)."""
     import torch
     from liger_kernel.ops import fused_linear_cross_entropy as ops
 
-    for name in ("fused_linear_cross_entropy_forward", "fused_linear_cross_entropy_backward"):
-        patching.wrap(ops, name, torch.compiler.disable(getattr(ops, name)))
+    forward = ops.fused_linear_cross_entropy_forward
+    if compile_:
+        patching.wrap(ops, "fused_linear_cross_entropy_forward", torch.compiler.disable(forward))
+        patching.wrap(ops, "fused_linear_cross_entropy_backward",
+                      torch.compiler.disable(ops.fused_linear_cross_entropy_backward))
 
 
 def _causal_lm(model):
@@ -195,7 +232,7 @@ def _causal_lm(model):
 def post_model_build(cfg, model):
     from host_plugin_liger import lm_head as lm_head_mod
 
-    on = enabled_keys(cfg)
+    on = dict(_APPLIED)
     if not any(on.values()):
         return
     inner = _causal_lm(model)

@@ -47,8 +47,13 @@ def qualname(owner: Any, name: str) -> str:
     return f"{prefix}.{name}"
 
 
-def apply(family: Family, enabled: dict[str, bool]) -> set[str]:
+def apply(family: Family, enabled: dict[str, bool], experts_owner: str | None = None) -> set[str]:
     """Run liger's patch function for ``family`` with every patch explicitly on or off.
+
+    ``enabled`` is the resolved plan (:func:`host_plugin_liger.families.resolve`). With
+    ``liger_glu_activation`` on an MoE family, the dense MLP / shared-expert classes
+    (``family.dense_glu``) become liger's SwiGLU MLP here (liger-kernel's own switch covers only the
+    routed experts, and only when ``experts_owner`` is None).
 
     Returns the dotted names that changed. Raises HostError if liger-kernel cannot patch this
     transformers version (an import error or an exception inside liger).
@@ -56,7 +61,13 @@ def apply(family: Family, enabled: dict[str, bool]) -> set[str]:
     before = {id(o): (o, dict(vars(o))) for o in _owners(family)}
     try:
         patch = getattr(importlib.import_module("liger_kernel.transformers.monkey_patch"), family.apply_fn)
-        patch(**liger_kwargs(family, enabled))
+        patch(**liger_kwargs(family, enabled, experts_owner))
+        if enabled["liger_glu_activation"] and family.dense_glu:
+            from liger_kernel.transformers.swiglu import LigerQwen3MoeSwiGLUMLP
+
+            module = importlib.import_module(family.module)
+            for cls in family.dense_glu:
+                setattr(module, cls, LigerQwen3MoeSwiGLUMLP)
     except Exception as exc:  # liger raises ImportError/AttributeError/NotImplementedError on a mismatch
         _SAVED.extend(_diff(before))
         restore()

@@ -1,5 +1,6 @@
 """Config keys, validation (from config.json only, no weights) and declared patch targets."""
 
+import importlib
 import inspect
 import json
 
@@ -9,6 +10,8 @@ from host.config import validate
 from host.errors import ConfigError
 from host_plugin_liger import read_model_type
 from host_plugin_liger.families import FAMILIES, KEYS, liger_kwargs, supported_keys
+
+FLCE = "liger_fused_linear_cross_entropy"
 
 
 def _model_dir(tmp_path, model_type, **extra):
@@ -35,6 +38,13 @@ def test_model_type_is_read_from_config_json_only(tmp_path):
     assert read_model_type(str(tmp_path / "nowhere")) is None
 
 
+def _warnings(make_plugin_manager, base_model, plugins=("liger",), **keys):
+    from host.config import validate_with_warnings
+
+    pm = make_plugin_manager(list(plugins))
+    return validate_with_warnings({"base_model": str(base_model), "plugins": list(plugins), **keys}, pm)
+
+
 @pytest.mark.parametrize(
     "model_type, key, why",
     [
@@ -43,22 +53,38 @@ def test_model_type_is_read_from_config_json_only(tmp_path):
         ("gemma4", "liger_layer_norm", "patches nothing"),
         ("gpt_oss", "liger_glu_activation", "clamped SwiGLU"),
         ("qwen3_5_moe", "liger_rope", "NotImplementedError"),
+        ("qwen3_5_moe_text", "liger_rope", "transformers' RoPE stays"),
         ("llama", "liger_layer_norm", "RMSNorm"),
         ("qwen3_moe", "liger_layer_norm", "RMSNorm"),
-        ("mistral", "liger_cross_entropy", "silent no-op"),
-        ("gemma3", "liger_cross_entropy", "silent no-op"),
+        ("mistral", "liger_cross_entropy", "changes nothing"),
+        ("gemma3", "liger_cross_entropy", "changes nothing"),
     ],
 )
-def test_unsupported_key_names_key_family_and_alternative(make_plugin_manager, tmp_path, model_type, key, why):
-    with pytest.raises(ConfigError) as err:
-        _validate(make_plugin_manager, _model_dir(tmp_path, model_type), **{key: True})
-    msg = str(err.value)
-    assert key in msg and repr(model_type) in msg and why in msg and f"Set {key}: false" in msg
+def test_key_without_kernel_is_one_warning_and_off(make_plugin_manager, tmp_path, model_type, key, why):
+    """A key with no kernel for the family validates with ONE warning naming key, family, why and the
+    alternative (as axolotl warns and skips); it is neither an error nor silent, and nothing is declared
+    or patched for it."""
+    cfg, warnings = _warnings(make_plugin_manager, _model_dir(tmp_path, model_type), **{key: True, "liger_rms_norm": True})
+    mine = [w for w in warnings if key in w]
+    assert len(mine) == 1, warnings
+    assert repr(model_type) in mine[0] and why in mine[0] and "does nothing" in mine[0]
+    pm = make_plugin_manager(["liger"])
+    (declared,) = pm.hook.patched_targets(cfg=cfg)
+    assert set(declared.values()) == {"liger_rms_norm"}, declared
 
 
-def test_unknown_family_is_an_error(make_plugin_manager, tmp_path):
-    with pytest.raises(ConfigError, match=r"liger_rms_norm: liger-kernel has no patches for model_type 'olmoe'"):
-        _validate(make_plugin_manager, _model_dir(tmp_path, "olmoe"), liger_rms_norm=True)
+def test_rms_norm_gated_is_one_warning(make_plugin_manager, tmp_path):
+    cfg, warnings = _warnings(make_plugin_manager, _model_dir(tmp_path, "qwen3_5_moe"), liger_rms_norm=True,
+                              liger_rms_norm_gated=True)
+    (w,) = [w for w in warnings if "liger_rms_norm_gated" in w]
+    assert "no fused gated RMSNorm" in w and cfg.liger_rms_norm
+
+
+def test_unknown_family_is_one_warning(make_plugin_manager, tmp_path):
+    cfg, warnings = _warnings(make_plugin_manager, _model_dir(tmp_path, "olmoe"), liger_rms_norm=True, liger_rope=True)
+    (w,) = [w for w in warnings if "olmoe" in w]
+    assert "liger_rope, liger_rms_norm: liger-kernel has no kernels for model_type 'olmoe'" in w
+    assert make_plugin_manager(["liger"]).hook.patched_targets(cfg=cfg) == [{}]
 
 
 def test_cross_entropy_and_fused_are_exclusive(make_plugin_manager, tmp_path):
@@ -93,8 +119,29 @@ def test_declared_targets(make_plugin_manager, tmp_path):
         f"{mod}.Qwen3MoeRMSNorm": "liger_rms_norm",
         f"{mod}.Qwen3MoeExperts": "liger_glu_activation",
         "moe.experts.forward": "liger_glu_activation",
+        f"{mod}.Qwen3MoeMLP": "liger_glu_activation",  # dense layers (mlp_only_layers), if the model has any
         f"{mod}.Qwen3MoeForCausalLM.forward": "liger_fused_linear_cross_entropy",
     }
+
+
+@pytest.mark.parametrize("model_type, extra, dense", [
+    ("qwen3_5_moe", {}, "Qwen3_5MoeMLP"),  # the shared expert
+    ("qwen3_moe", {"mlp_only_layers": [0]}, "Qwen3MoeMLP"),  # a dense layer
+    ("qwen3_moe", {}, None),  # every layer routed: nothing left for liger's SwiGLU
+    ("mixtral", {}, None),
+])
+def test_glu_leaves_routed_experts_to_experts_implementation(make_plugin_manager, tmp_path, model_type, extra, dense):
+    """With another owner of the routed experts (here transformers' experts_implementation; scattermoe in
+    tests/test_plugin_patch_conflicts.py) liger_glu_activation covers dense MLPs / shared experts only."""
+    d = _model_dir(tmp_path, model_type, **extra)
+    cfg, warnings = _warnings(make_plugin_manager, d, liger_glu_activation=True, experts_implementation="grouped_mm")
+    (declared,) = make_plugin_manager(["liger"]).hook.patched_targets(cfg=cfg)
+    assert "moe.experts.forward" not in declared and not any(t.endswith("Experts") for t in declared)
+    if dense:
+        assert declared == {f"{FAMILIES[model_type].module}.{dense}": "liger_glu_activation"}
+    else:
+        (w,) = [w for w in warnings if "liger_glu_activation" in w]
+        assert "experts_implementation: grouped_mm computes the routed experts" in w and declared == {}
 
 
 def test_table_matches_installed_liger_kernel():
@@ -107,6 +154,9 @@ def test_table_matches_installed_liger_kernel():
         assert fn.__name__ == family.apply_fn, model_type
         params = inspect.signature(fn).parameters
         assert set(liger_kwargs(family, all_on)) <= set(params), model_type
+        module = importlib.import_module(family.module)
+        for cls in family.dense_glu:  # the classes the plugin swaps for liger's SwiGLU MLP exist
+            assert isinstance(getattr(module, cls), type), (model_type, cls)
         # a key we call supported has a real parameter; layer_norm only where liger has one
         assert ("liger_layer_norm" in supported_keys(family)) == bool(family.layer_norm), model_type
 

@@ -132,3 +132,33 @@ def test_gradient_checkpointing_and_lora_on_experts(make_plugin_manager, tiny_mo
         return _loss_and_grads(model, batch)
 
     _assert_close(run(["liger"], liger_rms_norm=True, liger_rope=True, **{FLCE: True}), run([]))
+
+
+@pytest.mark.parametrize("model_type, extra, dense", [
+    ("qwen3_moe", {"decoder_sparse_step": 2, "num_hidden_layers": 2}, 1),  # layer 0 dense, layer 1 routed
+    ("qwen3_5_moe_text", {"num_hidden_layers": 2}, 2),  # a shared expert per layer (one linear-attention layer)
+])
+def test_glu_on_dense_and_shared_mlps_when_experts_are_owned_elsewhere(make_plugin_manager, tiny_tokenizer, tmp_path,
+                                                                       model_type, extra, dense):
+    """The order liger and an experts kernel (scattermoe, or experts_implementation as here) agree on: the
+    routed experts stay the owner's, liger's SwiGLU replaces the dense MLPs / shared experts, same numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from host.testing import tiny_config
+
+    cfg = tiny_config(model_type, len(tiny_tokenizer), **extra)
+    if model_type.startswith("qwen3_5"):
+        cfg.layer_types = ["linear_attention", "full_attention"]
+    torch.manual_seed(0)
+    path = tmp_path / model_type
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    batch = _batch(512, seed=3)
+    keys = {"experts_implementation": "eager"}
+    torch.manual_seed(0)
+    plain = _loss_and_grads(_build(make_plugin_manager, path, [], **keys), batch)
+    model = _build(make_plugin_manager, path, ["liger"], liger_glu_activation=True, **keys)
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert kinds.count("LigerQwen3MoeSwiGLUMLP") == dense and "LigerExperts" not in kinds, kinds
+    _assert_close(_loss_and_grads(model, batch), plain)
+    patching.restore()
