@@ -80,7 +80,6 @@ TABLE: dict[str, Key] = {
         "other heads (sequence/token classification) are not supported",
         noop=lambda v: str(v).endswith(("ForCausalLM", "ForConditionalGeneration", "AutoModelForImageTextToText")),
     ),
-    "flash_attention": refused("axolotl's legacy switch; write attn_implementation: flash_attention_2"),
     "sdp_attention": refused("axolotl's legacy switch; write attn_implementation: sdpa"),
     "eager_attention": refused("axolotl's legacy switch; write attn_implementation: eager"),
     "flex_attention": refused("axolotl's legacy switch; write attn_implementation: flex_attention"),
@@ -96,7 +95,6 @@ TABLE: dict[str, Key] = {
     "activation_offloading": ignored(
         "activations are not offloaded to CPU: the math is the same, GPU memory is higher; gradient_checkpointing still applies"
     ),
-    "unfrozen_parameters": refused("partial full fine-tuning by parameter regex is not in host; use adapter: lora or full fine-tuning"),
     "dp_shard_size": refused("axolotl's N-D parallelism is not in host; use fsdp (shards over all ranks) or DDP"),
     "tensor_parallel_size": refused("tensor parallelism is not in host; use FSDP or DeepSpeed ZeRO-3"),
     "context_parallel_size": refused("context parallelism is not in host"),

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
 
 from host.errors import ConfigError, HostError, PluginError
+from host.model_keys import ModelKeys
 from host.paths import check_paths
 
 log = logging.getLogger("host.config")
@@ -106,8 +107,8 @@ FSDP_ALIASES = {"offload_params": "cpu_offload"}
 FSDP1_ONLY = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states", "limit_all_gathers")
 
 
-class HostConfig(StrictModel):
-    """Keys the host itself understands."""
+class HostConfig(StrictModel, ModelKeys):
+    """Keys the host itself understands (axolotl's model-side keys come from :class:`host.model_keys.ModelKeys`)."""
 
     base_model: str
     tokenizer: str | None = None
@@ -449,6 +450,12 @@ def validate_with_warnings(
         entries = []
     elif "datasets" in data and not entries:
         problems.add("datasets", "datasets: the list is empty; add at least one entry (path and type).")
+    from host import model_keys
+
+    data, renamed, errors = model_keys.normalize(data)  # model_config, flash_attention: axolotl's other spellings
+    problems.warnings += renamed
+    for message in errors:
+        problems.add("keys", message)
     top = drop_nulls(screen_axolotl_keys({k: v for k, v in data.items() if k != "datasets"}, set(model.model_fields), enabled, problems))
     try:
         cfg = model.model_validate({**top, "datasets": []})
@@ -534,6 +541,9 @@ def host_rule_errors(cfg: HostConfig) -> list[str]:
     if cfg.eval_steps and cfg.evals_per_epoch:
         errors.append("eval_steps/evals_per_epoch: set one of them, not both.")
     errors += _training_key_errors(cfg)
+    from host import model_keys
+
+    errors += model_keys.rule_errors(cfg)
     if not cfg.fsdp_enabled:
         return errors
     fc = cfg.fsdp_config or FSDPConfig()

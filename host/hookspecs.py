@@ -114,7 +114,9 @@ def model_init_kwargs(cfg: HostConfig, purpose: str) -> dict[str, Any] | None:
     ``"train"`` or ``"merge"`` (``host merge-lora``, which folds LoRA into dense weights, so a
     plugin may leave a training-only option such as quantization out). Answers are merged; a key
     given by two plugins, or one the host sets itself (``dtype``, ``trust_remote_code``,
-    ``experts_implementation``, ``attn_implementation``), is an error naming both. Exists because
+    ``experts_implementation``, ``attn_implementation``; ``quantization_config`` when
+    ``model_quantization_config`` is set, ``config`` when ``overrides_of_model_config`` is), is an
+    error naming both. Exists because
     loading options (``quantization_config``, ``device_map``) must be known when the weights are
     read: patching the model afterwards would hold it in full precision first.
     """

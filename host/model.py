@@ -46,12 +46,20 @@ def load_tokenizer_and_processor(cfg) -> tuple[Any, Any]:
 
 def plugin_init_kwargs(cfg, pm, purpose: str) -> dict[str, Any]:
     """The plugins' ``model_init_kwargs`` answers, merged; a key given twice is an error naming both."""
+    from host.model_keys import host_kwarg_keys
+
+    host_keys = host_kwarg_keys(cfg)
     owners: dict[str, str] = {}
     merged: dict[str, Any] = {}
     for impl in reversed(pm.hook.model_init_kwargs.get_hookimpls()):  # plugins: order
         args = {"cfg": cfg, "purpose": purpose}
         answer = impl.function(**{a: args[a] for a in impl.argnames})
         for key, value in (answer or {}).items():
+            if key in host_keys:
+                raise PluginError(
+                    f"plugins: {impl.plugin_name!r} sets from_pretrained argument {key!r}, which {host_keys[key]} "
+                    f"sets too; remove {host_keys[key]} or disable {impl.plugin_name!r}."
+                )
             if key in owners:
                 raise PluginError(
                     f"plugins: from_pretrained argument {key!r} is set by both {owners[key]!r} and "
@@ -84,6 +92,9 @@ def load_model(cfg, extra_kwargs: dict[str, Any] | None = None):
                 f"not model_init_kwargs)."
             )
     kwargs.update(extra_kwargs or {})
+    from host.model_keys import init_kwargs
+
+    kwargs.update(init_kwargs(cfg))  # overrides_of_model_config, model_quantization_config
     # A processor means a vision-language model: try the image-text class first.
     classes = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
     if cfg.processor_type:
@@ -132,7 +143,10 @@ def attach_adapter(cfg, model, tokenizer=None):
             log.info("loading LoRA adapter from %s (trainable)", cfg.lora_model_dir)
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
         else:
+            from host.model_keys import lora_exclude
+
             lora = LoraConfig(
+                exclude_modules=lora_exclude(cfg, model),  # freeze_mm_modules: no LoRA on vision/audio towers
                 r=cfg.lora_r,
                 lora_alpha=cfg.lora_alpha,
                 lora_dropout=cfg.lora_dropout,
@@ -161,7 +175,8 @@ def load_tokenizer_phase(cfg, pm) -> tuple[Any, Any]:
 
 def load_model_phase(cfg, pm, tokenizer):
     """The second half: load the weights (with the plugins' model_init_kwargs), resize embeddings
-    for added tokens, ``post_model_load``, attach the adapter, ``post_model_build``."""
+    for added tokens, ``post_model_load``, attach the adapter, ``post_model_build``, then freeze what
+    ``unfrozen_parameters``/``freeze_mm_modules`` say."""
     from host.tokens import fit_embeddings
 
     model = load_model(cfg, plugin_init_kwargs(cfg, pm, "train"))
@@ -169,6 +184,9 @@ def load_model_phase(cfg, pm, tokenizer):
     pm.hook.post_model_load(cfg=cfg, model=model)
     model = attach_adapter(cfg, model, tokenizer)
     pm.hook.post_model_build(cfg=cfg, model=model)
+    from host.model_keys import apply_freezing
+
+    apply_freezing(cfg, model)  # unfrozen_parameters, freeze_mm_modules
     return model
 
 
