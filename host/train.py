@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -122,7 +123,21 @@ def fsdp_arguments(cfg) -> dict:
             "fsdp: FSDP needs CUDA GPUs; on CPU accelerate would silently run plain DDP instead. Remove "
             "fsdp/fsdp_config for CPU runs (DDP under torchrun works there)."
         )
-    return {"fsdp": True, "fsdp_config": fsdp_plugin_config(cfg)}
+    fc = fsdp_plugin_config(cfg)
+    for name, value in fsdp_environment(fc).items():
+        os.environ.setdefault(name, value)
+    return {"fsdp": True, "fsdp_config": fc}
+
+
+def fsdp_environment(fc: dict) -> dict[str, str]:
+    """Variables accelerate reads before it creates the process group. With ``cpu_offload`` the
+    parameters and gradients live on the CPU, so gradient clipping and the final gather run collectives
+    on CPU tensors: they need the ``cuda:nccl,cpu:gloo`` backend, which accelerate picks only from these
+    variables (transformers does not set them under torchrun; without them step 1 fails with "No
+    backend type associated with device type cpu")."""
+    if not fc.get("cpu_offload"):
+        return {}
+    return {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}
 
 
 def fsdp_plugin_config(cfg) -> dict:

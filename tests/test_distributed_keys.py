@@ -67,6 +67,16 @@ def test_fsdp_config_in_axolotl_terms(write_config, tmp_path):
     assert "final_state_dict_type" not in fc and "offload_params" not in fc
 
 
+def test_fsdp_cpu_offload_selects_a_backend_with_cpu_collectives(write_config, tmp_path):
+    """accelerate picks cuda:nccl,cpu:gloo (needed to clip CPU-offloaded gradients) only from these variables."""
+    from host.config import load_config
+    from host.train import fsdp_environment, fsdp_plugin_config
+
+    for offload, expected in ((True, {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"}), (False, {})):
+        cfg, _, _ = load_config(write_config(base_config("m", "d.jsonl", tmp_path / "o", fsdp_config={"offload_params": offload}), f"{offload}.yaml"))
+        assert fsdp_environment(fsdp_plugin_config(cfg)) == expected
+
+
 def test_fsdp_offload_params_alias_and_conflicts(run_host, write_config, tmp_path):
     cfg = base_config("m", "d.jsonl", tmp_path / "o", fsdp_config={"offload_params": True, "cpu_offload": False})
     result = _out(run_host, write_config(cfg))
