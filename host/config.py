@@ -124,6 +124,7 @@ class HostConfig(StrictModel, ModelKeys):
     pad_to_sequence_len: bool = False
     sample_packing: bool = Field(False, description="Pack rows into sequence_len bins (documents kept apart).")
     eval_sample_packing: bool | None = Field(None, description="Pack the eval set too; default: sample_packing.")
+    dataset_exact_deduplication: bool = Field(False, description="Drop rows that repeat an earlier row exactly (before the eval split).")
 
     adapter: str | None = Field(
         None, description="lora, a kind an enabled plugin adds (adapter_kinds hook), or unset for full fine-tuning."

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from host import dedup
 from host.errors import DataError
 from host.hookspecs import DatasetStrategy  # noqa: F401  (re-exported: the contract lives in hookspecs)
 
@@ -492,6 +493,7 @@ def prepare(cfg, pm, tokenizer, processor=None):
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sequence_len": cfg.sequence_len,
         "excess_length_strategy": cfg.excess_length_strategy,
+        "dataset_exact_deduplication": bool(cfg.dataset_exact_deduplication),
         "strategies": [s.fingerprint() for _, _, s in strategies],
         "strategy_code": [strategy_code_hash(s) for _, _, s in strategies],
         "plugins": plugin_versions(pm),
@@ -514,8 +516,12 @@ def prepare(cfg, pm, tokenizer, processor=None):
                 raise DataError("datasets: a streaming dataset cannot be combined with other entries.")
             if cfg.val_set_size:
                 raise DataError("val_set_size: cannot split an eval set from a streaming dataset; set it to 0.")
+            if cfg.dataset_exact_deduplication:
+                dedup.deduplicate(parts[0])  # raises: a stream cannot be deduplicated
             return parts[0], None
         full = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if cfg.dataset_exact_deduplication:  # before the split: no row repeats within or across train/eval
+            full = dedup.deduplicate(full)
         if len(full) == 0:
             raise DataError("datasets: no rows left after preparation; check the files and sequence_len.")
         if cache is not None:
