@@ -145,6 +145,7 @@ class HostConfig(StrictModel, ModelKeys):
     warmup_ratio: float | None = None
     warmup_steps: int | None = None
     optimizer: str = "adamw_torch"
+    optim_args: str | dict[str, Any] | None = Field(None, description="Optimizer settings: {key: value} or 'k=v,k=v' (transformers' optim_args).")
     weight_decay: float = 0.0
     bf16: bool | Literal["auto"] = "auto"
     fp16: bool = False
@@ -545,6 +546,9 @@ def host_rule_errors(cfg: HostConfig) -> list[str]:
     from host import model_keys
 
     errors += model_keys.rule_errors(cfg)
+    from host import optim_args
+
+    errors += optim_args.errors(cfg)
     if not cfg.fsdp_enabled:
         return errors
     fc = cfg.fsdp_config or FSDPConfig()

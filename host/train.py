@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from host import checkpoints, data
+from host import checkpoints, data, optim_args
 from host import model as model_mod
 from host.errors import ConfigError
 
@@ -87,6 +87,7 @@ def training_arguments(cfg, has_eval: bool):
         if cfg.gradient_checkpointing_kwargs is not None:
             kwargs["gradient_checkpointing_kwargs"] = cfg.gradient_checkpointing_kwargs
     kwargs.update(optional_training_arguments(cfg, cuda))
+    kwargs.update(optim_args.training_argument(cfg))
     try:
         return TrainingArguments(**kwargs)
     except ValueError as exc:  # e.g. an unknown optimizer or scheduler name; HF's message names the value
@@ -198,7 +199,8 @@ def _callbacks(cfg, pm) -> list:
 
     extra = [cb for cbs in pm.hook.trainer_callbacks(cfg=cfg) for cb in (cbs or [])]
     stop = [EarlyStopping(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
-    return [MarkComplete(), StepTimer(), GradNormLog(), *stop, *extra]
+    check = [optim_args.check_callback(cfg)] if cfg.optim_args else []
+    return [MarkComplete(), StepTimer(), GradNormLog(), *stop, *check, *extra]
 
 
 def train(cfg, pm, warnings=()):

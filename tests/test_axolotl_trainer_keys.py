@@ -60,3 +60,63 @@ def test_exact_deduplication_compares_every_column():
     })
     out = deduplicate(ds)
     assert out["labels"] == [[-100, 2, 3], [1, 2, 3], [-100, 2, 3]] and out["source"] == ["a", "a", "b"]
+
+
+# --- optim_args -----------------------------------------------------------------------------------
+
+
+def _train_cfg(tiny_model, text_file, out, **overrides):
+    from host.testing import base_config
+
+    return base_config(tiny_model("qwen3"), text_file, out, **overrides)
+
+
+@pytest.mark.parametrize("optim_args", [{"momentum": 0.9, "nesterov": True}, "momentum=0.9, nesterov=true"])
+def test_optim_args_reach_the_optimizer(run_host, write_config, tiny_model, text_file, tmp_path, optim_args):
+    """axolotl's mapping and transformers' k=v string both end up in the real optimizer of a Trainer run."""
+    import torch
+
+    out = tmp_path / "out"
+    cfg = _train_cfg(tiny_model, text_file, out, optimizer="sgd", optim_args=optim_args, max_steps=2, learning_rate=1e-2)
+    result = run_host("train", write_config(cfg))
+    assert result.exit_code == 0, result.output
+    saved = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    group = saved["param_groups"][0]
+    assert group["momentum"] == 0.9 and group["nesterov"] is True
+    assert all("momentum_buffer" in s for s in saved["state"].values())
+    assert "did not reach the optimizer" not in result.output
+
+
+def test_optim_args_an_optimizer_does_not_read_is_named(run_host, write_config, tiny_model, text_file, tmp_path, caplog):
+    cfg = _train_cfg(tiny_model, text_file, tmp_path / "out", optimizer="adamw_torch", optim_args={"momentum": 0.9},
+                     max_steps=1, save_strategy="no")
+    with caplog.at_level(logging.WARNING, logger="host.train"):
+        assert run_host("train", write_config(cfg)).exit_code == 0
+    assert "optim_args: momentum did not reach the optimizer (AdamW, optimizer: adamw_torch)" in caplog.text
+
+
+@pytest.mark.parametrize("value, message", [
+    ("momentum", "optim_args: 'momentum' is not key=value"),
+    ({"betas": [0.9, 0.99]}, "optim_args: betas: [0.9, 0.99] is not a single value"),
+    ({"note": "a,b"}, "optim_args: note: 'a,b' holds ','"),
+])
+def test_bad_optim_args_name_the_key(run_host, write_config, tmp_path, value, message):
+    from host.testing import base_config
+
+    result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", optimizer="sgd", optim_args=value)))
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_torchao_8bit_adamw_gets_bf16_stochastic_round(tiny_model, text_file, tmp_path, make_plugin_manager):
+    """gemma4's 31b configs: adamw_torch_8bit with optim_args {bf16_stochastic_round: true} (torchao's AdamW8bit)."""
+    pytest.importorskip("torchao")
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from host.train import training_arguments
+
+    cfg = validate(_train_cfg(tiny_model, text_file, tmp_path / "o", optimizer="adamw_torch_8bit",
+                              optim_args={"bf16_stochastic_round": True, "block_size": 128}), make_plugin_manager([]))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3"))
+    trainer = Trainer(model=model, args=training_arguments(cfg, has_eval=False))
+    opt = trainer.create_optimizer()
+    assert type(opt).__name__ == "AdamW8bit" and opt.bf16_stochastic_round is True and opt.block_size == 128
