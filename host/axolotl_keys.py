@@ -92,9 +92,6 @@ TABLE: dict[str, Key] = {
     "group_by_length": refused("host does not reorder samples by length"),
     # --- not in host ---------------------------------------------------------------------------
     "rl": refused("preference/RL training (DPO, ORPO, KTO, GRPO) is not in host; it trains SFT and pretraining"),
-    "activation_offloading": ignored(
-        "activations are not offloaded to CPU: the math is the same, GPU memory is higher; gradient_checkpointing still applies"
-    ),
     "dp_shard_size": refused("axolotl's N-D parallelism is not in host; use fsdp (shards over all ranks) or DDP"),
     "tensor_parallel_size": refused("tensor parallelism is not in host; use FSDP or DeepSpeed ZeRO-3"),
     "context_parallel_size": refused("context parallelism is not in host"),

@@ -149,7 +149,12 @@ class HostConfig(StrictModel, ModelKeys):
     weight_decay: float = 0.0
     bf16: bool | Literal["auto"] = "auto"
     fp16: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["offload", "offload_disk"] = Field(
+        False, description="Recompute each layer's activations in backward; offload: also activation_offloading (axolotl's older spelling)."
+    )
+    activation_offloading: bool | Literal["legacy", "hidden_states", "disk"] = Field(
+        False, description="Keep what autograd saves in CPU memory until backward (needs gradient_checkpointing); see host/offload.py."
+    )
 
     logging_steps: int = Field(1, gt=0)
     save_steps: int | None = None
@@ -549,6 +554,9 @@ def host_rule_errors(cfg: HostConfig) -> list[str]:
     from host import optim_args
 
     errors += optim_args.errors(cfg)
+    from host import offload
+
+    errors += offload.errors(cfg)
     if not cfg.fsdp_enabled:
         return errors
     fc = cfg.fsdp_config or FSDPConfig()

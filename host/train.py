@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from host import checkpoints, data, optim_args
+from host import checkpoints, data, offload, optim_args
 from host import model as model_mod
 from host.errors import ConfigError
 
@@ -229,6 +229,7 @@ def train(cfg, pm, warnings=()):
         # batches, which breaks on variable widths and per-sample extras such as pixel_values
         args.accelerator_config.dispatch_batches = False
     collate = make_collator(cfg, pm, tokenizer, processor, model)
+    offloader = offload.attach(model) if offload.enabled(cfg) else None
     trainer = Trainer(
         model=model,
         args=args,
@@ -236,7 +237,7 @@ def train(cfg, pm, warnings=()):
         eval_dataset=eval_ds,
         data_collator=collate,
         processing_class=tokenizer,
-        callbacks=_callbacks(cfg, pm),
+        callbacks=_callbacks(cfg, pm) + ([offload.callback(offloader)] if offloader else []),
     )
     start = time.time()
     if resume and checkpoints.finished_at(resume, cfg.max_steps) is not None:

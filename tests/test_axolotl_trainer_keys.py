@@ -120,3 +120,70 @@ def test_torchao_8bit_adamw_gets_bf16_stochastic_round(tiny_model, text_file, tm
     trainer = Trainer(model=model, args=training_arguments(cfg, has_eval=False))
     opt = trainer.create_optimizer()
     assert type(opt).__name__ == "AdamW8bit" and opt.bf16_stochastic_round is True and opt.block_size == 128
+
+
+# --- activation offloading ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_offloading_moves_saved_tensors_and_keeps_the_math(tiny_model, reentrant):
+    """Under gradient checkpointing (both of torch's kinds) each layer's input goes through the CPU copy,
+    and loss and every gradient equal the run without offloading, bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from host.offload import attach
+
+    def run(offload: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3"), dtype=torch.float32)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+        model.train()
+        off = attach(model) if offload else None
+        seen = []
+        if off is not None:
+            pack = off.pack
+            off._hooks.pack_hook = lambda t: seen.append(tuple(t.shape)) or pack(t)
+        ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        with torch.no_grad():  # eval forwards save nothing
+            model(input_ids=ids)
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, off, seen
+
+    loss0, grads0, _, _ = run(False)
+    loss1, grads1, off, seen = run(True)
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[k], grads1[k]) for k in grads0)
+    layers = 2  # host.testing.TINY_DIMS
+    hidden = (2, 24, 64)
+    assert off.offloaded >= layers and seen.count(hidden) >= layers  # each checkpointed layer's input went to CPU
+    assert off.offloaded_bytes >= layers * 2 * 24 * 64 * 4
+    assert off.kept > 0  # the weights stayed where they are
+
+
+
+@pytest.mark.parametrize("keys", [{"gradient_checkpointing": True, "activation_offloading": True},
+                                  {"gradient_checkpointing": "offload"}])
+def test_activation_offloading_in_a_training_run(run_host, write_config, tiny_model, text_file, tmp_path, caplog, keys):
+    import re
+
+    cfg = _train_cfg(tiny_model, text_file, tmp_path / "out", max_steps=2, save_strategy="no", **keys)
+    with caplog.at_level(logging.INFO, logger="host.train"):
+        result = run_host("train", write_config(cfg))
+    assert result.exit_code == 0, result.output
+    moved = re.search(r"activation_offloading: step 1 moved (\d+) saved tensors \(([\d.]+) MiB\)", caplog.text)
+    assert moved and int(moved.group(1)) >= 2, caplog.text
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"activation_offloading": True}, "activation_offloading: needs gradient_checkpointing: true"),
+    ({"gradient_checkpointing": True, "activation_offloading": "disk"}, "activation_offloading: disk: offloading activations to disk is not in host"),
+    ({"gradient_checkpointing": "offload_disk"}, "gradient_checkpointing: offload_disk: offloading activations to disk is not in host"),
+])
+def test_activation_offloading_rules(run_host, write_config, tmp_path, keys, message):
+    from host.testing import base_config
+
+    result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", **keys)))
+    assert result.exit_code == 2 and message in result.output, result.output
