@@ -8,6 +8,8 @@ table covers the rest of axolotl's keys (the full list, with defaults, is genera
 - ``refused(why)``: axolotl does something host does not; an error with the reason;
 - ``plugin(name)``: a host plugin answers it; an error naming the plugin when it is not enabled;
 - ``Key("alias", why, plugin=name, target=key)``: read as ``target``, a key of that plugin (one warning).
+- ``suggest(name, why)``: answered by plugin ``name`` when it is enabled; otherwise ignored with one warning
+  that points at the plugin (a speed switch that needs no plugin in axolotl).
 
 Any axolotl key at a value where axolotl itself does nothing (null, empty, its default, ``false``
 for an off-by-default switch, or an entry's ``noop`` values) is dropped with one warning line,
@@ -46,6 +48,10 @@ def refused(why: str, noop: tuple = ()) -> Key:
 
 def plugin(name: str, noop: tuple = ()) -> Key:
     return Key("plugin", plugin=name, noop=noop)
+
+
+def suggest(name: str, why: str) -> Key:
+    return Key("suggest", why, plugin=name)
 
 
 _SPEED_ONLY = "a speed-only kernel switch of axolotl; host trains the same model with peft's LoRA layers"
@@ -90,6 +96,16 @@ TABLE: dict[str, Key] = {
     "device_map": refused("host places the model itself (one GPU per process, or FSDP/DeepSpeed)"),
     "max_memory": refused("host places the model itself (one GPU per process, or FSDP/DeepSpeed)"),
     "group_by_length": refused("host does not reorder samples by length"),
+    "fused_attn_kernel": ignored(
+        "a speed-only kernel switch of axolotl (one fused RMSNorm+RoPE Triton launch for q/k; the same math); "
+        "host runs transformers' attention (for Gemma 4 the gemma4 plugin's gemma4_fused_norm_rope fuses it)"
+    ),
+    "use_otel_metrics": ignored(
+        "axolotl's OpenTelemetry metrics export; host reports metrics through wandb/TensorBoard (report_to), "
+        "its logs and run_summary.json"
+    ),
+    "otel_metrics_host": ignored("axolotl's OpenTelemetry metrics export (see use_otel_metrics)"),
+    "otel_metrics_port": ignored("axolotl's OpenTelemetry metrics export (see use_otel_metrics)"),
     # --- not in host ---------------------------------------------------------------------------
     "rl": refused("preference/RL training (DPO, ORPO, KTO, GRPO) is not in host; it trains SFT and pretraining"),
     "dp_shard_size": refused("axolotl's N-D parallelism is not in host; use fsdp (shards over all ranks) or DDP"),
@@ -106,7 +122,10 @@ TABLE: dict[str, Key] = {
     "max_packed_sequence_len": refused("axolotl's legacy packing key; use sample_packing with sequence_len"),
     "pretraining_dataset": plugin("mmcpt"),
     # --- answered by first-party plugins (installed plugins can declare more) ------------------
-    "use_kernels": plugin("scattermoe"),
+    "use_kernels": suggest(
+        "scattermoe", "axolotl's switch for transformers' hub kernels (kernelize), which only change speed; host loads no "
+        "code from the hub. For fused MoE expert kernels with LoRA add plugins: [scattermoe]"
+    ),
     "use_scattermoe": plugin("scattermoe"),
     "torch_compile_options": plugin("compile_opts"),
     "load_in_4bit": plugin("qlora"),
@@ -213,6 +232,8 @@ def decide(key: str, declared: dict[str, str] | None = None, table: dict[str, Ke
     """The decision for an axolotl key host does not own (installed plugins' declarations first)."""
     declared = declared_names() if declared is None else declared
     table = TABLE if table is None else table
+    if key in table and table[key].status == "suggest":
+        return table[key]
     if key in declared:
         return plugin(declared[key], noop=table[key].noop if key in table else ())
     if key in table:

@@ -124,6 +124,8 @@ class HostConfig(StrictModel, ModelKeys):
     pad_to_sequence_len: bool = False
     sample_packing: bool = Field(False, description="Pack rows into sequence_len bins (documents kept apart).")
     eval_sample_packing: bool | None = Field(None, description="Pack the eval set too; default: sample_packing.")
+    sample_packing_sequentially: bool = Field(False, description="Pack rows into bins in data order (next fit), not longest first.")
+    curriculum_sampling: bool = Field(False, description="Train on rows (or bins) in data order: no shuffling, no shuffled eval split.")
     dataset_exact_deduplication: bool = Field(False, description="Drop rows that repeat an earlier row exactly (before the eval split).")
 
     adapter: str | None = Field(
@@ -414,8 +416,10 @@ def screen_axolotl_keys(
             problems.warnings.append(f"{where}{key}: read as {decision.target} ({decision.why}).")
         elif ax.is_noop(value, default, decision.noop):
             noops.append(f"{where}{key}: {'(empty)' if value in (None, '') else json.dumps(value)}")
-        elif decision.status == "ignored":
+        elif decision.status == "ignored" or (decision.status == "suggest" and decision.plugin not in enabled):
             problems.warnings.append(f"{where}{key}: ignored ({decision.why}).")
+        elif decision.status == "suggest":
+            continue  # the enabled plugin answers it
         elif decision.status in ("plugin", "alias"):
             if decision.plugin in enabled:
                 continue  # a switch that enabling the plugin already answers
@@ -605,6 +609,8 @@ def _training_key_errors(cfg: HostConfig) -> list[str]:
     for key, package in (("wandb_project", "wandb"), ("use_tensorboard", "tensorboard")):
         if getattr(cfg, key) and cfg.wandb_mode != "disabled" and importlib.util.find_spec(package) is None:
             errors.append(f"{key}: the {package} package is not installed; pip install 'host[logging]' (or {package}).")
+    if cfg.sample_packing_sequentially and not cfg.sample_packing:
+        errors.append("sample_packing_sequentially: only orders sample_packing's bins; set sample_packing: true or remove it.")
     if cfg.early_stopping_patience and not cfg.val_set_size:
         errors.append("early_stopping_patience: needs evaluation; set val_set_size (e.g. 0.05) or remove it.")
     return errors

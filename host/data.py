@@ -572,5 +572,5 @@ def split_eval(full, cfg):
     size = cfg.val_set_size if cfg.val_set_size < 1 else int(cfg.val_set_size)
     if len(full) < 2:
         raise DataError(f"val_set_size: {len(full)} row(s) cannot be split into train and eval; add data or set val_set_size: 0.")
-    parts = full.train_test_split(test_size=size, seed=cfg.seed, shuffle=True)
+    parts = full.train_test_split(test_size=size, seed=cfg.seed, shuffle=not cfg.curriculum_sampling)  # curriculum: keep order
     return parts["train"], parts["test"]

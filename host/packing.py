@@ -64,6 +64,27 @@ def first_fit_decreasing(lengths: list[int], capacity: int, seed: int) -> list[l
     return bins
 
 
+def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins in data order: a row starts a new bin when it does not fit the current
+    one (axolotl's ``sample_packing_sequentially``; with ``curriculum_sampling`` training sees the rows in
+    file order). Fewer rows per bin than first-fit decreasing, but no reordering."""
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        i = too_long[0]
+        raise DataError(f"sample_packing: row {i} has {lengths[i]} tokens, more than sequence_len={capacity}.")
+    bins: list[list[int]] = []
+    room = 0
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        if n > room:
+            bins.append([])
+            room = capacity
+        bins[-1].append(i)
+        room -= n
+    return bins
+
+
 @dataclass
 class PackStats:
     rows: int
@@ -113,7 +134,8 @@ def pack(ds, cfg, split: str = "train"):
             f"documents; set sample_packing: false for this dataset type."
         )
     lengths = [len(x) for x in ds["input_ids"]]
-    bins = first_fit_decreasing(lengths, cfg.sequence_len, cfg.seed)
+    sequential = bool(getattr(cfg, "sample_packing_sequentially", False))
+    bins = next_fit(lengths, cfg.sequence_len) if sequential else first_fit_decreasing(lengths, cfg.sequence_len, cfg.seed)
     stats = PackStats(rows=len(lengths), bins=len(bins), tokens=sum(lengths), capacity=cfg.sequence_len)
     index = datasets.Dataset.from_dict({"members": bins})
     packed = index.map(
@@ -122,7 +144,7 @@ def pack(ds, cfg, split: str = "train"):
         batch_size=256,
         fn_kwargs={"source": ds.select_columns(["input_ids", "labels"])},
         remove_columns=["members"],
-        new_fingerprint=f"{ds._fingerprint}-packed-{cfg.sequence_len}-{cfg.seed}",
+        new_fingerprint=f"{ds._fingerprint}-packed-{cfg.sequence_len}-{'seq' if sequential else cfg.seed}",
         desc=f"pack {split}",
     )
     log.info(

@@ -88,10 +88,21 @@ def training_arguments(cfg, has_eval: bool):
             kwargs["gradient_checkpointing_kwargs"] = cfg.gradient_checkpointing_kwargs
     kwargs.update(optional_training_arguments(cfg, cuda))
     kwargs.update(optim_args.training_argument(cfg))
+    if cfg.curriculum_sampling:
+        kwargs.update(sequential_sampling())
     try:
         return TrainingArguments(**kwargs)
     except ValueError as exc:  # e.g. an unknown optimizer or scheduler name; HF's message names the value
         raise ConfigError(f"training keys (optimizer, lr_scheduler, bf16/fp16, ...): {exc}") from None
+
+
+def sequential_sampling() -> dict:
+    """axolotl's ``curriculum_sampling``: the Trainer deals rows (or packed bins) out in data order."""
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+        raise ConfigError("curriculum_sampling: this transformers has no train_sampling_strategy; upgrade transformers or remove it.")
+    return {"train_sampling_strategy": "sequential"}
 
 
 def _save_strategy(cfg, save_steps) -> str:

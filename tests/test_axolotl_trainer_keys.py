@@ -187,3 +187,61 @@ def test_activation_offloading_rules(run_host, write_config, tmp_path, keys, mes
 
     result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", **keys)))
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+# --- sample_packing_sequentially, curriculum_sampling ------------------------------------------
+
+
+def test_next_fit_keeps_data_order():
+    from host.packing import first_fit_decreasing, next_fit
+
+    lengths = [5, 3, 8, 2, 2, 7, 1]
+    assert next_fit(lengths, 10) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [i for b in next_fit(lengths, 10) for i in b] == list(range(7))
+    assert [i for b in first_fit_decreasing(lengths, 10, seed=0) for i in b] != list(range(7))
+
+
+@pytest.mark.parametrize("curriculum", [True, False])
+def test_curriculum_sampling_trains_in_data_order(tiny_model, tiny_tokenizer, tmp_path, make_plugin_manager, curriculum):
+    """The Trainer's dataloader deals the sequentially packed bins out in file order (and a shuffled
+    order without curriculum_sampling); the eval split takes the last rows instead of random ones."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from host.train import make_collator, pack_for_training, training_arguments
+
+    rows = _chats(40)
+    f = write_jsonl(tmp_path / "c.jsonl", rows)
+    cfg = validate({"base_model": str(tiny_model("qwen3")), "datasets": [{"path": str(f), "type": "chat_template"}],
+                    "sequence_len": 64, "sample_packing": True, "sample_packing_sequentially": True, "eval_sample_packing": False,
+                    "curriculum_sampling": curriculum, "val_set_size": 0.1, "micro_batch_size": 1, "output_dir": str(tmp_path / "o")},
+                   make_plugin_manager([]))
+    pm = make_plugin_manager([])
+    train_ds, eval_ds = prepare(cfg, pm, tiny_tokenizer)
+    def number(ids):
+        return int(tiny_tokenizer.decode(ids).split("Question ")[1].split("?")[0])
+
+    assert ([number(r) for r in eval_ds["input_ids"]] == [36, 37, 38, 39]) is curriculum  # the last rows, in order
+    train_ds, _, stats = pack_for_training(cfg, train_ds, eval_ds)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3"))
+    trainer = Trainer(model=model, args=training_arguments(cfg, has_eval=False), train_dataset=train_ds,
+                      data_collator=make_collator(cfg, pm, tiny_tokenizer, None, model))
+    seen = [b["input_ids"][0] for b in trainer.get_train_dataloader()]
+    firsts = [number(ids) for ids in seen]
+    assert (firsts == sorted(firsts)) is curriculum
+    assert stats["train"]["bins"] == len(seen)
+
+
+# --- table entries ----------------------------------------------------------------------------------
+
+
+def test_speed_and_export_switches_are_one_warning_each(run_host, write_config, tmp_path):
+    """gpt-oss's configs set use_kernels without axolotl's KernelsPlugin: a warning pointing at scattermoe."""
+    from host.testing import base_config
+
+    cfg = base_config("m", "d.jsonl", tmp_path / "o", use_kernels=True, fused_attn_kernel=True, use_otel_metrics=True,
+                      otel_metrics_port=9100)
+    result = run_host("validate", write_config(cfg))
+    assert "use_kernels" in result.output and "add plugins: [scattermoe]" in result.output, result.output
+    for key in ("use_kernels", "fused_attn_kernel", "use_otel_metrics", "otel_metrics_port"):
+        assert f"{key}: ignored (" in result.output
+        assert f"axolotl key `{key}`" not in result.output  # not an error
