@@ -108,7 +108,6 @@ TABLE: dict[str, Key] = {
     "otel_metrics_port": ignored("axolotl's OpenTelemetry metrics export (see use_otel_metrics)"),
     # --- not in host ---------------------------------------------------------------------------
     "rl": refused("preference/RL training (DPO, ORPO, KTO, GRPO) is not in host; it trains SFT and pretraining"),
-    "dp_shard_size": refused("axolotl's N-D parallelism is not in host; use fsdp (shards over all ranks) or DDP"),
     "tensor_parallel_size": refused("tensor parallelism is not in host; use FSDP or DeepSpeed ZeRO-3"),
     "context_parallel_size": refused("context parallelism is not in host"),
     "expert_parallel_size": refused("expert parallelism is not in host; use FSDP, or DDP with the scattermoe plugin"),

@@ -174,6 +174,8 @@ class HostConfig(StrictModel, ModelKeys):
     ddp_bucket_cap_mb: int | None = None
     ddp_broadcast_buffers: bool | None = None
     ddp_timeout: int = 1800
+    dp_shard_size: int | None = Field(None, gt=0, description="axolotl's FSDP shard group size; host accepts the world size (FSDP shards over every rank).")
+    dp_replicate_size: int | None = Field(None, gt=0, description="axolotl's replica count; host accepts the world size without FSDP (DDP).")
 
     # axolotl's training keys (the README's "axolotl compatibility" lists what is supported and why)
     lora_target_linear: bool | None = Field(None, description="LoRA on every linear layer but the output head (with lora_target_modules: both).")
@@ -558,6 +560,9 @@ def host_rule_errors(cfg: HostConfig) -> list[str]:
     from host import optim_args
 
     errors += optim_args.errors(cfg)
+    from host import parallel_sizes
+
+    errors += parallel_sizes.errors(cfg)
     from host import offload
 
     errors += offload.errors(cfg)

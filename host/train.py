@@ -43,6 +43,9 @@ def _steps_ratio(per_epoch: int | None, num_epochs: float) -> float | None:
 def training_arguments(cfg, has_eval: bool):
     from transformers import TrainingArguments
 
+    from host.parallel_sizes import check_world
+
+    check_world(cfg)  # before anything loads
     save_steps = cfg.save_steps or _steps_ratio(cfg.saves_per_epoch, cfg.num_epochs)
     eval_steps = cfg.eval_steps or _steps_ratio(cfg.evals_per_epoch, cfg.num_epochs)
     cuda = _cuda()

@@ -115,11 +115,11 @@ def test_torchao_8bit_adamw_gets_bf16_stochastic_round(tiny_model, text_file, tm
     from host.train import training_arguments
 
     cfg = validate(_train_cfg(tiny_model, text_file, tmp_path / "o", optimizer="adamw_torch_8bit",
-                              optim_args={"bf16_stochastic_round": True, "block_size": 128}), make_plugin_manager([]))
+                              optim_args={"bf16_stochastic_round": True}), make_plugin_manager([]))
     model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3"))
     trainer = Trainer(model=model, args=training_arguments(cfg, has_eval=False))
     opt = trainer.create_optimizer()
-    assert type(opt).__name__ == "AdamW8bit" and opt.bf16_stochastic_round is True and opt.block_size == 128
+    assert type(opt).__name__ == "AdamW8bit" and bool(opt.bf16_stochastic_round) is True
 
 
 # --- activation offloading ------------------------------------------------------------------------
@@ -245,3 +245,36 @@ def test_speed_and_export_switches_are_one_warning_each(run_host, write_config, 
     for key in ("use_kernels", "fused_attn_kernel", "use_otel_metrics", "otel_metrics_port"):
         assert f"{key}: ignored (" in result.output
         assert f"axolotl key `{key}`" not in result.output  # not an error
+
+
+# --- dp_shard_size / dp_replicate_size -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"dp_shard_size": 2}, "dp_shard_size: sharding needs FSDP (as in axolotl)"),
+    ({"dp_shard_size": 2, "dp_replicate_size": 2, "fsdp_version": 2, "fsdp_config": {"offload_params": False}},
+     "dp_replicate_size: replicas of FSDP shard groups (hybrid sharding) are not in host"),
+    ({"dp_shard_size": 0, "fsdp_config": {}}, "key 'dp_shard_size': Input should be greater than 0"),
+])
+def test_parallel_sizes_host_cannot_do_are_refused(run_host, write_config, tmp_path, keys, message):
+    from host.testing import base_config
+
+    result = run_host("validate", write_config(base_config("m", "d.jsonl", tmp_path / "o", **keys)))
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_dp_shard_size_of_the_world_size_is_plain_fsdp(make_plugin_manager):
+    from host.errors import ConfigError
+    from host.parallel_sizes import check_world
+
+    cfg = validate({"base_model": "m", "dp_shard_size": 16, "fsdp_version": 2, "fsdp_config": {"offload_params": True}},
+                   make_plugin_manager([]))
+    check_world(cfg, world=16)  # gpt-oss-120b's 2 x 8 GPUs: FSDP over all 16 ranks
+    with pytest.raises(ConfigError, match=r"dp_shard_size: 16, but this launch has 8 process\(es\); host shards over every rank"):
+        check_world(cfg, world=8)
+
+
+def test_dp_replicate_size_the_launch_cannot_satisfy_stops_training_before_loading(run_host, write_config, tiny_model, text_file, tmp_path):
+    result = run_host("train", write_config(_train_cfg(tiny_model, text_file, tmp_path / "o", dp_replicate_size=2)))
+    assert result.exit_code == 2
+    assert "dp_replicate_size: 2, but this launch has 1 process(es); host replicates over every rank" in result.output
