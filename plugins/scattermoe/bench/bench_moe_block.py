@@ -3,7 +3,8 @@
 (a) transformers ``grouped_mm`` experts + peft ``target_parameters`` (peft folds W + B·A per step)
 (b) this plugin's ``scattermoe`` experts (Triton, LoRA consumed as factors; the LoRA forward path
     its default threshold picks)
-(b+) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
+(b+graph) the same with ``scattermoe_cuda_graph``: the experts call replayed as two CUDA graphs (``graphs.py``)
+(b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
     base weights only (it takes no LoRA factors and always computes the full weight gradients)
@@ -96,8 +97,9 @@ def flops(E, H, I, k, T, rank):
     return 2 * base + 4 * lora
 
 
-def time_step(step, zero, iters):
-    """(median, min, p90 of synchronised steps, back-to-back mean, host enqueue ms, GPU kernel ms, cold s)."""
+def time_step(step, zero, iters, profile=False):
+    """(median, min, p90 of synchronised steps, back-to-back mean, host enqueue ms, GPU kernel ms, cold s);
+    with ``profile`` also the profiler's per-kernel averages of 3 steps (``(dict, key_averages)``)."""
     import time
 
     t0 = time.perf_counter()
@@ -134,9 +136,11 @@ def time_step(step, zero, iters):
             zero()
             step()
         torch.cuda.synchronize()
-    gpu = sum(ev.self_device_time_total for ev in prof.key_averages()) / 3 / 1e3
-    return dict(ms=times[len(times) // 2], min=times[0], p90=times[int(0.9 * (len(times) - 1))], b2b=b2b, host=host,
-                gpu=gpu, cold_s=cold)
+    ka = prof.key_averages()
+    gpu = sum(ev.self_device_time_total for ev in ka) / 3 / 1e3
+    res = dict(ms=times[len(times) // 2], min=times[0], p90=times[int(0.9 * (len(times) - 1))], b2b=b2b, host=host,
+               gpu=gpu, cold_s=cold)
+    return (res, ka) if profile else res
 
 
 def isolated(args):
@@ -180,7 +184,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--impls", nargs="*", default=["grouped_mm", "scattermoe", "scattermoe+tail", "liger"])
+    ap.add_argument("--impls", nargs="*", default=["grouped_mm", "scattermoe", "scattermoe+graph", "scattermoe+tail", "liger"])
     ap.add_argument("--json", default=os.environ.get("OUT", ".") + "/bench_moe_block.json")
     ap.add_argument("--isolate", action="store_true",
                     help="each shape in its own process (host-side numbers of later shapes otherwise grow with the process)")
@@ -214,6 +218,7 @@ def main():
             from host_plugin_scattermoe import ops
 
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
+            ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             cfg._experts_implementation = impl.split("+")[0]
             lparams = [p for p in holder.parameters() if p.requires_grad]
             torch.manual_seed(1)
@@ -231,6 +236,8 @@ def main():
                 for p in lparams:
                     p.grad = None
 
+            torch.cuda.synchronize()
+            mem0 = torch.cuda.memory_allocated()
             try:
                 res = time_step(step, zero, args.iters)
             except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape is reported, not fatal
@@ -243,7 +250,11 @@ def main():
             base_mem = torch.cuda.memory_allocated()
             out = step().detach().float()
             torch.cuda.synchronize()
-            res["gib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+            # on top of the weights: the step's peak, plus what stays allocated between steps (a CUDA graph's
+            # buffers and saved activations) and the graph pool's free blocks it keeps for its temporaries
+            torch.cuda.empty_cache()
+            held = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+            res["gib"] = (torch.cuda.max_memory_allocated() - base_mem + (base_mem - mem0) + held) / 2**30
             grads = [p.grad.detach().float() for p in lparams] + [x.grad.detach().float()]
             if impl == "grouped_mm":
                 ref = (out, grads)

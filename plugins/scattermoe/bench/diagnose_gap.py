@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -30,40 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def timeit(step, zero, iters):
-    for _ in range(3):
-        zero()
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        zero()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        step()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    c0 = time.perf_counter()
-    for _ in range(iters):
-        zero()
-        step()
-    cpu = (time.perf_counter() - c0) / iters * 1e3
-    e.record()
-    torch.cuda.synchronize()
-    b2b = s.elapsed_time(e) / iters
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            zero()
-            step()
-        torch.cuda.synchronize()
-    ka = prof.key_averages()
-    gpu = sum(ev.self_device_time_total for ev in ka) / 3 / 1e3
-    return dict(median=times[len(times) // 2], min=times[0], p90=times[int(0.9 * (len(times) - 1))], b2b=b2b,
-                cpu_enqueue=cpu, gpu_kernels=gpu), ka
+    """``bench_moe_block.time_step`` (one timer for both benches) with its per-kernel profile."""
+    from bench_moe_block import time_step
+
+    res, ka = time_step(step, zero, iters, profile=True)
+    return dict(median=res["ms"], min=res["min"], p90=res["p90"], b2b=res["b2b"], cpu_enqueue=res["host"],
+                gpu_kernels=res["gpu"]), ka
 
 
 def cprofile(step, zero, name, steps=20):

@@ -65,6 +65,17 @@ if [ "$what" = profile ]; then
   python3 plugins/scattermoe/bench/profile_block.py "$@" > "$OUT/profile.log" 2>&1
   echo "profile rc=$?"; grep -E "=====|Name|s2s|outer|_kernel|aten::|Self CUDA" "$OUT/profile.log" | cut -c1-200 | head -80
 fi
+if [ "$what" = graph ]; then  # issue 16 follow-up, call 1: CUDA-graphed experts vs eager vs grouped_mm, host profile
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_graphs.py \
+    plugins/scattermoe/tests/test_scattermoe_gpu.py -x > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -8
+  timeout 200 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 --shapes Qwen3-30B-A3B Qwen3.5-35B-A3B OLMoE-1B-7B \
+    --impls grouped_mm scattermoe scattermoe+graph > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep failed "$OUT/bench.log" | cut -c1-300; grep -A 12 "^device" "$OUT/bench.log"
+  SCATTERMOE_CUDA_GRAPH=1 timeout 60 python3 plugins/scattermoe/bench/diagnose_gap.py --impls scattermoe --cprofile --iters 10 \
+    > "$OUT/diag.log" 2>&1
+  echo "diag rc=$?"; grep -A 30 "by tottime" "$OUT/diag.log" | cut -c1-150 | head -34
+fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 plugins/scattermoe/bench/bench_moe_block.py "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -40 "$OUT/bench.log"

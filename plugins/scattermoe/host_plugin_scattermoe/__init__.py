@@ -43,6 +43,13 @@ class ScatterMoEConfig(StrictModel):
         "GEMM launch (GLU backward, routing-weight gradient and gate scaling in its epilogue): 3 fewer launches and no "
         "[T*k, H] temporaries, but on an H200 that launch's heavier epilogue makes it slower than the separate kernels.",
     )
+    scattermoe_cuda_graph: bool = Field(
+        False,
+        description="Replay each experts call (forward and backward) as a CUDA graph captured once per token count: "
+        "two replays instead of ~16 launches, for steps whose host enqueue is slower than the GPU. Costs the first "
+        "call of each shape a capture, and keeps each layer's activations, temporaries and three [tokens, hidden] "
+        "buffers resident (graphs.py).",
+    )
     scattermoe_backend: Literal["auto", "triton", "torch"] = Field(
         "auto", description="auto: Triton on CUDA, torch reference on CPU."
     )
@@ -91,6 +98,7 @@ def pre_model_load(cfg):
         split_threshold=cfg.scattermoe_split_threshold,
         split_max_experts=cfg.scattermoe_split_max_experts,
         fused_tail=cfg.scattermoe_fused_tail,
+        cuda_graph=cfg.scattermoe_cuda_graph,
         backend=cfg.scattermoe_backend,
     )
     experts.register()

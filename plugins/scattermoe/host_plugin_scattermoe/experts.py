@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from host_plugin_scattermoe import fused, ops
+from host_plugin_scattermoe import fused, graphs, ops
 from host_plugin_scattermoe.lora import transpose_for_kernel, weight_and_lora
 from host_plugin_scattermoe.routing import sort_tokens
 
@@ -22,6 +22,12 @@ NAME = "scattermoe"
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    if graphs.applies(self, hidden_states):
+        return graphs.run(self, _experts_eager, hidden_states, top_k_index, top_k_weights)
+    return _experts_eager(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     E = self.num_experts
     k = top_k_index.shape[-1]
     transposed = bool(getattr(self, "is_transposed", False))

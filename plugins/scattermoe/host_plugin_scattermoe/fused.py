@@ -113,14 +113,8 @@ def glu_down_combine(
     """See the module docstring. Returns ``[T, H]`` in ``h``'s dtype."""
     if gates is None:
         raise ValueError("glu_down_combine needs the routing weights (gates)")
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("pass both lora_A and lora_B, or neither")
-    if lora_A is not None and scaling == 0:
-        lora_A = lora_B = None
-    dt = W.dtype
-    h = h.to(dt)
-    if lora_A is not None:
-        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+    lora_A, lora_B = ops.cast_lora(lora_A, lora_B, scaling, W.dtype)
+    h = h.to(W.dtype)
     if not ops._use_triton(h, backend) or W.requires_grad or h.stride(-1) != 1:
         act = reference.glu(h) if not ops._use_triton(h, backend) else ops.silu_glu(h, backend=backend)
         y = ops.scattered_experts(
@@ -129,9 +123,7 @@ def glu_down_combine(
             split_max_experts=split_max_experts, backend=backend,
         )
         return ops.combine(y, gates, backend=backend)
-    if lora_A is not None:
-        lora_A = lora_A.contiguous()
-        lora_B = lora_B.transpose(1, 2).contiguous().transpose(1, 2)
+    lora_A, lora_B = ops.kernel_strides(lora_A, lora_B)
     E, Kdim, N = W.shape
     split = lora_A is not None and ops.use_split(E, Kdim, N, fused_lora, split_threshold, split_max_experts)
     return GluDownCombineFunction.apply(

@@ -50,6 +50,7 @@ SETTINGS: dict = {
     "split_threshold": 20_000_000,
     "split_max_experts": 32,
     "fused_tail": os.environ.get("SCATTERMOE_FUSED_TAIL", "0") == "1",
+    "cuda_graph": os.environ.get("SCATTERMOE_CUDA_GRAPH", "0") == "1",
     "backend": "auto",
 }
 
@@ -98,6 +99,26 @@ def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped
         x, W, ssi, offs, k, A=A, B=B, scaling=scaling, bias=bias,
         grouped_in=grouped_in, grouped_out=grouped_out, write_xa=want_xa,
     )
+
+
+def cast_lora(lora_A, lora_B, scaling: float, dtype: torch.dtype):
+    """Checked LoRA factors in the weights' dtype, or ``(None, None)`` when absent or ``scaling == 0``.
+
+    One compute dtype, the weights' (peft keeps LoRA factors in fp32 on a bf16 model; autograd casts back)."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("pass both lora_A and lora_B, or neither")
+    if lora_A is None or scaling == 0:
+        return None, None
+    return lora_A.to(dtype), lora_B.to(dtype)
+
+
+def kernel_strides(lora_A, lora_B):
+    """Kernel-friendly strides (tiny copies, autograd-tracked): A [E, r, K] contiguous along K (forward K loop,
+    dX epilogue), B [E, N, r] contiguous along N (forward epilogue, dX K loop). peft's rank-major lora_B would
+    otherwise be read with an E-element stride inside the dX K loop."""
+    if lora_A is None:
+        return None, None
+    return lora_A.contiguous(), lora_B.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class ScatteredExpertsFunction(torch.autograd.Function):
@@ -172,26 +193,14 @@ def scattered_experts(
     backend: str | None = None,
 ) -> torch.Tensor:
     """One expert projection with optional LoRA; see the module docstring for every argument."""
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("pass both lora_A and lora_B, or neither")
-    if lora_A is not None and scaling == 0:
-        lora_A = lora_B = None
-    # One compute dtype, the weights' (peft keeps LoRA factors in fp32 on a bf16 model; autograd casts back).
-    dt = W.dtype
-    x, bias = x.to(dt), (bias.to(dt) if bias is not None else None)
-    if lora_A is not None:
-        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+    lora_A, lora_B = cast_lora(lora_A, lora_B, scaling, W.dtype)
+    x, bias = x.to(W.dtype), (bias.to(W.dtype) if bias is not None else None)
     if not _use_triton(x, backend):
         return reference.scattered_linear(
             x, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
             lora_A, lora_B, scaling, bias, grouped_in, grouped_out,
         )
-    if lora_A is not None:
-        # Kernel-friendly strides (tiny copies, autograd-tracked): A [E, r, K] contiguous along K (forward
-        # K loop, dX epilogue), B [E, N, r] contiguous along N (forward epilogue, dX K loop). peft's
-        # rank-major lora_B would otherwise be read with an E-element stride inside the dX K loop.
-        lora_A = lora_A.contiguous()
-        lora_B = lora_B.transpose(1, 2).contiguous().transpose(1, 2)
+    lora_A, lora_B = kernel_strides(lora_A, lora_B)
     E, Kdim, N = W.shape
     split = lora_A is not None and use_split(E, Kdim, N, fused_lora, split_threshold, split_max_experts)
     return ScatteredExpertsFunction.apply(
