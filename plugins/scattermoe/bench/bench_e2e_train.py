@@ -1,5 +1,5 @@
 """End-to-end `host train` tokens/s: a 2-layer, real-width Qwen3-MoE (E=128, H=2048, I=768, k=8,
-random weights), LoRA r=16 on attention and experts, bf16, with and without the scattermoe plugin.
+random weights), LoRA r=16 on attention and experts, bf16, with and without the scattermoe plugin (and with ``scattermoe_cuda_graph``).
 
 Usage: python bench/bench_e2e_train.py [--steps 12] [--seq 1024] [--batch 4]   (needs host + plugin installed)
 """
@@ -46,7 +46,9 @@ def main():
         del model
     data = write_jsonl(work / "text.jsonl", [{"text": t} for t in texts * 8])
     results = {}
-    for name, plugins in (("grouped_mm+peft", []), ("scattermoe", ["scattermoe"])):
+    runs = (("grouped_mm+peft", [], {}), ("scattermoe", ["scattermoe"], {}),
+            ("scattermoe+graph", ["scattermoe"], {"scattermoe_cuda_graph": True}))
+    for name, plugins, extra in runs:
         out = work / f"out-{name}"
         cfg = {
             "base_model": str(model_dir), "plugins": plugins,
@@ -57,6 +59,7 @@ def main():
             "micro_batch_size": args.batch, "max_steps": args.steps, "learning_rate": 1e-4, "lr_scheduler": "constant",
             "logging_steps": 1, "output_dir": str(out), "bf16": True, "save_steps": 10**6,
         }
+        cfg.update(extra)
         if not plugins:
             cfg["experts_implementation"] = "grouped_mm"
         path = work / f"{name}.yaml"
@@ -77,8 +80,12 @@ def main():
         if s:
             print(f"{name:<18}{s['tokens_per_s']:>12.0f}{s.get('steady_tokens_per_s') or 0:>14.0f}"
                   f"{s['first_train_loss']:>12.3f}{s['final_train_loss']:>12.3f}")
-    if a and b:
-        print(f"speed-up ({key}) {b[key] / a[key]:.2f}x")
+    for name in ("scattermoe", "scattermoe+graph"):
+        b = results.get(name)
+        if a and b:
+            print(f"speed-up {name} ({key}) {b[key] / a[key]:.2f}x")
+    out = Path(os.environ.get("OUT", str(work))) / "bench_e2e_train.json"
+    out.write_text(json.dumps({"bench": "bench_e2e_train.py", "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,11 @@ def build_block(family, E, H, I, k, rank, lora=True):
     return holder, cfg
 
 
+def graph_pool_bytes() -> int:
+    """Bytes of CUDA memory segments owned by private pools (CUDA graphs' pools), 0 when none."""
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 def flops(E, H, I, k, T, rank):
     """Useful FLOPs of fwd + bwd with a frozen base: base fwd + dX, LoRA fwd + dX + dA + dB."""
     L = T * k
@@ -236,8 +241,6 @@ def main():
                 for p in lparams:
                     p.grad = None
 
-            torch.cuda.synchronize()
-            mem0 = torch.cuda.memory_allocated()
             try:
                 res = time_step(step, zero, args.iters)
             except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape is reported, not fatal
@@ -250,11 +253,9 @@ def main():
             base_mem = torch.cuda.memory_allocated()
             out = step().detach().float()
             torch.cuda.synchronize()
-            # on top of the weights: the step's peak, plus what stays allocated between steps (a CUDA graph's
-            # buffers and saved activations) and the graph pool's free blocks it keeps for its temporaries
-            torch.cuda.empty_cache()
-            held = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-            res["gib"] = (torch.cuda.max_memory_allocated() - base_mem + (base_mem - mem0) + held) / 2**30
+            # on top of the weights: the step's peak outside CUDA graphs, plus every segment of the graphs'
+            # private pool (their saved activations, buffers and temporaries stay reserved between steps)
+            res["gib"] = (torch.cuda.max_memory_allocated() - base_mem + graph_pool_bytes()) / 2**30
             grads = [p.grad.detach().float() for p in lparams] + [x.grad.detach().float()]
             if impl == "grouped_mm":
                 ref = (out, grads)

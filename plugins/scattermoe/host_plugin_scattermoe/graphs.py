@@ -10,8 +10,9 @@ How it stays correct:
 
 * One capture per ``(tokens, top_k, dtypes, requires_grad flags, parameter addresses, adapter
   state)``, at most ``MAX_GRAPHS_PER_MODULE`` per experts module; anything else (CPU, no grad,
-  peft's unattached parametrisations, a capture underway, a new shape past the limit) runs
-  the eager path. Routing never syncs with the host (``routing.sort_tokens``), so expert loads may
+  peft's unattached parametrisations, saved-tensor hooks, i.e. non-reentrant activation
+  checkpointing or offloading, a capture underway, a new shape past the limit) runs the eager
+  path. Reentrant checkpointing replays: its recompute runs with grad enabled and no hooks. Routing never syncs with the host (``routing.sort_tokens``), so expert loads may
   change freely between replays: only the token count fixes a graph.
 * Outputs and gradients are cloned out of the graph's buffers, so ``.grad`` never aliases a buffer the
   next replay overwrites (gradient accumulation stays right).
@@ -20,7 +21,7 @@ How it stays correct:
 * All graphs share one private memory pool. The forward's saved activations are kept alive
   (``retain_graph``), so only capture-time temporaries are ever reused by a later capture; a replay
   can then only clobber memory of a graph that was captured later and is not between its own forward
-  and backward, which holds for forward-then-reverse-backward order and for activation
+  and backward, which holds for forward-then-reverse-backward order and for reentrant activation
   checkpointing's recompute-then-backward order.
 
 Cost: the first call of each shape synchronises, runs two eager warm-up steps and captures (tens of
@@ -41,6 +42,7 @@ from host_plugin_scattermoe.lora import _WRAPPERS_ATTR
 
 MAX_GRAPHS_PER_MODULE = int(os.environ.get("SCATTERMOE_MAX_GRAPHS", "4"))
 _GRAPHS_ATTR = "_scattermoe_graphs"
+_PARAMS_ATTR = "_scattermoe_graph_params"
 _POOL = None
 #: Replays so far (forward, backward): lets tests and benches see that the graphs ran.
 REPLAYS = {"fwd": 0, "bwd": 0}
@@ -62,17 +64,30 @@ def capturing() -> bool:
     return getattr(_LOCAL, "capturing", False)
 
 
-def _leaves(module) -> list[torch.Tensor]:
-    """Every trainable tensor the experts forward may read: the module's own parameters and the linked
-    peft wrappers' (LoRA factors); gradients flow to exactly these."""
+def _params(module, state: tuple) -> list[torch.Tensor]:
+    """Every parameter the experts forward may read: the module's own and the linked peft wrappers' (LoRA
+    factors), cached per adapter state (walking the nested wrappers costs more host time than a replay)."""
+    cached = module.__dict__.get(_PARAMS_ATTR)
+    if cached is not None and cached[0] == state:
+        return cached[1]
     seen, out = set(), []
     wrappers = getattr(module, _WRAPPERS_ATTR, None) or {}
     for src in (module, *wrappers.values()):
         for p in src.parameters():
-            if p.requires_grad and id(p) not in seen:
+            if id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
+    module.__dict__[_PARAMS_ATTR] = (state, out)
     return out
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Non-reentrant activation checkpointing and activation offloading pack saved tensors through hooks;
+    a replay saves none, so under such hooks the experts run eagerly."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    except Exception:  # pragma: no cover - private API moved: assume hooks, stay eager
+        return True
 
 
 def _adapter_state(module) -> tuple:
@@ -94,6 +109,7 @@ def applies(module, hidden_states: torch.Tensor) -> bool:
         and not capturing()
         and not torch.cuda.is_current_stream_capturing()
         and not parametrize.is_parametrized(module)
+        and not _saved_tensor_hooks_active()
     )
 
 
@@ -174,13 +190,13 @@ class _Replay(torch.autograd.Function):
 def run(module, eager, hidden_states, top_k_index, top_k_weights):
     """``eager(module, x, idx, gates)`` through a cached pair of CUDA graphs, or eagerly when a graph
     cannot be used (see the module docstring)."""
-    leaves = _leaves(module)
+    state = _adapter_state(module)
+    params = _params(module, state)
+    leaves = [p for p in params if p.requires_grad]
     key = (
         tuple(hidden_states.shape), tuple(top_k_index.shape), hidden_states.dtype, top_k_weights.dtype,
         top_k_index.dtype, hidden_states.requires_grad, top_k_weights.requires_grad,
-        tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in leaves),
-        tuple((n, p.data_ptr()) for n, p in module.named_parameters()),
-        _adapter_state(module), _settings_key(),
+        tuple((p.data_ptr(), p.requires_grad) for p in params), state, _settings_key(),
     )
     graphs = module.__dict__.setdefault(_GRAPHS_ATTR, {})
     entry = graphs.get(key)
@@ -202,3 +218,4 @@ def _settings_key() -> tuple:
 def release(module) -> None:
     """Drop a module's captured graphs (their memory returns to the pool)."""
     module.__dict__.pop(_GRAPHS_ATTR, None)
+    module.__dict__.pop(_PARAMS_ATTR, None)
