@@ -54,13 +54,10 @@ def _layer_params(self):
 
 
 def _gate(self, h):
-    """The module's activation; the default SiLU gate runs scattermoe's fused kernel, as its experts forward does."""
-    from host_plugin_scattermoe import ops
-    from host_plugin_scattermoe.experts import _is_default_silu_gate
+    """The module's activation, through scattermoe's fused gate kernels as its experts forward does."""
+    from host_plugin_scattermoe.experts import apply_gate
 
-    if not bool(getattr(self, "has_gate", True)):
-        return self.act_fn(h)
-    return ops.silu_glu(h) if _is_default_silu_gate(self) else self._apply_gate(h)
+    return apply_gate(self, h)
 
 
 def _finish(self, y, top_k_weights, hidden_states):

@@ -77,17 +77,30 @@ if [ "$what" = graph ]; then  # issue 16 follow-up, call 1: CUDA-graphed experts
   echo "diag rc=$?"; grep -A 30 "by tottime" "$OUT/diag.log" | cut -c1-150 | head -34
 fi
 if [ "$what" = graph2 ]; then  # issue 16 follow-up, call 2: tests, block table (all shapes, peers), mxfp4 A, end-to-end
-  timeout 100 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_graphs.py \
+  timeout 80 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_graphs.py \
     plugins/scattermoe/tests/test_scattermoe_gpu.py plugins/scattermoe/tests/test_scattermoe_fused_tail.py > "$OUT/pytest.log" 2>&1
   echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -8
-  timeout 210 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 --impls grouped_mm scattermoe scattermoe+graph liger \
+  timeout 180 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 --impls grouped_mm scattermoe scattermoe+graph liger \
     > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep failed "$OUT/bench.log" | cut -c1-300; grep -A 24 "^device" "$OUT/bench.log"
-  timeout 110 python3 plugins/scattermoe/bench/bench_e2e_train.py --steps 10 --work /tmp/e2e > "$OUT/e2e.log" 2>&1
+  timeout 100 python3 plugins/scattermoe/bench/bench_e2e_train.py --steps 10 --work /tmp/e2e > "$OUT/e2e.log" 2>&1
   echo "e2e rc=$?"; tail -9 "$OUT/e2e.log" | cut -c1-300
-  timeout 60 python3 plugins/mxfp4/bench/bench_mxfp4.py --shapes Qwen3-30B-A3B,Qwen3.5-35B-A3B --iters 3 --skip-load --skip-fused \
+  timeout 50 python3 plugins/mxfp4/bench/bench_mxfp4.py --shapes Qwen3-30B-A3B,Qwen3.5-35B-A3B --iters 3 --skip-load --skip-fused \
     > "$OUT/mxfp4.log" 2>&1
   echo "mxfp4 rc=$?"; grep -E "^\| Qwen|ratio" "$OUT/mxfp4.log" | cut -c1-150 | head -16
+fi
+if [ "$what" = graph3 ]; then  # issue 16 follow-up, call 3: GPU tests of the new kernels, gpt-oss GLU before/after, block table
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_graphs.py \
+    plugins/scattermoe/tests/test_scattermoe_gpu.py plugins/scattermoe/tests/test_scattermoe_kernels.py \
+    plugins/scattermoe/tests/test_scattermoe_models.py -k "graph or glu or gate or real_shapes or gpt_oss" \
+    > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -8
+  SCATTERMOE_FUSED_GATES=0 timeout 35 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 --shapes gpt-oss-20b \
+    --impls scattermoe --json "$OUT/bench_gptoss_torch_gate.json" > "$OUT/bench_gptoss_torch_gate.log" 2>&1
+  echo "gpt-oss torch gate rc=$?"; grep -A 3 "^device" "$OUT/bench_gptoss_torch_gate.log"
+  timeout 90 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 --impls grouped_mm scattermoe scattermoe+graph \
+    --shapes gpt-oss-20b Qwen3-30B-A3B Qwen3.5-35B-A3B > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep failed "$OUT/bench.log" | cut -c1-300; grep -A 20 "^device" "$OUT/bench.log"
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 plugins/scattermoe/bench/bench_moe_block.py "$@" > "$OUT/bench.log" 2>&1

@@ -50,10 +50,7 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
         # GLU + down projection + combine as one node: its backward is one GEMM launch (see fused.py)
         out = fused.glu_down_combine(h, W2k, k, sei, ssi, offs, A2, B2, s2, top_k_weights)
         return out.to(hidden_states.dtype)
-    if has_gate and _is_default_silu_gate(self):
-        h = ops.silu_glu(h)
-    else:
-        h = self._apply_gate(h) if has_gate else self.act_fn(h)
+    h = apply_gate(self, h)
     y = ops.scattered_experts(h, W2k, 1, sei, ssi, offs, A2, B2, s2, b2, grouped_in=True, grouped_out=False)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
@@ -77,6 +74,50 @@ def _require_unsharded(*tensors: torch.Tensor) -> None:
             "layers with FSDP2 (fsdp_config.transformer_layer_cls_to_wrap: [<DecoderLayer class>]) so their "
             "parameters are all-gathered before the experts run; never wrap or shard the experts module on its own."
         )
+
+
+def apply_gate(module, h: torch.Tensor) -> torch.Tensor:
+    """The module's activation on the up projection's output: a fused Triton kernel for transformers' default
+    SiLU gate and for gpt-oss's clamped sigmoid-GLU (checked numerically against the module's own
+    ``_apply_gate``), the module's own code otherwise."""
+    if not bool(getattr(module, "has_gate", True)):
+        return module.act_fn(h)
+    if not ops.SETTINGS.get("fused_gates", True):
+        return module._apply_gate(h)
+    if _is_default_silu_gate(module):
+        return ops.silu_glu(h)
+    if _is_clamped_glu_gate(module):
+        return ops.clamped_glu(h, float(module.alpha), float(module.limit))
+    return module._apply_gate(h)
+
+
+_CLAMPED_GLU_CLASSES: dict = {}
+
+
+def _is_clamped_glu_gate(module) -> bool:
+    """The module's ``_apply_gate`` is gpt-oss's interleaved clamped sigmoid-GLU with its ``alpha``/``limit``:
+    decided once per class by running it on values spanning the clamp (not by name, so a changed gate in a
+    later transformers release falls back to the module's own code)."""
+    from host_plugin_scattermoe import reference
+
+    cls = type(module)
+    if not (hasattr(module, "alpha") and hasattr(module, "limit") and "_apply_gate" in cls.__dict__):
+        return False
+    key = (cls, float(module.alpha), float(module.limit))
+    ok = _CLAMPED_GLU_CLASSES.get(key)
+    if ok is None:
+        lim = float(module.limit)
+        probe = torch.linspace(-2 * lim, 2 * lim, 64, dtype=torch.float64).reshape(4, 16)
+        probe = torch.cat([probe, probe.flip(1)], 0)
+        try:
+            with torch.no_grad():
+                got = module._apply_gate(probe)
+            want = reference.gpt_oss_glu(probe, float(module.alpha), lim)
+            ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+        except Exception:  # noqa: BLE001 - any other gate: keep the module's own
+            ok = False
+        _CLAMPED_GLU_CLASSES[key] = ok
+    return ok
 
 
 def _is_default_silu_gate(module) -> bool:

@@ -33,6 +33,8 @@ intermediates (``X·Aᵀ`` is kept from the forward); there is no per-expert hos
 ``combine(y, gates) -> Tensor``: ``out[t] = Σ_j gates[t, j]·y[t*k + j]``, differentiable in both.
 
 ``silu_glu(h) -> Tensor``: ``silu(h[:, :I]) * h[:, I:]`` fused (the default gate of most families).
+
+``clamped_glu(h, alpha, limit) -> Tensor``: gpt-oss's interleaved, clamped sigmoid-GLU, fused.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ SETTINGS: dict = {
     "split_max_experts": 32,
     "fused_tail": os.environ.get("SCATTERMOE_FUSED_TAIL", "0") == "1",
     "cuda_graph": os.environ.get("SCATTERMOE_CUDA_GRAPH", "0") == "1",
+    # fused Triton kernels for the SiLU and gpt-oss gates (env SCATTERMOE_FUSED_GATES=0: the module's own code,
+    # for before/after measurements)
+    "fused_gates": os.environ.get("SCATTERMOE_FUSED_GATES", "1") == "1",
     "backend": "auto",
 }
 
@@ -246,3 +251,24 @@ def silu_glu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     if not _use_triton(h, backend) or h.stride(-1) != 1:
         return reference.glu(h)
     return _SiluGluFunction.apply(h)
+
+
+class _ClampedGluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, alpha, limit):
+        ctx.save_for_backward(h)
+        ctx.alpha, ctx.limit = alpha, limit
+        return K.clamped_glu_fwd(h, alpha, limit)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        return K.clamped_glu_bwd(h, dout.contiguous(), ctx.alpha, ctx.limit), None, None
+
+
+def clamped_glu(h: torch.Tensor, alpha: float, limit: float, *, backend: str | None = None) -> torch.Tensor:
+    """gpt-oss's gate: interleaved ``[gate, up]`` columns, ``(clamp(up, ±limit) + 1) · g·sigmoid(alpha·g)`` with
+    ``g = min(gate, limit)``; one fused Triton kernel each way (the torch reference elsewhere)."""
+    if not _use_triton(h, backend) or h.stride(-1) != 1:
+        return reference.gpt_oss_glu(h, alpha, limit)
+    return _ClampedGluFunction.apply(h, float(alpha), float(limit))

@@ -288,3 +288,46 @@ def test_silu_glu_forward_backward(dtype):
     ref = reference.glu(hr)
     ref.backward(dout.double())
     assert rel(out, ref) < TOL[dtype] and rel(h.grad, hr.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_clamped_glu_forward_backward(dtype):
+    """gpt-oss's interleaved clamped sigmoid-GLU: values on both sides of ±limit (clamped gradients are 0)."""
+    g = torch.Generator().manual_seed(10)
+    h = (torch.randn(19, 2 * 41, generator=g) * 6).to(DEV, dtype).requires_grad_(True)
+    out = ops.clamped_glu(h, 1.702, 7.0, backend="triton")
+    dout = torch.randn(19, 41, generator=g).to(DEV, dtype)
+    out.backward(dout)
+    hr = h.detach().double().requires_grad_(True)
+    ref = reference.gpt_oss_glu(hr, 1.702, 7.0)
+    ref.backward(dout.double())
+    assert (hr.detach().abs() > 7).any() and (hr.grad == 0).any()
+    assert rel(out, ref) < TOL[dtype] and rel(h.grad, hr.grad) < TOL[dtype]
+
+
+def test_gate_dispatch_is_checked_numerically():
+    """gpt-oss's experts take the fused clamped GLU, Qwen3-MoE's the fused SiLU GLU; a class whose gate
+    differs keeps its own code."""
+    from host.testing import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from host_plugin_scattermoe import experts
+
+    def experts_of(model_type, **kw):
+        m = AutoModelForCausalLM.from_config(tiny_config(model_type, 64, **kw))
+        return next(x for x in m.modules() if hasattr(x, "num_experts") and hasattr(x, "down_proj"))
+
+    gpt = experts_of("gpt_oss", num_local_experts=4, intermediate_size=16, layer_types=["sliding_attention", "full_attention"])
+    assert experts._is_clamped_glu_gate(gpt)
+    qwen = experts_of("qwen3_moe")
+    assert experts._is_default_silu_gate(qwen) and not experts._is_clamped_glu_gate(qwen)
+
+    class Unclamped(type(gpt)):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    gpt.__class__ = Unclamped
+    assert not experts._is_clamped_glu_gate(gpt)
+    h = torch.randn(3, 32) * 10
+    torch.testing.assert_close(experts.apply_gate(gpt, h), gpt._apply_gate(h))
