@@ -253,9 +253,12 @@ def main():
             base_mem = torch.cuda.memory_allocated()
             out = step().detach().float()
             torch.cuda.synchronize()
-            # on top of the weights: the step's peak outside CUDA graphs, plus every segment of the graphs'
-            # private pool (their saved activations, buffers and temporaries stay reserved between steps)
-            res["gib"] = (torch.cuda.max_memory_allocated() - base_mem + graph_pool_bytes()) / 2**30
+            # on top of the weights: the step's peak outside CUDA graphs, plus (graph rows) every segment of the
+            # graphs' private pool: their saved activations, buffers and temporaries stay reserved between steps.
+            # The pool is shared, so a graph row after an earlier shape's graph row can include that one's
+            # segments (an upper bound; --isolate gives each shape a fresh process).
+            pool = graph_pool_bytes() if impl == "scattermoe+graph" else 0
+            res["gib"] = (torch.cuda.max_memory_allocated() - base_mem + pool) / 2**30
             grads = [p.grad.detach().float() for p in lparams] + [x.grad.detach().float()]
             if impl == "grouped_mm":
                 ref = (out, grads)
