@@ -102,6 +102,14 @@ if [ "$what" = graph3 ]; then  # issue 16 follow-up, call 3: GPU tests of the ne
     --shapes gpt-oss-20b Qwen3-30B-A3B Qwen3.5-35B-A3B > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep failed "$OUT/bench.log" | cut -c1-300; grep -A 20 "^device" "$OUT/bench.log"
 fi
+if [ "$what" = profile2 ]; then  # issue 16 follow-up, call 4: per-kernel tables before/after (gpt-oss gate; Qwen3-30B graph)
+  SCATTERMOE_FUSED_GATES=0 timeout 45 python3 plugins/scattermoe/bench/profile_block.py gpt-oss-20b > "$OUT/profile_gptoss_torch_gate.log" 2>&1
+  echo "rc=$?"; grep -A 26 "=====" "$OUT/profile_gptoss_torch_gate.log" | cut -c1-110
+  timeout 45 python3 plugins/scattermoe/bench/profile_block.py gpt-oss-20b Qwen3-30B-A3B > "$OUT/profile.log" 2>&1
+  echo "rc=$?"; grep -A 26 "=====" "$OUT/profile.log" | cut -c1-110
+  SCATTERMOE_CUDA_GRAPH=1 timeout 30 python3 plugins/scattermoe/bench/profile_block.py Qwen3-30B-A3B > "$OUT/profile_graph.log" 2>&1
+  echo "rc=$?"; grep -A 26 "=====" "$OUT/profile_graph.log" | cut -c1-110
+fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 plugins/scattermoe/bench/bench_moe_block.py "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -40 "$OUT/bench.log"

@@ -1,6 +1,7 @@
 """Per-kernel breakdown of one MoE block fwd+bwd (torch.profiler) and the tiles each launch used.
 
-Usage: python bench/profile_block.py [shape ...]   (shapes from bench_moe_block.SHAPES)
+Usage: python bench/profile_block.py [shape ...]   (shapes from bench_moe_block.SHAPES; the plugin's env switches,
+e.g. SCATTERMOE_CUDA_GRAPH=1 or SCATTERMOE_FUSED_GATES=0, apply)
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ def main(names):
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(f"===== {name} (5 steps)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        print(f"===== {name} (5 steps; GPU ms per step, launches per step, kernel)")
+        evs = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in evs) / 5 / 1e3
+        for ev in evs[:24]:
+            if ev.self_device_time_total > 0:
+                print(f"{ev.self_device_time_total / 5 / 1e3:8.3f} {ev.count // 5:4d}x  {ev.key[:100]}")
+        print(f"{total:8.3f}  total")
         for key, conf in kernels._PICKED.items():
             print(key, conf)
         kernels._PICKED.clear()
