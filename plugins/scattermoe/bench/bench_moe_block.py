@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -273,7 +274,12 @@ def main():
                        tflops=fl / res["ms"] / 1e9 if impl != "liger" else None, err=err, target_ms=TARGET_MS.get(name))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            from host_plugin_scattermoe import graphs
+
+            for m in holder.modules():  # a captured graph keeps its pool segments until released
+                graphs.release(m)
             del holder, x, gout, out, grads
+            gc.collect()  # peft's wrappers hold reference cycles: free this block (and its graphs) before the next
     with open(args.json, "w") as f:
         json.dump({"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}, f,
                   indent=1)
