@@ -173,6 +173,12 @@ def rule_errors(cfg) -> list[str]:
             "gradient_checkpointing_kwargs.use_reentrant: must be false with unfrozen_parameters (reentrant "
             "checkpointing gives frozen inputs no gradient); set it to false or remove it."
         )
+    ranged = [raw for raw in cfg.unfrozen_parameters or [] if ParamPattern(raw).rows is not None]
+    if ranged and (cfg.fsdp_enabled or cfg.deepspeed):
+        errors.append(
+            f"unfrozen_parameters: the row range of {', '.join(map(repr, ranged))} is applied by a gradient hook on the "
+            "parameter, which FSDP/DeepSpeed replace with sharded ones; drop the [start:end] suffix or train without them."
+        )
     if cfg.overrides_of_model_config and Path(cfg.base_model).is_dir():
         try:
             model_config(cfg)

@@ -73,6 +73,10 @@ def test_unfrozen_parameters_bad_or_unmatched_regex_is_an_error(run_host, write_
                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     result = run_host("validate", write_config(reentrant, "r.yaml"))
     assert result.exit_code == 2 and "use_reentrant: must be false with unfrozen_parameters" in result.output
+    ranged = base_config(tiny_model("qwen3"), text_file, tmp_path / "d", unfrozen_parameters=["^model.embed_tokens.weight$[:8]"],
+                         fsdp_config={"version": 2})
+    result = run_host("validate", write_config(ranged, "f.yaml"))
+    assert result.exit_code == 2 and "row range of '^model.embed_tokens.weight$[:8]' is applied by a gradient hook" in result.output
 
 
 def test_unfrozen_parameters_with_lora_limits_which_adapter_weights_train(write_config, tiny_model, text_file, tmp_path, monkeypatch, caplog):
