@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from host import hookimpl
+
 LIGER = {"liger_rope": True, "liger_rms_norm": True, "liger_fused_linear_cross_entropy": True}
 VARIANTS = {  # name -> (plugins, vocabulary)
     "plain": ([], 151936),
@@ -59,7 +61,8 @@ def build_model(path: Path, vocab: int, layers: int) -> None:
     del model
 
 
-def config(work: Path, name: str, plugins: list[str], vocab: int, steps: int, seq: int, batch: int) -> Path:
+def config(work: Path, name: str, plugins: list[str], vocab: int, steps: int, seq: int, batch: int,
+           chunk_rows: int | None = None) -> Path:
     cfg = {
         "base_model": str(work / f"model-{vocab}"),
         "plugins": plugins,
@@ -84,12 +87,55 @@ def config(work: Path, name: str, plugins: list[str], vocab: int, steps: int, se
         "seed": 0,
         **(LIGER if "liger" in plugins else {}),
     }
+    if "liger" in plugins and chunk_rows is not None:
+        cfg["liger_fused_linear_cross_entropy_chunk_rows"] = chunk_rows
     path = work / f"{name.replace('@', '-').replace('+', '-')}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def run_variant(path: Path) -> dict:
+class Profiler:
+    """A host plugin object for one run: torch.profiler over training steps [start, stop) (before the steady
+    window the summary's tokens/s is measured on), top CUDA kernels written to ``out``."""
+
+    def __init__(self, out: Path, start: int = 2, stop: int = 4):
+        self.out, self.start, self.stop = out, start, stop
+
+    @hookimpl
+    def trainer_callbacks(self, cfg):
+        import torch
+        from transformers import TrainerCallback
+
+        prof = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == prof.start:
+                    torch.cuda.synchronize()
+                    prof.p = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                                torch.profiler.ProfilerActivity.CPU])
+                    prof.p.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == prof.stop:
+                    torch.cuda.synchronize()
+                    prof.p.__exit__(None, None, None)
+                    prof.write(prof.stop - prof.start)
+
+        return [Callback()]
+
+    def write(self, steps: int) -> None:
+        events = [e for e in self.p.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+        kernels = sorted(((e.key, e.self_device_time_total / 1e3 / steps, e.count // steps) for e in events
+                          if e.self_device_time_total > 0), key=lambda t: -t[1])
+        total = sum(k[1] for k in kernels)
+        self.summary = {"steps": steps, "gpu_ms_per_step": round(total, 2),
+                        "top": [{"kernel": k[:120], "ms_per_step": round(ms, 3), "calls_per_step": n,
+                                 "share": round(ms / total, 4)} for k, ms, n in kernels[:40]]}
+        self.out.write_text(self.p.key_averages().table(sort_by="self_device_time_total", row_limit=60))
+
+
+def run_variant(path: Path, profile_to: Path | None = None) -> dict:
     import torch
 
     from host.config import load_config
@@ -99,17 +145,26 @@ def run_variant(path: Path) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     cfg, pm, warnings = load_config(path)
+    prof = None
+    if profile_to is not None:
+        prof = Profiler(profile_to)
+        pm.register(prof, name="bench-profiler")
     summary = train(cfg, pm, warnings)
+    if prof is not None and hasattr(prof, "summary"):
+        summary["profile"] = prof.summary
     gc.collect()
     torch.cuda.empty_cache()
     return summary
 
 
-def loss_head_ms(tokens: int, hidden: int, vocab: int) -> dict:
-    """lm_head + loss forward+backward at the bench's shapes: materialised logits vs liger's fused loss."""
+def loss_head_ms(tokens: int, hidden: int, vocab: int, chunk_rows=(0, 256, 512, 1024, 2048, 4096)) -> dict:
+    """lm_head + loss forward+backward at the bench's shapes: materialised logits vs liger's fused loss, the
+    latter with liger's own chunking (rows 0) and with the plugin's ``chunk_rows`` settings."""
     import torch
     import torch.nn.functional as F
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    from host_plugin_liger import chunk_mem_const
 
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -119,11 +174,12 @@ def loss_head_ms(tokens: int, hidden: int, vocab: int) -> dict:
     def plain():
         return F.cross_entropy((h @ w.T).float(), y)
 
-    def fused():
-        return liger_fused_linear_cross_entropy(h, w, y)
+    def fused(rows):
+        c = chunk_mem_const(tokens, hidden, vocab, rows)
+        return lambda: liger_fused_linear_cross_entropy(h, w, y, chunk_mem_const=c)
 
     out = {}
-    for name, fn in (("materialised", plain), ("fused", fused)):
+    for name, fn in (("materialised", plain), *((f"fused_rows{r}", fused(r)) for r in chunk_rows)):
         for _ in range(2):
             fn().backward()
         torch.cuda.synchronize()
@@ -150,6 +206,10 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,liger,scattermoe+liger,scattermoe,plain@262k,scattermoe+liger@262k")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-liger"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--profile", default="", help="variants to profile (torch.profiler over steps 2-3, before the "
+                    "steady window): top CUDA kernels into the JSON and profile_<variant>.txt")
+    ap.add_argument("--loss-head", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--chunk-rows", type=int, default=None, help="liger_fused_linear_cross_entropy_chunk_rows")
     args = ap.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -166,8 +226,11 @@ def main() -> None:
     device = torch.cuda.get_device_name(0)
     doc = {"device": device, "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "seq": args.seq,
            "micro_batch": args.batch, "steps": args.steps, "liger_keys": sorted(LIGER), "runs": []}
-    doc["loss_head"] = {v: loss_head_ms(args.batch * args.seq, 2048, v) for v in sorted({VARIANTS[n][1] for n in names})}
-    print(json.dumps(doc["loss_head"]), flush=True)
+    doc["loss_head"] = {}
+    if args.loss_head:
+        doc["loss_head"] = {v: loss_head_ms(args.batch * args.seq, 2048, v) for v in sorted({VARIANTS[n][1] for n in names})}
+        print(json.dumps(doc["loss_head"]), flush=True)
+    profiled = set(filter(None, args.profile.split(",")))
     results = doc["runs"]
     for name in names:
         plugins, vocab = VARIANTS[name]
@@ -175,9 +238,15 @@ def main() -> None:
         t0 = time.time()
         resident = round(torch.cuda.memory_allocated() / 2**30, 2)  # left over from earlier runs (should be ~0)
         try:
-            s = run_variant(config(args.work, name, plugins, vocab, args.steps, args.seq, args.batch))
+            path = config(args.work, name, plugins, vocab, args.steps, args.seq, args.batch, args.chunk_rows)
+            s = run_variant(path, args.out / f"profile_{name}.txt" if name in profiled else None)
             row = {"variant": name, "vocab": vocab, "tokens_per_s": s["steady_tokens_per_s"],
                    "peak_gib": s["peak_memory_gib"], "final_loss": s["final_train_loss"], "steps": s["steps"]}
+            if "profile" in s:
+                row["profile"] = s["profile"]
+                print(f"profile {name}: {s['profile']['gpu_ms_per_step']} GPU ms/step", flush=True)
+                for k in s["profile"]["top"][:25]:
+                    print(f"  {k['ms_per_step']:8.2f} ms {k['calls_per_step']:5d}x {100 * k['share']:5.1f}%  {k['kernel'][:90]}")
         except Exception as exc:
             row = {"variant": name, "vocab": vocab, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         row["seconds"], row["resident_gib_before"] = round(time.time() - t0, 1), resident
@@ -198,8 +267,8 @@ def main() -> None:
         rm = f"{r['peak_gib'] / p['peak_gib']:.2f}x" if p else "-"
         print(f"{r['variant']:<24}{r['vocab']:>8}{r['tokens_per_s']:>10.0f}{rt:>9}{r['peak_gib']:>10.2f}{rm:>9}{r['final_loss']:>8.3f}")
     for v, h in head.items():
-        print(f"loss head at vocab {v}, {args.batch * args.seq} tokens: materialised {h['materialised']['ms']} ms "
-              f"(+{h['materialised']['extra_peak_gib']} GiB), fused {h['fused']['ms']} ms (+{h['fused']['extra_peak_gib']} GiB)")
+        print(f"loss head at vocab {v}, {args.batch * args.seq} tokens: "
+              + ", ".join(f"{k} {x['ms']} ms (+{x['extra_peak_gib']} GiB)" for k, x in h.items()))
 
 
 if __name__ == "__main__":

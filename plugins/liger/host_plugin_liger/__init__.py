@@ -42,6 +42,12 @@ class LigerConfig(StrictModel):
     liger_fused_linear_cross_entropy: bool | None = Field(
         None, description="Loss computed chunk by chunk from the last hidden states: the [tokens, vocab] logits never exist."
     )
+    liger_fused_linear_cross_entropy_chunk_rows: int | None = Field(
+        None, ge=0,
+        description="Tokens per chunk of liger's fused loss (the [rows, vocab] logits that exist at a time). Unset: "
+        "1024 rows (fast GEMMs, ~0.3-0.5 GiB transient at 152k-262k vocabularies); 0: liger-kernel's own rule "
+        "(about tokens x hidden / vocab rows: skinny GEMMs, slower).",
+    )
     liger_rms_norm_gated: bool | None = Field(
         None, description="axolotl's fused gated RMSNorm (Qwen3.5 linear attention): liger-kernel has none; a warning."
     )
@@ -206,21 +212,49 @@ def pre_model_load(cfg):
             "refusing to train without the kernels you asked for. Turn those keys off."
         )
     if eff["liger_fused_linear_cross_entropy"]:
-        _tune_flce(patching, compile_=bool(cfg.torch_compile))
+        rows = cfg.liger_fused_linear_cross_entropy_chunk_rows
+        _tune_flce(patching, compile_=bool(cfg.torch_compile), rows=FLCE_CHUNK_ROWS if rows is None else rows)
     log.info("liger: %s patched %s", family.apply_fn, ", ".join(sorted(changed)))
 
 
-def _tune_flce(patching, compile_: bool) -> None:
-    """Wrap liger's chunked loss forward: kept out of Dynamo under ``torch_compile`` (it launches
-    Triton kernels in a Python loop)."""
+#: default rows per chunk of the fused loss (measured on H200: see README, "GPU: training benchmark")
+FLCE_CHUNK_ROWS = 1024
+
+
+def chunk_mem_const(tokens: int, hidden: int, vocab: int, rows: int) -> int:
+    """liger's ``chunk_mem_const`` for chunks of at least ``rows`` tokens (``rows`` 0: liger's default, 1).
+
+    liger-kernel sizes a chunk as ``next_pow2(cdiv(tokens, cdiv(vocab, C * hidden)))``: with C = 1 the
+    transient logits are about tokens x hidden elements, i.e. 128-row chunks at 8,192 tokens, H 2048
+    and a 152k vocabulary, whose input-gradient GEMM (K = vocab, 128 x 2048 output) cannot fill the GPU.
+    """
+    if rows <= 0 or tokens <= rows:
+        return max(1, -(-vocab // hidden)) if rows > 0 else 1  # one chunk of all tokens
+    chunks = tokens // rows
+    return max(1, -(-vocab // (hidden * chunks)))
+
+
+def _tune_flce(patching, compile_: bool, rows: int) -> None:
+    """Wrap liger's chunked loss forward: chunks of ``rows`` tokens, and kept out of Dynamo under
+    ``torch_compile`` (it launches Triton kernels in a Python loop)."""
+    import functools
+
     import torch
     from liger_kernel.ops import fused_linear_cross_entropy as ops
 
-    forward = ops.fused_linear_cross_entropy_forward
+    original = ops.fused_linear_cross_entropy_forward
+
+    @functools.wraps(original)
+    def forward(_input, weight, *args, **kwargs):
+        if kwargs.get("chunk_mem_const", 1) == 1 and len(args) < 19:  # the caller left liger's default
+            kwargs["chunk_mem_const"] = chunk_mem_const(_input.shape[0], _input.shape[1], weight.shape[0], rows)
+        return original(_input, weight, *args, **kwargs)
+
     if compile_:
-        patching.wrap(ops, "fused_linear_cross_entropy_forward", torch.compiler.disable(forward))
+        forward = torch.compiler.disable(forward)
         patching.wrap(ops, "fused_linear_cross_entropy_backward",
                       torch.compiler.disable(ops.fused_linear_cross_entropy_backward))
+    patching.wrap(ops, "fused_linear_cross_entropy_forward", forward)
 
 
 def _causal_lm(model):

@@ -172,7 +172,8 @@ def test_torch_compile_keeps_the_fused_loss_out_of_dynamo(make_plugin_manager, t
                     liger_fused_linear_cross_entropy=True)
     pm.hook.pre_model_load(cfg=cfg)
     wrapped = ops.fused_linear_cross_entropy_forward
-    assert wrapped is not original and getattr(wrapped, "__wrapped__", None) is original
+    assert wrapped is not original and getattr(wrapped, "_torchdynamo_disable", False)
+    assert inspect.unwrap(wrapped) is original
     patching.restore()
     assert ops.fused_linear_cross_entropy_forward is original
 
@@ -192,3 +193,40 @@ def test_every_family_patches_exactly_what_it_declares(model_type):
         patching.restore()
         declared = {t for t in targets(family, on) if t.startswith(("transformers.", "torch."))}
         assert declared <= changed, (declared - changed, sorted(changed))
+
+
+@pytest.mark.parametrize("tokens, hidden, vocab, rows", [(8192, 2048, 151936, 1024), (8192, 2048, 262144, 1024),
+                                                         (16384, 4096, 128256, 2048), (8192, 2880, 201088, 512)])
+def test_chunk_rows_through_liger_chunk_mem_const(tokens, hidden, vocab, rows):
+    """liger-kernel's chunk rule with the plugin's chunk_mem_const gives chunks of >= rows (< 2x rows)."""
+    import triton
+
+    from host_plugin_liger import chunk_mem_const
+
+    def liger_chunk(c, tokens=tokens):  # liger_kernel.ops.fused_linear_cross_entropy's own formula
+        return min(triton.next_power_of_2(triton.cdiv(tokens, triton.cdiv(vocab, c * hidden))), tokens)
+
+    assert liger_chunk(1) < rows  # liger's default: skinny chunks at these shapes
+    assert rows <= liger_chunk(chunk_mem_const(tokens, hidden, vocab, rows)) <= 2 * rows
+    assert chunk_mem_const(tokens, hidden, vocab, 0) == 1
+    assert liger_chunk(chunk_mem_const(512, hidden, vocab, rows), 512) == 512  # fewer tokens than rows: one chunk
+
+
+def test_fused_loss_forward_gets_the_chunk_setting(make_plugin_manager, tmp_path, monkeypatch):
+    from liger_kernel.ops import fused_linear_cross_entropy as ops
+
+    from host_plugin_liger import patching
+
+    seen = []
+    monkeypatch.setattr(ops, "fused_linear_cross_entropy_forward", lambda i, w, *a, **kw: seen.append(kw))
+    for rows, want in ((None, 10), (0, 1), (2048, 19)):  # 8192 x 2048 tokens x hidden, vocab 151936
+        pm = make_plugin_manager(["liger"])
+        cfg = _validate(make_plugin_manager, _model_dir(tmp_path, "qwen3"), liger_fused_linear_cross_entropy=True,
+                        liger_fused_linear_cross_entropy_chunk_rows=rows)
+        pm.hook.pre_model_load(cfg=cfg)
+        import torch
+
+        ops.fused_linear_cross_entropy_forward(torch.empty(8192, 2048, device="meta"),
+                                               torch.empty(151936, 2048, device="meta"), None)
+        patching.restore()
+        assert seen.pop()["chunk_mem_const"] == want, rows
