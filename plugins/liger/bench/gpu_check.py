@@ -150,19 +150,29 @@ def compare(got, ref):
     return abs(lg - lr) / abs(lr), rel(gg[worst], gr[worst]), worst, diff / max(total, 1e-30)
 
 
-def check(path: Path, ref_plugins: list[str], keys: dict, batch: dict, lora_cfg: dict | None) -> dict:
-    """fp32 plain, bf16 plain (ref_plugins), bf16 with liger on top: loss and gradient errors."""
+def check(path: Path, ref_plugins: list[str], keys: dict, batch: dict, lora_cfg: dict | None, fp32: bool) -> dict:
+    """fp32 plain, bf16 plain (ref_plugins), bf16 with liger on top: loss and gradient errors. With ``fp32``
+    (cases without other plugins) also liger in fp32 against plain fp32, where 1e-3 is a meaningful bound."""
     ref32 = run_case(path, [], {}, torch.float32, batch, lora_cfg)
+    extra = {}
+    if fp32:
+        l32, g32, w32, all32 = compare(run_case(path, ["liger"], keys, torch.float32, batch, lora_cfg), ref32)
+        extra = {"fp32_loss_rel": l32, "fp32_grad_rel": g32, "fp32_worst_param": w32, "fp32_all_grads_rel": all32,
+                 "fp32_ok": l32 <= 1e-3 and all32 <= 1e-3}
     ref16 = run_case(path, ref_plugins, {}, torch.bfloat16, batch, lora_cfg)
     got16 = run_case(path, [*ref_plugins, "liger"], keys, torch.bfloat16, batch, lora_cfg)
     l16, g16, w16, all16 = compare(got16, ref16)
-    _, plain_noise, _, plain_all = compare(ref16, ref32)
+    lplain, plain_noise, _, plain_all = compare(ref16, ref32)
     lliger, liger_noise, _, liger_all = compare(got16, ref32)
-    ok = l16 <= 1e-3 and liger_noise <= plain_noise + 1e-3 and liger_all <= plain_all + 1e-3
+    # the loss: within 1e-3 of plain bf16, or closer to fp32 than plain bf16 is (Gemma 4's soft-capped bf16
+    # logits put plain bf16 ~1.7e-3 from fp32; liger's fused loss soft-caps in fp32)
+    ok = ((l16 <= 1e-3 or lliger <= lplain) and liger_noise <= plain_noise + 1e-3 and liger_all <= plain_all + 1e-3
+          and extra.get("fp32_ok", True))
     return {"bf16_loss_rel": l16, "bf16_grad_rel_vs_plain_bf16": g16, "bf16_all_grads_rel_vs_plain_bf16": all16,
             "plain_bf16_grad_err_vs_fp32": plain_noise, "liger_bf16_grad_err_vs_fp32": liger_noise,
             "plain_bf16_all_grads_err_vs_fp32": plain_all, "liger_bf16_all_grads_err_vs_fp32": liger_all,
-            "liger_bf16_loss_err_vs_fp32": lliger, "worst_param": w16, "ok": ok}
+            "liger_bf16_loss_err_vs_fp32": lliger, "plain_bf16_loss_err_vs_fp32": lplain, "worst_param": w16, "ok": ok,
+            **extra}
 
 
 def main():
@@ -199,7 +209,8 @@ def main():
             labels[0, : seq // 4] = -100
             row = {"case": name, "model_type": model_type, "width": width, "seq": seq, "plugins": ref_plugins,
                    "keys": sorted(keys), "lora": bool(lora_cfg)}
-            row.update(check(path, ref_plugins, keys, {"input_ids": ids, "labels": labels}, lora_cfg))
+            row.update(check(path, ref_plugins, keys, {"input_ids": ids, "labels": labels}, lora_cfg,
+                             fp32=not ref_plugins and width == "real"))
         except Exception as exc:  # report and continue: one broken family must not hide the others
             import traceback
 
@@ -211,15 +222,17 @@ def main():
         print(json.dumps(row), flush=True)
         out_path.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "rows": rows}, indent=1))
     print(f"\n{torch.cuda.get_device_name(0)}: bf16, batch 2 x seq {args.seq} (real) / 64 (tiny), one forward+backward")
-    print(f"{'case':<22}{'plugins':<12}{'loss rel':>10}{'grad rel':>10}{'all grads':>11}{'plain16/fp32':>14}"
-          f"{'liger16/fp32':>14}  ok")
+    print(f"{'case':<22}{'plugins':<18}{'loss rel':>9}{'grad rel':>9}{'all grads':>10}{'loss16/32 plain':>16}"
+          f"{'liger':>8}{'grads16/32 plain':>17}{'liger':>8}{'fp32 loss':>10}{'fp32 grads':>11}  ok")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<22} ERROR {r['error']}")
             continue
-        print(f"{r['case']:<22}{'+'.join(r['plugins'] + ['liger']):<12}{r['bf16_loss_rel']:>10.1e}"
-              f"{r['bf16_grad_rel_vs_plain_bf16']:>10.1e}{r['bf16_all_grads_rel_vs_plain_bf16']:>11.1e}"
-              f"{r['plain_bf16_all_grads_err_vs_fp32']:>14.1e}{r['liger_bf16_all_grads_err_vs_fp32']:>14.1e}  {r['ok']}")
+        f32 = (f"{r['fp32_loss_rel']:>10.1e}{r['fp32_all_grads_rel']:>11.1e}" if "fp32_loss_rel" in r else f"{'-':>10}{'-':>11}")
+        print(f"{r['case']:<22}{'+'.join(r['plugins'] + ['liger']):<18}{r['bf16_loss_rel']:>9.1e}"
+              f"{r['bf16_grad_rel_vs_plain_bf16']:>9.1e}{r['bf16_all_grads_rel_vs_plain_bf16']:>10.1e}"
+              f"{r['plain_bf16_loss_err_vs_fp32']:>16.1e}{r['liger_bf16_loss_err_vs_fp32']:>8.1e}"
+              f"{r['plain_bf16_all_grads_err_vs_fp32']:>17.1e}{r['liger_bf16_all_grads_err_vs_fp32']:>8.1e}{f32}  {r['ok']}")
 
 
 if __name__ == "__main__":
