@@ -145,6 +145,7 @@ def test_model_config_overrides_the_config_before_the_model_is_built(write_confi
 
 
 def test_model_quantization_config_is_passed_to_from_pretrained(write_config, tiny_model, text_file, tmp_path, monkeypatch):
+    """On a dense checkpoint the quantizer stays attached (LoRA trains on top); that shows the object arrived."""
     from transformers import Mxfp4Config
 
     cfg = base_config(tiny_model("gpt_oss"), text_file, tmp_path / "o", lora_target_modules=["q_proj"],
@@ -152,6 +153,48 @@ def test_model_quantization_config_is_passed_to_from_pretrained(write_config, ti
     _, model = _load(write_config(cfg), monkeypatch)
     quant = model.get_base_model().hf_quantizer.quantization_config
     assert isinstance(quant, Mxfp4Config) and quant.dequantize is True
+
+
+def _mxfp4_checkpoint(dense_dir, out):
+    """``dense_dir`` (a tiny gpt-oss) re-saved as gpt-oss ships: experts as MXFP4 ``*_blocks``/``*_scales``
+    (random FP4 codes, scale 2^-3) and ``quantization_config.quant_method: mxfp4`` in config.json."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(dense_dir, out)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, t in load_file(out / "model.safetensors").items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, k, n = t.shape  # transformers [E, in, out]; gpt-oss stores [E, out, in/32, 16] packed FP4
+            tensors[name + "_blocks"] = torch.randint(0, 256, (experts, n, k // 32, 16), dtype=torch.uint8, generator=g)
+            tensors[name + "_scales"] = torch.full((experts, n, k // 32), 124, dtype=torch.uint8)
+        else:
+            tensors[name] = t
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_mxfp4_dequantize_full_fine_tunes_an_mxfp4_checkpoint(run_host, write_config, tiny_model, text_file, tmp_path, monkeypatch):
+    """gpt-oss's published FFT configs: an MXFP4 checkpoint, dequantized while it loads, trained in full."""
+    model_dir = _mxfp4_checkpoint(tiny_model("gpt_oss"), tmp_path / "mxfp4")
+    keys = dict(adapter=None, lora_target_modules=None, model_quantization_config="Mxfp4Config",
+                model_quantization_config_kwargs={"dequantize": True})
+    _, model = _load(write_config(base_config(model_dir, text_file, tmp_path / "o", **keys), "load.yaml"), monkeypatch)
+    experts = model.model.layers[0].mlp.experts.gate_up_proj
+    assert not getattr(model, "is_quantized", False) and experts.requires_grad
+    assert experts.unique().numel() <= 15  # the FP4 grid (times the scale): dequantized from the blocks
+    out = tmp_path / "out"
+    result = run_host("train", write_config(base_config(model_dir, text_file, out, max_steps=1, save_strategy="no", **keys)))
+    assert result.exit_code == 0, result.output
+    saved = load_file(out / "model.safetensors")
+    name = next(k for k in saved if k.endswith("layers.0.mlp.experts.gate_up_proj"))
+    assert not torch.equal(saved[name], experts.detach().to(saved[name].dtype))  # dense, and trained
 
 
 def test_model_quantization_config_errors_name_the_key(run_host, write_config, tiny_model, text_file, tmp_path):
