@@ -1,8 +1,11 @@
 """host plugin ``liger``: liger-kernel's fused RMSNorm, RoPE, SwiGLU/GeGLU, LayerNorm, cross-entropy
 and fused linear cross-entropy, with axolotl's key names.
 
-``validate_config`` reads the model's ``config.json`` (never the weights) and refuses any family or
-key liger-kernel cannot honour for it, naming the key, the family and what to use instead.
+``validate_config`` reads the model's ``config.json`` (never the weights); a key liger-kernel has no
+kernel for in that family is turned off with one warning naming the key, the family, why and what to
+use instead (axolotl warns and skips too); combinations that would be wrong are errors. Routed MoE
+experts that another plugin computes (scattermoe) stay its own: liger's GLU then covers dense MLPs
+and shared experts only.
 ``pre_model_load`` runs liger-kernel's ``apply_liger_kernel_to_<family>`` before the model is built
 and checks that every declared patch happened. ``post_model_build`` checks the built model uses
 the kernels and points fused linear cross-entropy at the weight a peft-wrapped ``lm_head`` applies.
