@@ -36,8 +36,6 @@ def errors(cfg) -> list[str]:
         out.append(f"{key}: offloading activations to disk is not in host; use activation_offloading: true (CPU memory).")
     if cfg.activation_offloading and not cfg.gradient_checkpointing:
         out.append("activation_offloading: needs gradient_checkpointing: true (as in axolotl), or remove activation_offloading.")
-    if enabled(cfg) and cfg.torch_compile is True:
-        out.append("activation_offloading: the saved-tensor hooks it installs do not compose with torch_compile; set one of them.")
     return out
 
 
