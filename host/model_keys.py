@@ -145,7 +145,9 @@ def normalize(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str
     data, warnings, errors = dict(data), [], []
     if data.get("model_config") is not None:
         alias = data.pop("model_config")
-        if data.get("overrides_of_model_config") not in (None, alias):
+        if not isinstance(alias, dict):
+            errors.append(f"model_config: expected a mapping of config attributes (e.g. output_router_logits: true), got {alias!r}.")
+        elif data.get("overrides_of_model_config") not in (None, alias):
             errors.append("model_config/overrides_of_model_config: two spellings of one key with different values; keep one.")
         else:
             data["overrides_of_model_config"] = alias

@@ -139,6 +139,8 @@ def test_model_config_overrides_the_config_before_the_model_is_built(write_confi
     clash = {**base, "model_config": {"output_router_logits": True}, "overrides_of_model_config": {"output_router_logits": False}}
     result = run_host("validate", write_config(clash, "clash.yaml"))
     assert result.exit_code == 2 and "two spellings of one key" in result.output
+    result = run_host("validate", write_config({**base, "model_config": "output_router_logits"}, "str.yaml"))
+    assert result.exit_code == 2 and "model_config: expected a mapping of config attributes" in result.output
 
 
 # --- model_quantization_config -----------------------------------------------------------------------
