@@ -229,6 +229,7 @@ def post_model_load(cfg, model):
                 f"quantize_moe_experts: {cfg.base_model!r} has no 3-D MoE expert parameters; remove quantize_moe_experts."
             )
         log.info("qlora: quantised %d MoE expert parameters to 4 bits (%.2f GiB before)", n, gib)
+        experts.plain_state_dict_keys(model)  # so FSDP2 can save (see its docstring)
         if cfg.lora_target_parameters:
             # the host builds LoraConfig from this key right after this hook
             cfg.lora_target_parameters = experts.expand_targets(model, cfg.lora_target_parameters)

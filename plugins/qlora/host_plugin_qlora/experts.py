@@ -56,6 +56,27 @@ def quantize_experts(model, quant_type: str = "nf4", double_quant: bool = True,
     return len(expert_params_quantized(model)), gib
 
 
+def plain_state_dict_keys(model) -> int:
+    """Remove bitsandbytes' state-dict hook from every module holding 4-bit experts; returns how many.
+
+    The hook renames ``parametrizations.<p>.original`` to ``<p>`` and adds the quantisation state as
+    extra keys (``<p>.absmax``, ...). torch's ``get_model_state_dict``, which accelerate uses to save
+    under FSDP2, resolves each key as an attribute path and fails on those ("'Tensor' object has no
+    attribute 'absmax'"), so the final save and every checkpoint would fail. Nothing reads the packed
+    base from a saved state dict: adapters keep only the LoRA weights, and the base reloads from
+    ``base_model``.
+    """
+    from bitsandbytes.nn.parametrize import _parametrized_state_dict_post_hook
+
+    removed = 0
+    for module in model.modules():
+        hooks = getattr(module, "_state_dict_hooks", {})
+        for key in [k for k, h in hooks.items() if getattr(h, "func", None) is _parametrized_state_dict_post_hook]:
+            del hooks[key]
+            removed += 1
+    return removed
+
+
 def expert_params_quantized(model) -> list[tuple[Any, str]]:
     """``(module, name)`` of every parameter held by a bitsandbytes 4-bit parametrization (under
     peft, the experts module is wrapped, so it is found by its parametrization, not its name)."""

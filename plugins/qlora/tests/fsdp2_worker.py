@@ -23,6 +23,13 @@ def packed_params(model) -> dict[str, torch.nn.Parameter]:
             if type(p).__name__ == "Params4bit" or n.endswith(".original")}
 
 
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """What accelerate gathers for ``save_model`` under FSDP2 (plain ``state_dict`` before sharding)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def shard_and_train(cfg_path: str, out_path: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -36,6 +43,7 @@ def shard_and_train(cfg_path: str, out_path: str) -> None:
     with torch.no_grad():
         unsharded_loss = model(input_ids=ids, labels=ids).loss.item()
     packed = {n: (p.numel(), str(p.dtype)) for n, p in packed_params(model).items()}
+    experts = {n: p.detach().clone() for n, p in packed_params(model).items() if ".experts." in n}
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.get_base_model().model.layers:
@@ -51,9 +59,15 @@ def shard_and_train(cfg_path: str, out_path: str) -> None:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+    # the host's final save gathers the full state dict: the packed experts come back whole, bit-equal
+    saved = full_state_dict(model)
+    expert_match = {n: bool(torch.equal(saved[n].view(torch.int16), w.view(torch.int16)))  # bytes: NaN patterns
+                    for n, w in experts.items() if n in saved}
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps({
             "unsharded_loss": unsharded_loss, "losses": losses, "packed": packed, "local_numel": local,
+            "experts_saved": sorted(experts), "expert_match": expert_match,
+            "lora_saved": sum("lora_" in n for n in saved),
         }))
     dist.barrier()
 

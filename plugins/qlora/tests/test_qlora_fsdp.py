@@ -126,3 +126,7 @@ def test_fsdp2_shards_the_packed_4bit_weights_and_lora_trains(tiny_model, text_f
         assert r["losses"][-1] < r["losses"][0] - 0.3, r["losses"]
         if name == "experts":
             assert any(".experts." in n and n.endswith(".original") for n in r["packed"])
+            # the full state dict (what the final save gathers) holds the packed experts, bit-equal to before
+            # sharding, and the LoRA factors
+            assert r["experts_saved"] and set(r["expert_match"]) == set(r["experts_saved"]), r
+            assert all(r["expert_match"].values()) and r["lora_saved"] > 0, r
