@@ -510,6 +510,9 @@ def validate_with_warnings(
     if cfg is not None:
         for message in host_rule_errors(cfg):
             problems.add("rules", message)
+        from host import optim_args
+
+        problems.warnings += optim_args.environment_warnings(cfg)
         for check in (check_adapter_kind, check_paths):  # each raises its first finding
             try:
                 check(cfg, pm, source) if check is check_adapter_kind else check(cfg, source)

@@ -60,16 +60,36 @@ def parse(value: str | dict[str, Any] | None) -> dict[str, str]:
 
 
 def errors(cfg) -> list[str]:
-    """Validation rules: a readable ``optim_args`` and the package the ``optimizer`` needs."""
-    out = []
+    """Validation rule: a readable ``optim_args``."""
     try:
         parse(cfg.optim_args)
     except ValueError as exc:
-        out.append(f"optim_args: {exc}.")
+        return [f"optim_args: {exc}."]
+    return []
+
+
+def missing_package(cfg) -> str | None:
+    """The message when the ``optimizer`` needs a package that is not installed here, else None."""
     need = package_for(cfg.optimizer)
     if need and importlib.util.find_spec(need[0]) is None:
-        out.append(f"optimizer: {cfg.optimizer} needs the {need[0]} package; pip install {need[1]}, or pick another optimizer.")
-    return out
+        return f"optimizer: {cfg.optimizer} needs the {need[0]} package, which is not installed here; pip install {need[1]}, or pick another optimizer."
+    return None
+
+
+def environment_warnings(cfg) -> list[str]:
+    """At validation a missing package is a warning: the config is right, this machine lacks the package
+    (``validate`` may run where training will not); ``host train`` stops on it before anything loads."""
+    message = missing_package(cfg)
+    return [f"{message} `host train` stops here until it is installed."] if message else []
+
+
+def require_package(cfg) -> None:
+    """At train start: a missing optimizer package stops the run before data or weights load."""
+    from host.errors import ConfigError
+
+    message = missing_package(cfg)
+    if message:
+        raise ConfigError(message)
 
 
 def training_argument(cfg) -> dict:

@@ -46,6 +46,7 @@ def training_arguments(cfg, has_eval: bool):
     from host.parallel_sizes import check_world
 
     check_world(cfg)  # before anything loads
+    optim_args.require_package(cfg)
     save_steps = cfg.save_steps or _steps_ratio(cfg.saves_per_epoch, cfg.num_epochs)
     eval_steps = cfg.eval_steps or _steps_ratio(cfg.evals_per_epoch, cfg.num_epochs)
     cuda = _cuda()

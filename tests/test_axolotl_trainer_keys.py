@@ -278,3 +278,19 @@ def test_dp_replicate_size_the_launch_cannot_satisfy_stops_training_before_loadi
     result = run_host("train", write_config(_train_cfg(tiny_model, text_file, tmp_path / "o", dp_replicate_size=2)))
     assert result.exit_code == 2
     assert "dp_replicate_size: 2, but this launch has 1 process(es); host replicates over every rank" in result.output
+
+
+def test_an_optimizer_whose_package_is_missing_warns_at_validate_and_stops_train(run_host, write_config, tiny_model, text_file,
+                                                                                 tmp_path, monkeypatch):
+    """validate may run where training will not: a warning there; train stops before anything loads."""
+    from host import optim_args
+
+    # a real transformers optimizer name, pointed at a package no machine has
+    monkeypatch.setitem(optim_args.PACKAGES, "adamw_torch_8bit", ("host_no_such_package", "host-no-such-package"))
+    path = write_config(_train_cfg(tiny_model, text_file, tmp_path / "o", optimizer="adamw_torch_8bit"))
+    result = run_host("validate", path)
+    assert result.exit_code == 0, result.output
+    assert "optimizer: adamw_torch_8bit needs the host_no_such_package package, which is not installed here" in result.output
+    result = run_host("train", path)
+    assert result.exit_code == 2 and "pip install host-no-such-package" in result.output
+    assert not (tmp_path / "o").exists()
