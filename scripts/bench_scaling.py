@@ -27,18 +27,18 @@ DEEPSPEED = {"zero2x2": "zero2.json", "zero3x2": "zero3.json"}  # 2 GPUs, exampl
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def parse_variant(tag: str) -> tuple[str, int, bool, bool, bool]:
-    """``1gpu|ddp2|fsdp2x2`` with optional ``-scattermoe`` / ``-static``, or ``zero2x2|zero3x2`` (DeepSpeed)
-    -> (tag, GPUs, FSDP2, scattermoe, static)."""
+def parse_variant(tag: str) -> tuple[str, int, bool, set[str]]:
+    """``1gpu|ddp2|fsdp2x2`` with optional ``-scattermoe`` / ``-liger`` / ``-static``, or ``zero2x2|zero3x2``
+    (DeepSpeed) -> (tag, GPUs, FSDP2, modifiers)."""
     name, *mods = tag.split("-")
     if name in DEEPSPEED and not mods:
-        return tag, 2, False, False, False
-    if name not in VARIANTS or not set(mods) <= {"scattermoe", "static"}:
-        sys.exit(f"unknown variant {tag!r}: one of {', '.join(VARIANTS)}, optionally with -scattermoe and/or -static")
+        return tag, 2, False, set()
+    if name not in VARIANTS or not set(mods) <= {"scattermoe", "liger", "static"}:
+        sys.exit(f"unknown variant {tag!r}: one of {', '.join(VARIANTS)}, optionally with -scattermoe, -liger, -static")
     gpus, fsdp = VARIANTS[name]
     if fsdp and "static" in mods:
         sys.exit(f"variant {tag!r}: -static sets a DDP option, which the host refuses together with FSDP")
-    return tag, gpus, fsdp, "scattermoe" in mods, "static" in mods
+    return tag, gpus, fsdp, set(mods)
 
 
 def build_model(path: Path, layers: int) -> None:
@@ -69,11 +69,10 @@ def write_data(path: Path) -> None:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
-def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: bool, steps: int, batch: int = 4,
-                   static: bool = False) -> Path:
+def variant_config(work: Path, name: str, gpus: int, fsdp: bool, mods: set[str], steps: int, batch: int = 4) -> Path:
     cfg = {
         "base_model": str(work / "model"),
-        "plugins": ["scattermoe"] if scattermoe else [],
+        "plugins": sorted(mods & {"scattermoe", "liger"}),
         "datasets": [{"path": str(work / "data.jsonl"), "type": "completion"}],
         "dataset_prepared_path": str(work / "prepared"),
         "sequence_len": 2048,
@@ -94,7 +93,9 @@ def variant_config(work: Path, name: str, gpus: int, fsdp: bool, scattermoe: boo
     }
     if name in DEEPSPEED:
         cfg["deepspeed"] = str(EXAMPLES / "deepspeed" / DEEPSPEED[name])
-    if static:  # every LoRA parameter gets a gradient each step: skip DDP's per-step unused-parameter search
+    if "liger" in mods:  # liger's kernels for this family (its SwiGLU has no dense MLP here: experts are scattermoe's)
+        cfg.update(liger_rms_norm=True, liger_rope=True, liger_fused_linear_cross_entropy=True)
+    if "static" in mods:  # every LoRA parameter gets a gradient each step: skip DDP's per-step unused-parameter search
         cfg["ddp_find_unused_parameters"] = False
     if fsdp:
         cfg["fsdp_config"] = {"transformer_layer_cls_to_wrap": [LAYER], "state_dict_type": "SHARDED_STATE_DICT"}
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
     ap.add_argument("--variants", default="1gpu,ddp2,fsdp2x2,1gpu-scattermoe,ddp2-scattermoe,fsdp2x2-scattermoe",
-                    help="comma-separated; suffix -scattermoe adds the plugin, -static sets ddp_find_unused_parameters: "
+                    help="comma-separated; suffix -scattermoe / -liger adds the plugin, -static sets ddp_find_unused_parameters: "
                     "false; zero2x2/zero3x2 run DeepSpeed ZeRO-2/3 on 2 GPUs with examples/deepspeed/*.json")
     ap.add_argument("--work", type=Path, default=Path("/tmp/host-scaling"))
     ap.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp/host-scaling-logs")))
@@ -136,8 +137,8 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0)
     results = []
-    for tag, gpus, fsdp, scattermoe, static in variants:
-        cfg = variant_config(args.work, tag, gpus, fsdp, scattermoe, args.steps, args.batch, static)
+    for tag, gpus, fsdp, mods in variants:
+        cfg = variant_config(args.work, tag, gpus, fsdp, mods, args.steps, args.batch)
         results.append(run(args.work, tag, gpus, cfg, args.logs))
         print(json.dumps(results[-1]), flush=True)
 
@@ -149,7 +150,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['name']:<22} ERROR {r['error']}")
             continue
-        key = "scattermoe" if "scattermoe" in r["name"] else "plain"
+        key = r["name"].split("-", 1)[1] if "-" in r["name"] else "plain"  # each plugin set against its own 1-GPU row
         base.setdefault(key, r)
         b = base[key]
         print(f"{r['name']:<22} {r['steady_tokens_per_s']:>9.0f} {r['steady_tokens_per_s'] / b['steady_tokens_per_s']:>8.2f}x "
