@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--host", default=str(Path(sys.executable).with_name("host")), help="the host CLI to run")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "axolotl_examples.json")
     args = ap.parse_args()
+    host = str(Path(args.host).absolute()) if os.sep in args.host else args.host  # validate runs from the sdist's root
     examples = args.examples.resolve()
     configs = select(examples)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +122,7 @@ def main() -> None:
             kind = family_type((yaml.safe_load(c.read_text()) or {}).get("base_model", ""))
             if kind not in models:
                 models[kind] = tiny_model(work / "tiny", kind)
-            results.append(check(c, models[kind], examples.parent, args.host, work) | {"stand_in": kind})
+            results.append(check(c, models[kind], examples.parent, host, work) | {"stand_in": kind})
     ok = sum(r["validates"] for r in results)
     width = max(len(r["config"]) for r in results)
     print(f"{'config':<{width}}  validates  problems")
