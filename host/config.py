@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
 
+from host import model_keys, offload, optim_args, parallel_sizes
 from host.errors import ConfigError, HostError, PluginError
 from host.model_keys import ModelKeys
 from host.paths import check_paths
@@ -463,8 +464,6 @@ def validate_with_warnings(
         entries = []
     elif "datasets" in data and not entries:
         problems.add("datasets", "datasets: the list is empty; add at least one entry (path and type).")
-    from host import model_keys
-
     data, renamed, errors = model_keys.normalize(data)  # model_config, flash_attention: axolotl's other spellings
     problems.warnings += renamed
     for message in errors:
@@ -510,8 +509,6 @@ def validate_with_warnings(
     if cfg is not None:
         for message in host_rule_errors(cfg):
             problems.add("rules", message)
-        from host import optim_args
-
         problems.warnings += optim_args.environment_warnings(cfg)
         for check in (check_adapter_kind, check_paths):  # each raises its first finding
             try:
@@ -557,18 +554,8 @@ def host_rule_errors(cfg: HostConfig) -> list[str]:
     if cfg.eval_steps and cfg.evals_per_epoch:
         errors.append("eval_steps/evals_per_epoch: set one of them, not both.")
     errors += _training_key_errors(cfg)
-    from host import model_keys
-
-    errors += model_keys.rule_errors(cfg)
-    from host import optim_args
-
-    errors += optim_args.errors(cfg)
-    from host import parallel_sizes
-
-    errors += parallel_sizes.errors(cfg)
-    from host import offload
-
-    errors += offload.errors(cfg)
+    for rules in (model_keys.rule_errors, optim_args.errors, parallel_sizes.errors, offload.errors):
+        errors += rules(cfg)
     if not cfg.fsdp_enabled:
         return errors
     fc = cfg.fsdp_config or FSDPConfig()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from host import model_keys
 from host.errors import ConfigError, PluginError
 
 log = logging.getLogger("host.model")
@@ -46,9 +47,7 @@ def load_tokenizer_and_processor(cfg) -> tuple[Any, Any]:
 
 def plugin_init_kwargs(cfg, pm, purpose: str) -> dict[str, Any]:
     """The plugins' ``model_init_kwargs`` answers, merged; a key given twice is an error naming both."""
-    from host.model_keys import host_kwarg_keys
-
-    host_keys = host_kwarg_keys(cfg)
+    host_keys = model_keys.host_kwarg_keys(cfg)
     owners: dict[str, str] = {}
     merged: dict[str, Any] = {}
     for impl in reversed(pm.hook.model_init_kwargs.get_hookimpls()):  # plugins: order
@@ -92,9 +91,7 @@ def load_model(cfg, extra_kwargs: dict[str, Any] | None = None):
                 f"not model_init_kwargs)."
             )
     kwargs.update(extra_kwargs or {})
-    from host.model_keys import init_kwargs
-
-    kwargs.update(init_kwargs(cfg))  # overrides_of_model_config, model_quantization_config
+    kwargs.update(model_keys.init_kwargs(cfg))  # overrides_of_model_config, model_quantization_config
     # A processor means a vision-language model: try the image-text class first.
     classes = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
     if cfg.processor_type:
@@ -143,10 +140,8 @@ def attach_adapter(cfg, model, tokenizer=None):
             log.info("loading LoRA adapter from %s (trainable)", cfg.lora_model_dir)
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True)
         else:
-            from host.model_keys import lora_exclude
-
             lora = LoraConfig(
-                exclude_modules=lora_exclude(cfg, model),  # freeze_mm_modules: no LoRA on vision/audio towers
+                exclude_modules=model_keys.lora_exclude(cfg, model),  # freeze_mm_modules: no LoRA on vision/audio towers
                 r=cfg.lora_r,
                 lora_alpha=cfg.lora_alpha,
                 lora_dropout=cfg.lora_dropout,
@@ -184,9 +179,7 @@ def load_model_phase(cfg, pm, tokenizer):
     pm.hook.post_model_load(cfg=cfg, model=model)
     model = attach_adapter(cfg, model, tokenizer)
     pm.hook.post_model_build(cfg=cfg, model=model)
-    from host.model_keys import apply_freezing
-
-    apply_freezing(cfg, model)  # unfrozen_parameters, freeze_mm_modules
+    model_keys.apply_freezing(cfg, model)  # unfrozen_parameters, freeze_mm_modules
     return model
 
 
