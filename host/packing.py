@@ -26,6 +26,14 @@ log = logging.getLogger("host.packing")
 PACKABLE = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
+def _check_fits(lengths: list[int], capacity: int) -> None:
+    """Both packers need every row to fit one bin."""
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        i = too_long[0]
+        raise DataError(f"sample_packing: row {i} has {lengths[i]} tokens, more than sequence_len={capacity}.")
+
+
 def first_fit_decreasing(lengths: list[int], capacity: int, seed: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into bins of total length <= ``capacity``.
 
@@ -33,10 +41,7 @@ def first_fit_decreasing(lengths: list[int], capacity: int, seed: int) -> list[l
     max segment tree over the bins' free space. The bins' order is then shuffled with ``seed``, so
     training does not see long documents first. Deterministic for a given input and seed.
     """
-    too_long = [i for i, n in enumerate(lengths) if n > capacity]
-    if too_long:
-        i = too_long[0]
-        raise DataError(f"sample_packing: row {i} has {lengths[i]} tokens, more than sequence_len={capacity}.")
+    _check_fits(lengths, capacity)
     size = 1
     while size < max(len(lengths), 1):
         size *= 2
@@ -68,10 +73,7 @@ def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices grouped into bins in data order: a row starts a new bin when it does not fit the current
     one (axolotl's ``sample_packing_sequentially``; with ``curriculum_sampling`` training sees the rows in
     file order). Fewer rows per bin than first-fit decreasing, but no reordering."""
-    too_long = [i for i, n in enumerate(lengths) if n > capacity]
-    if too_long:
-        i = too_long[0]
-        raise DataError(f"sample_packing: row {i} has {lengths[i]} tokens, more than sequence_len={capacity}.")
+    _check_fits(lengths, capacity)
     bins: list[list[int]] = []
     room = 0
     for i, n in enumerate(lengths):
