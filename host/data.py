@@ -476,6 +476,17 @@ def _rows_with_labels(ds) -> list[bool]:
     return mask.tolist()
 
 
+def _stream_problems(n_parts: int, cfg) -> list[str]:
+    """What a streamed dataset cannot do with this config, all reported at once (a stream is known only
+    once a strategy's ``load()`` returns it, so this cannot run at config validation)."""
+    checks = (
+        (n_parts != 1, "datasets: a streaming dataset cannot be combined with other entries."),
+        (bool(cfg.val_set_size), "val_set_size: cannot split an eval set from a streaming dataset; set it to 0."),
+        (bool(cfg.dataset_exact_deduplication), dedup.STREAM_REFUSAL),
+    )
+    return [message for bad, message in checks if bad]
+
+
 def prepare(cfg, pm, tokenizer, processor=None):
     """Return ``(train, eval_or_None)``, loading from the prepared cache when it is current."""
     import datasets
@@ -512,12 +523,9 @@ def prepare(cfg, pm, tokenizer, processor=None):
             where = f"datasets[{i}] ({entry.path})"
             parts.append(finish_rows(strategy.load(), cfg, where, owner, entry.type, tokenizer))
         if any(isinstance(p, datasets.IterableDataset) for p in parts):
-            if len(parts) != 1:
-                raise DataError("datasets: a streaming dataset cannot be combined with other entries.")
-            if cfg.val_set_size:
-                raise DataError("val_set_size: cannot split an eval set from a streaming dataset; set it to 0.")
-            if cfg.dataset_exact_deduplication:
-                dedup.deduplicate(parts[0])  # raises: a stream cannot be deduplicated
+            problems = _stream_problems(len(parts), cfg)
+            if problems:
+                raise DataError("\n".join(problems))
             return parts[0], None
         full = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         if cfg.dataset_exact_deduplication:  # before the split: no row repeats within or across train/eval

@@ -34,6 +34,12 @@ def row_digest(row: dict) -> bytes:
     return hashlib.sha256(json.dumps(row, sort_keys=True, default=_encode).encode()).digest()
 
 
+STREAM_REFUSAL = (
+    "dataset_exact_deduplication: a streaming dataset cannot be deduplicated (its rows are read once, "
+    "as training consumes them); set dataset_exact_deduplication: false or load the data without streaming."
+)
+
+
 def deduplicate(ds, where: str = "datasets"):
     """``ds`` without exact duplicate rows (first copy kept); logs how many were dropped.
 
@@ -43,10 +49,7 @@ def deduplicate(ds, where: str = "datasets"):
     import datasets
 
     if isinstance(ds, datasets.IterableDataset):
-        raise DataError(
-            "dataset_exact_deduplication: a streaming dataset cannot be deduplicated (its rows are read once, "
-            "as training consumes them); set dataset_exact_deduplication: false or load the data without streaming."
-        )
+        raise DataError(STREAM_REFUSAL)
     seen: set[bytes] = set()
     keep: list[int] = []
     try:

@@ -190,3 +190,14 @@ def test_streaming_strategy_trains_and_preprocess_refuses(run_host, write_config
     result = run_host("train", write_config(cfg))
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 3
+
+
+def test_streaming_refusals_are_reported_together(run_host, write_config, local_plugin, tiny_model, tmp_path):
+    local_plugin("streamer", _STREAMING_PLUGIN)
+    cfg = base_config(tiny_model("qwen3_moe"), "unused", tmp_path / "o", plugins=["streamer"], max_steps=3,
+                      val_set_size=0.1, dataset_exact_deduplication=True)
+    cfg["datasets"] = [{"path": "unused", "type": "stream"}]
+    result = run_host("train", write_config(cfg))
+    assert result.exit_code == 2, result.output
+    assert "val_set_size: cannot split an eval set from a streaming dataset" in result.output
+    assert "dataset_exact_deduplication: a streaming dataset cannot be deduplicated" in result.output
