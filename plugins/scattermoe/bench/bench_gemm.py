@@ -1,71 +1,173 @@
-"""Where the block's time goes: each expert GEMM of the Qwen3-30B-A3B shape alone, vs cuBLAS.
+"""The four expert GEMM launches of a block step, alone, per tile and operand path, against cuBLAS dense.
 
-For the up (K=2048 → N=1536) and down (768 → 2048) projections at T·k = 32768 routed rows, times
-(median, ms) and TFLOP/s of: a dense cuBLAS ``torch.mm`` of the same total FLOPs (the ceiling for a
-GEMM of this size on this device), ``torch._grouped_mm`` on the pre-sorted rows (what transformers'
-``grouped_mm`` runs, no LoRA), and ``scatter2scatter`` without LoRA, with fused LoRA, and with the
-split LoRA epilogue, gathered and grouped input. Usage: python bench/bench_gemm.py [--tokens 4096]
+For each model shape (T tokens, bf16, LoRA r = 16 as the block runs it: fused, or the split epilogue
+where ``ops.use_split`` picks it) the launches ``up fwd`` (gathered x → grouped h), ``down fwd``
+(grouped act → scattered y), ``down dX`` (scattered dy → grouped) and ``up dX`` (grouped dh → scattered)
+are timed (median ms, ``triton.testing.do_bench``) and reported in TFLOP/s of the base GEMM
+(``2·L·K·N``), with the tiles of the rule before TMA (``rule``, ``SCATTERMOE_TMA=0``), the current rule
+(``new rule``: what the block runs now; ``--final`` times only these two), with pointer loads
+(``ptr``) or TMA descriptors (``tma``: W always, x when grouped) at a list of tiles, and
+``gather+tma``: x gathered into sorted order first (``index_select``, timed with it), then a TMA
+launch. ``cuBLAS`` is a dense ``torch.mm`` of the same FLOPs (the ceiling at this size).
+
+Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final]
+       [--part i/n --compile-only]  (compile a share of the variants, to fill Triton's cache in parallel)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import torch
 import triton
 
+SHAPES = {  # name: (family, E, H, I, top_k); as bench_moe_block.py
+    "Qwen3-30B-A3B": ("qwen3", 128, 2048, 768, 8),
+    "OLMoE-1B-7B": ("qwen3", 64, 2048, 1024, 8),
+    "Mixtral-8x7B": ("qwen3", 8, 4096, 14336, 2),
+    "Qwen3.5-35B-A3B": ("qwen3", 256, 2048, 512, 8),
+    "gpt-oss-20b": ("gpt_oss", 32, 2880, 2880, 4),
+}
+TILES = {  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
+    "big": [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 4), (256, 128, 64, 8, 8, 3)],
+    "small": [(64, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)],
+}
+
+
+def cfg(t, tma):
+    bm, bn, bk, g, w, s = t
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "num_warps": w, "num_stages": s, "TMA": tma}
+
+
+def launches(name, T, r, dev, dt):
+    """[(launch, flops, run(force_cfg or None, gather_first))] of one shape, operands built once."""
+    from host_plugin_scattermoe import kernels as K
+    from host_plugin_scattermoe import ops
+    from host_plugin_scattermoe.routing import sort_tokens
+
+    family, E, H, I, k = SHAPES[name]
+    g = torch.Generator(device=dev).manual_seed(0)
+    sei, ssi, offs = sort_tokens(torch.randn(T, E, device=dev, generator=g).topk(k, -1).indices, E)
+    L = T * k
+    gpt = family == "gpt_oss"
+
+    def rnd(*shape, scale=0.02, dtype=dt):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).to(dtype)
+
+    # kernel views [E, K, N] of the stored weights (transformers: [E, N, K]; gpt-oss stores [E, K, N])
+    W1 = rnd(E, H, 2 * I) if gpt else rnd(E, 2 * I, H).transpose(1, 2)
+    W2 = rnd(E, I, H) if gpt else rnd(E, H, I).transpose(1, 2)
+    b1, b2 = (rnd(E, 2 * I), rnd(E, H)) if gpt else (None, None)
+    A1, B1 = ops.kernel_strides(rnd(E, r, H), rnd(E, 2 * I, r))
+    A2, B2 = ops.kernel_strides(rnd(E, r, I), rnd(E, H, r))
+    x, h, dy, dh = rnd(T, H, scale=1), rnd(L, I, scale=1), rnd(L, H, scale=1), rnd(L, 2 * I, scale=1)
+    xa = torch.randn(L, r, device=dev, generator=g)
+
+    def spec(inp, W, fan, gin, gout, A, B, bias, gather_fan):
+        split = ops.use_split(E, W.shape[1], W.shape[2])
+
+        def run(force, gather_first=False):
+            K.FORCE.clear()
+            if force is not None:
+                K.FORCE["s2s"] = force
+            src, f, gi = inp, fan, gin
+            if gather_first:
+                src, f, gi = inp.index_select(0, ssi // gather_fan), 1, True
+            kw = dict(B=B, xa_in=xa) if split else dict(A=A, B=B, write_xa=True)
+            return K.scatter2scatter(src, W, ssi, offs, f, scaling=2.0, bias=bias, grouped_in=gi, grouped_out=gout, **kw)
+
+        return 2 * L * W.shape[1] * W.shape[2], run, split
+
+    return L, [
+        ("up fwd", *spec(x, W1, k, False, True, A1, B1, b1, k), k),
+        ("down fwd", *spec(h, W2, 1, True, False, A2, B2, b2, 1), None),
+        ("down dX", *spec(dy, W2.transpose(1, 2), 1, False, True, B2.transpose(1, 2), A2.transpose(1, 2), None, 1), 1),
+        ("up dX", *spec(dh, W1.transpose(1, 2), 1, True, False, B1.transpose(1, 2), A1.transpose(1, 2), None, 1), None),
+    ]
+
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--part", default="0/1")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--final", action="store_true", help="only the rule before TMA vs the current rule")
     args = ap.parse_args()
     from host_plugin_scattermoe import kernels as K
-    from host_plugin_scattermoe.routing import sort_tokens
 
-    T, E, k, r = args.tokens, args.experts, args.top_k, args.rank
+    part, nparts = map(int, args.part.split("/"))
     dev, dt = "cuda", torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
-    logits = torch.randn(T, E, device=dev, generator=g)
-    sei, ssi, offs = sort_tokens(logits.topk(k, -1).indices, E)
-    L = T * k
-    rows = []
-    for name, Kd, N in (("up", 2048, 1536), ("down", 768, 2048)):
-        x = torch.randn(T, Kd, device=dev, dtype=dt)
-        xg = torch.randn(L, Kd, device=dev, dtype=dt)
-        W = (torch.randn(E, N, Kd, device=dev, dtype=dt) * 0.02).transpose(1, 2)  # transformers' [E, N, K]
-        A = torch.randn(E, r, Kd, device=dev, dtype=dt) * 0.02
-        B = torch.randn(E, N, r, device=dev, dtype=dt) * 0.02
-        xa = torch.randn(L, r, device=dev, dtype=torch.float32)
-        fl = 2 * L * Kd * N
-        dense_b = torch.randn(Kd, N, device=dev, dtype=dt)
-        cases = {
-            "cuBLAS dense mm": lambda: xg @ dense_b,
-            "torch._grouped_mm": lambda: torch._grouped_mm(xg, W, offs=offs.to(torch.int32)),
-            "s2s no LoRA, gathered": lambda: K.scatter2scatter(x, W, ssi, offs, k, grouped_out=True),
-            "s2s no LoRA, grouped": lambda: K.scatter2scatter(xg, W, ssi, offs, 1, grouped_in=True),
-            "s2s fused LoRA, gathered": lambda: K.scatter2scatter(x, W, ssi, offs, k, A=A, B=B, grouped_out=True, write_xa=True),
-            "s2s split epilogue, gathered": lambda: K.scatter2scatter(x, W, ssi, offs, k, B=B, xa_in=xa, grouped_out=True),
-            "s2s dX-like (Wᵀ, fused)": lambda: K.scatter2scatter(
-                torch.randn(L, N, device=dev, dtype=dt), W.transpose(1, 2), ssi, offs, 1,
-                A=B.transpose(1, 2), B=A.transpose(1, 2), grouped_in=True, write_xa=True),
-        }
-        for case, fn in cases.items():
-            try:
-                fn()
-                ms = triton.testing.do_bench(fn, warmup=10, rep=50)
-            except Exception as e:  # noqa: BLE001 - report, keep going
-                print(case, "failed:", repr(e)[:200])
-                continue
-            rows.append((name, case, ms, fl / ms / 1e9))
-    print(f"\n{torch.cuda.get_device_name()}  T={T} E={E} k={k} r={r} bf16  (rows = {L})")
-    print(f"{'proj':<6}{'case':<32}{'ms':>8}{'TFLOP/s':>9}")
-    for name, case, ms, tf in rows:
-        print(f"{name:<6}{case:<32}{ms:>8.3f}{tf:>9.0f}")
-    for key, conf in K._PICKED.items():
-        print("tiles", key, conf)
+    rows, idx = [], 0
+    for name in args.shapes:
+        L, specs = launches(name, args.tokens, args.rank, dev, dt)
+        E = SHAPES[name][1]
+        tiles = TILES["small" if L / E < 160 else "big"]
+        for launch, flops, run, split, gather_fan in specs:
+            variants = [("rule", None, False, "0")]
+            if args.final:
+                variants.append(("new rule", None, False, "rule"))
+            else:
+                variants.append(("rule+tma", "rule", False, "1"))
+                variants += [("tma " + "x".join(map(str, t[:3])) + f" w{t[4]}s{t[5]}", cfg(t, True), False, "rule") for t in tiles]
+            if gather_fan is not None and not args.final:
+                variants += [("gather+tma " + "x".join(map(str, t[:3])) + f" s{t[5]}", cfg(t, True), True, "rule")
+                             for t in (tiles[0], (128, 128, 64, 8, 8, 3))]
+            for vname, force, gather_first, tma_mode in variants:
+                idx += 1
+                if (idx - 1) % nparts != part:
+                    continue
+                K.TMA_MODE = tma_mode
+                force_cfg = None if force in (None, "rule") else force
+                try:
+                    run(force_cfg, gather_first)
+                    torch.cuda.synchronize()
+                    if args.compile_only:
+                        continue
+                    ms = triton.testing.do_bench(lambda: run(force_cfg, gather_first), warmup=10, rep=40)
+                except Exception as e:  # noqa: BLE001 - report, keep going
+                    print(name, launch, vname, "failed:", repr(e)[:300], flush=True)
+                    continue
+                picked = dict(K.FORCE.get("s2s") or {})
+                rows.append({"shape": name, "launch": launch, "variant": vname, "split": split, "ms": ms,
+                             "tflops": flops / ms / 1e9, "cfg": picked})
+                print(f"{name:<16}{launch:<9}{vname:<30}{ms:>8.3f}{flops / ms / 1e9:>8.0f}", flush=True)
+        K.FORCE.clear()
+        K.TMA_MODE = "rule"
+        if not args.compile_only:
+            # cuBLAS dense of the up projection's FLOPs (the ceiling at this size)
+            _, _, H, I, _ = SHAPES[name]
+            a = torch.randn(L, H, device=dev, dtype=dt)
+            b = torch.randn(H, 2 * I, device=dev, dtype=dt)
+            ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=40)
+            rows.append({"shape": name, "launch": "up fwd", "variant": "cuBLAS dense", "ms": ms, "tflops": 2 * L * H * 2 * I / ms / 1e9})
+            print(f"{name:<16}{'up fwd':<9}{'cuBLAS dense':<30}{ms:>8.3f}{rows[-1]['tflops']:>8.0f}", flush=True)
+        del specs
+        torch.cuda.empty_cache()
+    if args.compile_only:
+        return
+    print(f"\n{torch.cuda.get_device_name()}  T={args.tokens} r={args.rank} bf16; per launch: best variant vs rule")
+    best = {}
+    for r_ in rows:
+        key = (r_["shape"], r_["launch"])
+        if r_["variant"] == "cuBLAS dense":
+            continue
+        if key not in best or r_["ms"] < best[key]["ms"]:
+            best[key] = r_
+    rule = {(r_["shape"], r_["launch"]): r_ for r_ in rows if r_["variant"] == "rule"}
+    print(f"{'shape':<16}{'launch':<9}{'rule ms':>8}{'TF/s':>6}  {'best':<30}{'ms':>8}{'TF/s':>6}")
+    for key, b in best.items():
+        ru = rule.get(key)
+        if ru:
+            print(f"{key[0]:<16}{key[1]:<9}{ru['ms']:>8.3f}{ru['tflops']:>6.0f}  {b['variant']:<30}{b['ms']:>8.3f}{b['tflops']:>6.0f}")
+    out = args.json or os.path.join(os.environ.get("OUT", "."), "bench_gemm.json")
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rank": args.rank, "rows": rows,
+                   "rule_tiles": {str(k): v for k, v in K._PICKED.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

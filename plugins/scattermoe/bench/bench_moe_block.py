@@ -4,6 +4,8 @@
 (b) this plugin's ``scattermoe`` experts (Triton, LoRA consumed as factors; the LoRA forward path
     its default threshold picks)
 (b+graph) the same with ``scattermoe_cuda_graph``: the experts call replayed as two CUDA graphs (``graphs.py``)
+(b+ptr) the same with the expert GEMMs' operands loaded through pointers and the tiles of the rule
+    before TMA (``SCATTERMOE_TMA=0``: the kernels as they were before the TMA pass, for before/after in one run)
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -172,7 +174,7 @@ def isolated(args):
 def print_table(rows, dev, T, R):
     peak = device_peak()
     print(f"\ndevice: {dev}  peak bf16 {peak:.0f} TFLOP/s  date {datetime.date.today()}  T={T} r={R} bf16 fwd+bwd, ms")
-    print(f"{'shape':<16}{'impl':<12}{'ms':>7}{'min':>7}{'p90':>7}{'b2b':>7}{'gpu':>7}{'host':>7}{'cold s':>7}{'GiB':>6}"
+    print(f"{'shape':<16}{'impl':<16}{'ms':>7}{'min':>7}{'p90':>7}{'b2b':>7}{'gpu':>7}{'host':>7}{'cold s':>7}{'GiB':>6}"
           f"{'TFLOP/s':>8}{'vs (a)':>7}{'target':>7}{'relerr':>9}")
     base = {r["shape"]: r["ms"] for r in rows if r["impl"] == "grouped_mm"}
     for r in rows:
@@ -180,7 +182,7 @@ def print_table(rows, dev, T, R):
         sp = f"{base[r['shape']] / r['ms']:.1f}x" if r["shape"] in base else "-"
         tf = f"{r['tflops']:.0f}" if r["tflops"] else "-"
         err = f"{r['err']:.1e}" if r["err"] is not None else "-"
-        print(f"{r['shape']:<16}{r['impl']:<12}{r['ms']:>7.2f}{r['min']:>7.2f}{r['p90']:>7.2f}{r['b2b']:>7.2f}{r['gpu']:>7.2f}"
+        print(f"{r['shape']:<16}{r['impl']:<16}{r['ms']:>7.2f}{r['min']:>7.2f}{r['p90']:>7.2f}{r['b2b']:>7.2f}{r['gpu']:>7.2f}"
               f"{r['host']:>7.2f}{r['cold_s']:>7.1f}{r['gib']:>6.2f}{tf:>8}{sp:>7}{tgt:>7}{err:>9}")
 
 
@@ -223,6 +225,9 @@ def main():
                 lora.attach(holder)
             from host_plugin_scattermoe import ops
 
+            from host_plugin_scattermoe import kernels as K
+
+            K.TMA_MODE = "0" if impl == "scattermoe+ptr" else os.environ.get("SCATTERMOE_TMA", "rule")
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             cfg._experts_implementation = impl.split("+")[0]

@@ -110,6 +110,32 @@ if [ "$what" = profile2 ]; then  # issue 16 follow-up, call 4: per-kernel tables
   SCATTERMOE_CUDA_GRAPH=1 timeout 30 python3 plugins/scattermoe/bench/profile_block.py Qwen3-30B-A3B > "$OUT/profile_graph.log" 2>&1
   echo "rc=$?"; grep -A 26 "=====" "$OUT/profile_graph.log" | cut -c1-110
 fi
+if [ "$what" = tma1 ]; then  # issue 16 (TMA pass), call 1: GEMM launches per tile/operand path, GPU tests with TMA on/off
+  for i in 0 1 2 3 4 5 6 7 8 9; do  # fill Triton's cache in parallel (one compile per variant)
+    timeout 150 python3 plugins/scattermoe/bench/bench_gemm.py --part $i/10 --compile-only > "$OUT/compile$i.log" 2>&1 &
+  done
+  timeout 120 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_gpu.py \
+    plugins/scattermoe/tests/test_scattermoe_kernels.py -k "real_shapes or tma or int64" > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -8
+  wait; grep -h failed "$OUT"/compile*.log | cut -c1-300 | head -5; cat "$OUT"/compile*.log > "$OUT/compile.log"; rm -f "$OUT"/compile?.log
+  timeout 200 python3 plugins/scattermoe/bench/bench_gemm.py --json "$OUT/bench_gemm.json" > "$OUT/gemm.log" 2>&1
+  echo "gemm rc=$?"; grep -A 30 "best variant" "$OUT/gemm.log"; grep failed "$OUT/gemm.log" | cut -c1-200 | head
+fi
+if [ "$what" = tmafinal ]; then  # issue 16 (TMA pass), last call: block table with peers, GPU tests, e2e, GEMMs before/after
+  timeout 200 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 --impls grouped_mm scattermoe scattermoe+ptr liger \
+    --json "$OUT/bench_moe_block.json" > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep failed "$OUT/bench.log" | cut -c1-300; grep -A 24 "^device" "$OUT/bench.log"
+  timeout 110 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_gpu.py \
+    plugins/scattermoe/tests/test_scattermoe_fused_tail.py plugins/scattermoe/tests/test_scattermoe_graphs.py \
+    plugins/scattermoe/tests/test_scattermoe_kernels.py::test_tma_descriptor_path_matches_reference \
+    plugins/scattermoe/tests/test_scattermoe_kernels.py::test_int64_variant_is_bitwise_identical \
+    plugins/scattermoe/tests/test_scattermoe_kernels.py::test_tile_rule_tma_choice > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -8
+  timeout 90 python3 plugins/scattermoe/bench/bench_e2e_train.py --steps 10 --work /tmp/e2e > "$OUT/e2e.log" 2>&1
+  echo "e2e rc=$?"; tail -9 "$OUT/e2e.log" | cut -c1-300
+  timeout 40 python3 plugins/scattermoe/bench/bench_gemm.py --final --json "$OUT/bench_gemm.json" > "$OUT/gemm.log" 2>&1
+  echo "gemm rc=$?"; grep -A 22 "best variant" "$OUT/gemm.log"; grep failed "$OUT/gemm.log" | cut -c1-200 | head -3
+fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 plugins/scattermoe/bench/bench_moe_block.py "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -40 "$OUT/bench.log"

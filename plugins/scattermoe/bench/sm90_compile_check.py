@@ -32,7 +32,7 @@ UNIT = {"s_xk", "s_wk", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 
 
-def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s):
+def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False):
     fn = K._s2s_kernel
     sig, const, attrs = {}, {}, {}
     unit = UNIT_DX if dx else UNIT
@@ -43,6 +43,12 @@ def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, b
         if name in unit:
             sig[name] = "constexpr"
             const[name] = 1
+            continue
+        if name == "Wd":
+            sig[name] = (f"tensordesc<bf16[{bk}, {bn}]>" if dx else f"tensordesc<bf16[{bn}, {bk}]>") if tma else "*bf16"
+            continue
+        if name == "Xd":
+            sig[name] = f"tensordesc<bf16[{bm}, {bk}]>" if (tma and gin) else "*bf16"
             continue
         if name in PTRS:
             sig[name] = PTR_T.get(name, "*bf16")
@@ -55,6 +61,7 @@ def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, b
     const.update(
         X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
         E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=glu,
+        W_DESC=(2 if dx else 1) if tma else 0, X_DESC=bool(tma and gin),
     )
     for k2 in const:
         sig[k2] = "constexpr"
@@ -72,7 +79,9 @@ def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, b
         "regs": int(regs.group(1)) if regs else None,
         "spill_stores": int(spill.group(1)) if spill else None,
         "wgmma": ptx.count("wgmma.mma_async"),
-        "cp_async": ptx.count("cp.async"),
+        "cp_async": ptx.count("cp.async.ca") + ptx.count("cp.async.cg"),
+        "tma": ptx.count("cp.async.bulk.tensor"),
+        "setmaxnreg": ptx.count("setmaxnreg"),
         "mma_sync": ptx.count("mma.sync"),
         "shared": ck.metadata.shared,
     }
@@ -81,19 +90,26 @@ def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, b
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", nargs="*", default=["128,128,64,8,3", "128,256,64,8,3", "128,64,64,8,3", "64,128,64,4,4"])
+    ap.add_argument("--tma", action="store_true", help="the TMA-descriptor variants (W always, x when grouped)")
+    ap.add_argument("--glu", action="store_true", help="also the GLU-backward epilogue variants")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90a")
-    print(f"{'variant':<34}{'tile bm,bn,bk,w,s':<20}{'regs':>6}{'spill B':>9}{'wgmma':>7}{'mma.sync':>9}{'cp.async':>9}{'smem':>8}")
+    print(f"{'variant':<34}{'tile bm,bn,bk,w,s':<20}{'regs':>6}{'spill B':>9}{'wgmma':>7}{'mma.sync':>9}{'cp.async':>9}{'tma':>5}{'smem':>8}")
     variants = [("fwd up (gather, LoRA fused)", False, 1, False, True, False),
-                ("dX down + GLU/combine epilogue", True, 1, False, True, True),
-                ("dX down + GLU epilogue, split", True, 2, False, True, True),
+                ("fwd up (gather, split epilogue)", False, 2, False, True, False),
+                ("fwd down (grouped in, LoRA fused)", False, 1, True, False, False),
+                ("dX up (grouped in, LoRA fused)", False, 1, True, False, True),
                 ("dX down (plain store)", False, 1, False, True, True)]
+    if args.glu:
+        variants += [("dX down + GLU/combine epilogue", True, 1, False, True, True),
+                     ("dX down + GLU epilogue, split", True, 2, False, True, True)]
     for label, glu, lora, gin, gout, dx in variants:
         for t in args.tiles:
             bm, bn, bk, w, s = map(int, t.split(","))
             try:
-                r = compile_variant(glu, lora, gin, gout, dx, bm, bn, bk, w, s)
-                print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}{r['cp_async']:>9}{r['shared']:>8}")
+                r = compile_variant(glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma)
+                print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}"
+                      f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}")
             except Exception as e:  # noqa: BLE001
                 print(f"{label:<34}{t:<20} failed: {repr(e)[:200]}")
 

@@ -30,7 +30,10 @@ Index arithmetic is int32 unless a buffer reaches ``2**31`` elements, in which c
 ``INT64`` variant (a separate specialisation, so the int32 path pays nothing) is launched.
 On a GPU, tiles come from a deterministic rule (``s2s_rule`` / ``outer_rule``, fitted to an H200
 sweep of every launch of a real block step), pruned by the device's shared memory and registers per
-block (read from the driver); ``SCATTERMOE_TILES=autotune`` uses Triton's autotuner instead. Under
+block (read from the driver); ``SCATTERMOE_TILES=autotune`` uses Triton's autotuner instead. On a
+Hopper-class device the rule's large tiles load W, and x when it is already grouped, through TMA tensor
+descriptors built on the host (``_tma_descs``; ``SCATTERMOE_TMA=0`` restores pointer loads everywhere);
+gathered rows keep pointer loads (cp.async), since Hopper's TMA has no row gather. Under
 ``TRITON_INTERPRET=1`` one small fixed configuration is used (the interpreter cannot autotune).
 ``clamped_glu_fwd``/``_bwd`` are gpt-oss's interleaved, clamped sigmoid-GLU (one pass each way instead of
 torch's ~7 elementwise kernels and their ~12 backward ones over ``[T·k, 2I]``).
@@ -293,10 +296,12 @@ def _s2s_kernel(
     s_xam, s_xar, s_bias_e, s_bias_n,
     scaling,
     Gates, Hin, DGP, s_hm, s_dgp,
+    Wd, Xd,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
+    W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
@@ -317,16 +322,29 @@ def _s2s_kernel(
     a_ptrs = A + e64 * s_ae + r_offs[:, None] * s_ar + k_base[None, :] * s_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    n0 = pid_n * BLOCK_N
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
+        k_mask = (k0 + k_base) < K
+        # Operand tiles: through a TMA descriptor (host-built, see _tma_descs) or pointer loads.
+        # A descriptor box that runs past the expert's last row reads the next expert's rows: for x
+        # those rows are masked in the epilogue; for W (K-major rows past this expert's K) they
+        # meet x columns >= K, which are zero (TMA zero fill / the k mask).
+        if X_DESC:
+            x = Xd.load([row0, k0])
+        elif EVEN_K:
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if W_DESC == 1:  # W_e stored [N, K] (K contiguous): box [BLOCK_N, BLOCK_K], used transposed
+            w = tl.trans(Wd.load([e * N + n0, k0]))
+        elif W_DESC == 2:  # W_e stored [K, N] (N contiguous)
+            w = Wd.load([e * K + k0, n0])
+        elif EVEN_K:
             if EVEN_N:
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
         else:
-            k_mask = (k0 + k_base) < K
-            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
         if LORA == 1:
@@ -579,26 +597,39 @@ def _cfg(bm, bn, bk, g, w, s):
 
 
 def s2s_rule(
-    L: int, E: int, K: int, N: int, lora: int, grouped_in: bool = False, grouped_out: bool = False, glu: bool = False
+    L: int, E: int, K: int, N: int, lora: int, grouped_in: bool = False, grouped_out: bool = False, glu: bool = False,
+    tma: bool = False,
 ) -> list[dict]:
     """Candidate tiles for a scatter2scatter launch, best first (the first that fits the device is used).
 
-    From the H200 sweep (bf16, 128-4096 rows per expert): 128×128×64 tiles, 8 warps, 3 stages won
-    every launch except those reading sorted rows and writing a wide (≥ 2048) scattered output (the
-    down projection's forward and the up projection's dX), where 128×256 was 10-25% faster; a
-    rank-sized output (the split path's ``x·Aᵀ``) wants a thin, deep tile. Below ~96 rows per
-    expert a 128-row block is mostly padding (blocks never straddle experts), so 64 rows. The
-    GLU-backward epilogue (``glu_down_dx``) holds h's two halves beside the accumulator: at 128×128
-    ptxas spills ~900 B per thread (``bench/sm90_compile_check.py``), at 128×64 it fits in 236
-    registers, so that launch takes 64 columns."""
+    ``tma``: the device has TMA (Hopper class) and ``TMA_MODE`` allows it. Then a launch with at least
+    96 rows per expert takes 128×256×64, 8 warps, with W (and grouped x) loaded through TMA descriptors:
+    on an H200 (``bench/bench_gemm.py``, ``bench/results/h200-2026-12-01-tma1-bench_gemm.*``) this was
+    the fastest variant, or within noise of it, for all four launches of all five model shapes, 10-25%
+    faster than the pointer-load tiles below (Mixtral's up projection 3.90 → 3.17 ms, gpt-oss's down
+    projection 0.82 → 0.62 ms); 4 pipeline stages from 160 rows per expert (measured better or equal
+    at the four shapes with 256-1024 rows), 3 at Qwen3.5's 128 (the only depth measured there).
+
+    Without TMA, from the H200 sweep (bf16, 128-4096 rows per expert): 128×128×64 tiles, 8 warps, 3
+    stages won every launch except those reading sorted rows and writing a wide (≥ 2048) scattered
+    output (the down projection's forward and the up projection's dX), where 128×256 was 10-25% faster;
+    a rank-sized output (the split path's ``x·Aᵀ``) wants a thin, deep tile. Below ~96 rows per
+    expert a 128-row block is mostly padding (blocks never straddle experts), so 64 rows (pointer
+    loads: TMA was not measured there). The GLU-backward epilogue (``glu_down_dx``) holds h's two
+    halves beside the accumulator: at 128×128 ptxas spills ~900 B per thread
+    (``bench/sm90_compile_check.py``), at 128×64 it fits in 236 registers, so that launch takes 64
+    columns."""
     if glu:
         return [_cfg(128, 64, 64, 8, 8, 3), _cfg(64, 64, 64, 8, 4, 3)]
     if N <= 32:
         bk = min(256, max(64, triton.next_power_of_2(K)))
         return [_cfg(64, max(16, triton.next_power_of_2(N)), bk, 8, 4, 3), _cfg(64, 16, 128, 8, 4, 3)]
-    if L / max(E, 1) < 96:
+    rows_per_expert = L / max(E, 1)
+    if rows_per_expert < 96:
         return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
     out = []
+    if tma:
+        out.append({**_cfg(128, 256, 64, 8, 8, 4 if rows_per_expert >= 160 else 3), "TMA": True})
     if grouped_in and not grouped_out and N >= 2048:
         out.append(_cfg(128, 256, 64, 8, 8, 3))
     out += [_cfg(128, 128, 64, 8, 8, 3), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
@@ -616,6 +647,58 @@ def outer_rule(L: int, E: int, P: int, Q: int) -> list[dict]:
     if Q <= 32:
         return [c(64, 128, max(16, triton.next_power_of_2(Q)), 4, 3), c(32, 64, 16, 4, 3)]
     return [c(64, 128, 128, 8, 3), c(64, 64, 64, 4, 3), c(32, 32, 64, 4, 3)]
+
+
+#: TMA operand loads (Hopper's bulk tensor copy) in scatter2scatter: ``"rule"`` (default) where the tile
+#: rule asks for them (``"TMA": True`` in its candidate), ``"1"`` wherever an operand's layout allows
+#: (tests, benchmarks), ``"0"`` never. Env ``SCATTERMOE_TMA``.
+TMA_MODE = os.environ.get("SCATTERMOE_TMA", "rule")
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton < 3.4
+    TensorDescriptor = None
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_tma(want: bool, x: torch.Tensor) -> bool:
+    """Whether this launch builds TMA descriptors: asked for by the rule (or forced by ``TMA_MODE``), and a
+    Hopper-class device (or the interpreter, which emulates descriptors)."""
+    if TensorDescriptor is None or TMA_MODE == "0" or not (want or TMA_MODE == "1"):
+        return False
+    if INTERPRET or not x.is_cuda:
+        return INTERPRET
+    return _tma_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def _tma_ok(t: torch.Tensor, row_stride: int) -> bool:
+    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
+
+
+def _tma_descs(x: torch.Tensor, W: torch.Tensor, cfg: dict, grouped_in: bool):
+    """``(W_DESC, W descriptor, X_DESC, x descriptor)`` for one launch; a pointer stand-in (and flag 0)
+    for an operand whose layout a descriptor cannot express (not contiguous in its last dimension,
+    experts not back to back, rows not 16-byte aligned) or, for x, gathered rows.
+
+    W ``[E, K, N]`` is described 2-D, expert e's rows at ``e*N`` (stored ``[N, K]``: ``W_DESC=1``) or
+    ``e*K`` (stored ``[K, N]``: 2); grouped x ``[L, K]`` as itself."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    E, Kd, N = W.shape
+    se, sk, sn = W.stride()
+    w_desc, wd = 0, None
+    if sk == 1 and (E == 1 or se == N * sn) and _tma_ok(W, sn):
+        w_desc, wd = 1, TensorDescriptor(W, [E * N, Kd], [sn, 1], [bn, bk])
+    elif sn == 1 and (E == 1 or se == Kd * sk) and _tma_ok(W, sk):
+        w_desc, wd = 2, TensorDescriptor(W, [E * Kd, N], [sk, 1], [bk, bn])
+    x_desc, xd = False, None
+    if grouped_in and x.stride(1) == 1 and x.shape[0] > 0 and _tma_ok(x, x.stride(0)):
+        x_desc, xd = True, TensorDescriptor(x, [x.shape[0], Kd], [x.stride(0), 1], [bm, bk])
+    stand_in = x
+    return w_desc, wd if wd is not None else stand_in, x_desc, xd if xd is not None else stand_in
 
 
 _PICKED: dict = {}
@@ -758,6 +841,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         return out, xa_out, dgp
     int64 = needs_int64(x, out, xab)
     cuda = x.is_cuda and not INTERPRET
+    tma = cuda and glu is None and not int64 and use_tma(True, x)
     if not cuda:
         cfg = INTERP_S2S
     elif "s2s" in FORCE:
@@ -767,9 +851,9 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
     elif TILE_MODE == "autotune" and glu is None:
         cfg = None
     else:
-        key = (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, glu is not None)
+        key = (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, glu is not None, tma)
         cfg = pick_tiles(
-            "s2s", key, s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, glu is not None),
+            "s2s", key, s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, glu is not None, tma),
             {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
         )
     if glu is not None:
@@ -798,10 +882,18 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         return (triton.cdiv(N, META["BLOCK_N"]) * (triton.cdiv(L, META["BLOCK_M"]) + E),)
 
     if cfg is None:
-        _s2s_tuned[grid](*args, **meta)
+        _s2s_tuned[grid](*args, dummy, dummy, **meta)
     else:
+        cfg = dict(cfg)
+        want_tma = cfg.pop("TMA", False)
+        w_desc, wd, x_desc, xd = 0, dummy, False, dummy
+        if use_tma(want_tma, x) and not int64:
+            w_desc, wd, x_desc, xd = _tma_descs(x, W, cfg, grouped_in)
         grid_ = (triton.cdiv(N, cfg["BLOCK_N"]) * (triton.cdiv(L, cfg["BLOCK_M"]) + E),)
-        _s2s_kernel[grid_](*args, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0, EVEN_N=N % cfg["BLOCK_N"] == 0)
+        _s2s_kernel[grid_](
+            *args, wd, xd, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0, EVEN_N=N % cfg["BLOCK_N"] == 0,
+            W_DESC=w_desc, X_DESC=x_desc,
+        )
     return out, xa_out, dgp
 
 

@@ -26,8 +26,12 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer-loads", "tma"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_bf16_real_shapes_fwd_bwd(shape):
+def test_bf16_real_shapes_fwd_bwd(shape, tma, monkeypatch):
+    """Every launch of one projection, forward and backward; ``tma``: TMA descriptors wherever the layout
+    allows (W always, x when grouped), else pointer loads everywhere."""
+    monkeypatch.setattr(K, "TMA_MODE", tma)
     name, E, Kd, N, T, k, layout, has_bias = shape
     r, s = 16, 2.0
     g = torch.Generator(device="cuda").manual_seed(0)

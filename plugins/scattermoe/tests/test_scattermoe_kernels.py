@@ -210,6 +210,47 @@ def test_multi_tile_loops(monkeypatch):
         assert rel(got.grad, want.grad) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("w_layout", ["stored [N, K]", "stored [K, N]"])
+def test_tma_descriptor_path_matches_reference(monkeypatch, dtype, w_layout):
+    """TMA descriptors for W (both storage layouts) and grouped x, forward and backward (dX uses the
+    transposed W, the other descriptor layout), fused and split LoRA, K and N not multiples of the tile:
+    a box past an expert's rows or past K must not leak into the result."""
+    if K.INTERPRET:
+        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3})
+    else:
+        monkeypatch.setattr(K, "AUTOTUNE_MIN_ROWS", 1)
+    monkeypatch.setattr(K, "TMA_MODE", "1")
+    taken = []
+    real = K._tma_descs
+    monkeypatch.setattr(K, "_tma_descs", lambda *a: taken.append(real(*a)) or taken[-1])
+    T, E, Kd, N, k, r = 24, 5, 72, 40, 2, 8
+    x, W, A, B, _ = make(T, E, Kd, N, k, r, dtype, seed=11)
+    if w_layout == "stored [N, K]":
+        W = W.transpose(1, 2).contiguous().transpose(1, 2)
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=11), E)
+    g = torch.Generator().manual_seed(3)
+    d = torch.float64
+    for gin, gout, split in [(False, True, False), (True, False, False), (True, False, True)]:
+        xin = x[ssi // k].contiguous() if gin else x
+        fan = 1 if gin else k
+        dy = torch.randn(T * k, N, generator=g).to(DEV, dtype)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (xin, A, B)]
+        y = ops.scattered_experts(
+            leaves[0], W, fan, sei, ssi, offs, leaves[1], leaves[2], 0.5, None, gin, gout, fused_lora=not split,
+            backend="triton",
+        )
+        y.backward(dy)
+        refs = [t.detach().to(d).requires_grad_(True) for t in (xin, A, B)]
+        yr = reference.scattered_linear(refs[0], W.to(d), fan, sei, ssi, offs, refs[1], refs[2], 0.5, None, gin, gout)
+        yr.backward(dy.to(d))
+        assert rel(y, yr) < TOL[dtype], (gin, split)
+        for name, got, want in zip(["dX", "dA", "dB"], leaves, refs):
+            assert rel(got.grad, want.grad) < TOL[dtype], (name, gin, split)
+    assert {t[0] for t in taken} == {1, 2}, "both W descriptor layouts (forward and dX) were used"
+    assert any(t[2] for t in taken), "grouped x went through a descriptor"
+
+
 def test_int64_variant_is_bitwise_identical(monkeypatch):
     """Force the 64-bit index specialisation on a small problem: same numbers as int32."""
     T, E, Kd, N, k, r = 8, 5, 24, 20, 2, 8
@@ -268,6 +309,26 @@ def test_m_bucket_and_pruning(monkeypatch):
     assert cfgs[0] in kept and cfgs[1] not in kept
     # never wider than the output
     assert K._prune_s2s(cfgs, {"X": x, "N": 64, "LORA": 0, "BLOCK_R": 16}) == [cfgs[2]]
+
+
+def test_tile_rule_tma_choice(monkeypatch):
+    """TMA tiles only where the rule was measured faster (>= 96 rows per expert, not the rank GEMMs or the GLU
+    epilogue) and only on a TMA-capable device; the pick fits an H200's shared memory and is the same every time."""
+    new = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)[0]
+    assert new["TMA"] and (new["BLOCK_M"], new["BLOCK_N"], new["num_stages"]) == (128, 256, 4)
+    assert K.s2s_rule(32768, 256, 2048, 1024, 1, tma=True)[0]["num_stages"] == 3  # 128 rows per expert
+    assert not any(c.get("TMA") for c in K.s2s_rule(32768, 128, 2048, 1536, 1, tma=False))
+    assert not any(c.get("TMA") for c in K.s2s_rule(4096, 128, 2048, 1536, 1, tma=True))  # 32 rows per expert
+    assert not any(c.get("TMA") for c in K.s2s_rule(32768, 128, 2048, 16, 0, tma=True))  # rank-sized output
+    assert not any(c.get("TMA") for c in K.s2s_rule(32768, 128, 768, 2048, 1, glu=True, tma=True))
+    monkeypatch.setattr(K, "device_limits", lambda index=None: {"smem": 232448, "regs": 65536})
+    monkeypatch.setattr(K, "_PICKED", {})
+    x = torch.empty(1, 1, dtype=torch.bfloat16)
+    args = {"X": x, "N": 1536, "LORA": 1, "BLOCK_R": 16}
+    rule = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)
+    assert K.pick_tiles("s2s", ("k",), rule, args) == new == K.pick_tiles("s2s", ("k",), rule, args)
+    monkeypatch.setattr(K, "TMA_MODE", "0")
+    assert not K.use_tma(True, x)
 
 
 def test_split_dispatch_threshold():
