@@ -603,12 +603,13 @@ def s2s_rule(
     """Candidate tiles for a scatter2scatter launch, best first (the first that fits the device is used).
 
     ``tma``: the device has TMA (Hopper class) and ``TMA_MODE`` allows it. Then a launch with at least
-    96 rows per expert takes 128×256×64, 8 warps, with W (and grouped x) loaded through TMA descriptors:
-    on an H200 (``bench/bench_gemm.py``, ``bench/results/h200-2026-12-01-tma1-bench_gemm.*``) this was
-    the fastest variant, or within noise of it, for all four launches of all five model shapes, 10-25%
-    faster than the pointer-load tiles below (Mixtral's up projection 3.90 → 3.17 ms, gpt-oss's down
-    projection 0.82 → 0.62 ms); 4 pipeline stages from 160 rows per expert (measured better or equal
-    at the four shapes with 256-1024 rows), 3 at Qwen3.5's 128 (the only depth measured there).
+    160 rows per expert takes 128×256×64, 8 warps, 4 stages, with W (and grouped x) loaded through TMA
+    descriptors: on an H200 (``bench/bench_gemm.py``, ``bench/results/h200-2026-12-01-tma*``) this was
+    the fastest variant, or within noise of it, for all four launches at the four shapes with 256-1024
+    rows per expert, 5-25% faster than the pointer-load tiles below (Mixtral's up projection 3.88 →
+    3.03 ms, gpt-oss's down projection 0.74 → 0.60 ms), and the block step's GPU time fell 6-16%. At
+    Qwen3.5's 128 rows per expert the launches gained only 1-4% and the host-bound block step measured
+    slower (3.94 vs 3.12 ms synchronised, GPU time equal), so there the pointer-load tiles stay.
 
     Without TMA, from the H200 sweep (bf16, 128-4096 rows per expert): 128×128×64 tiles, 8 warps, 3
     stages won every launch except those reading sorted rows and writing a wide (≥ 2048) scattered
@@ -628,8 +629,8 @@ def s2s_rule(
     if rows_per_expert < 96:
         return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
     out = []
-    if tma:
-        out.append({**_cfg(128, 256, 64, 8, 8, 4 if rows_per_expert >= 160 else 3), "TMA": True})
+    if tma and rows_per_expert >= 160:
+        out.append({**_cfg(128, 256, 64, 8, 8, 4), "TMA": True})
     if grouped_in and not grouped_out and N >= 2048:
         out.append(_cfg(128, 256, 64, 8, 8, 3))
     out += [_cfg(128, 128, 64, 8, 8, 3), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]

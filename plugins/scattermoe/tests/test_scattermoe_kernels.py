@@ -312,11 +312,11 @@ def test_m_bucket_and_pruning(monkeypatch):
 
 
 def test_tile_rule_tma_choice(monkeypatch):
-    """TMA tiles only where the rule was measured faster (>= 96 rows per expert, not the rank GEMMs or the GLU
+    """TMA tiles only where the rule was measured faster (>= 160 rows per expert, not the rank GEMMs or the GLU
     epilogue) and only on a TMA-capable device; the pick fits an H200's shared memory and is the same every time."""
     new = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)[0]
     assert new["TMA"] and (new["BLOCK_M"], new["BLOCK_N"], new["num_stages"]) == (128, 256, 4)
-    assert K.s2s_rule(32768, 256, 2048, 1024, 1, tma=True)[0]["num_stages"] == 3  # 128 rows per expert
+    assert not any(c.get("TMA") for c in K.s2s_rule(32768, 256, 2048, 1024, 1, tma=True))  # 128 rows per expert
     assert not any(c.get("TMA") for c in K.s2s_rule(32768, 128, 2048, 1536, 1, tma=False))
     assert not any(c.get("TMA") for c in K.s2s_rule(4096, 128, 2048, 1536, 1, tma=True))  # 32 rows per expert
     assert not any(c.get("TMA") for c in K.s2s_rule(32768, 128, 2048, 16, 0, tma=True))  # rank-sized output
