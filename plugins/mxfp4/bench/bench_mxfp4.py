@@ -128,7 +128,7 @@ def step_fn(block, x0, idx, w, dy):
     return run
 
 
-SKIP_FUSED = False  # --skip-fused: strategy A only (B's autotune compiles dominate a short GPU session)
+SKIP_FUSED = False  # --skip-fused: no strategy B rows (B's autotune compiles dominate a short GPU session)
 
 
 def layer_bench(name, spec, iters, results, checks):
@@ -180,17 +180,25 @@ def layer_bench(name, spec, iters, results, checks):
                 results.append(dict(shape=name, routing=kind, method=label, ms=None, peak_gib=None, note=type(exc).__name__))
                 torch.cuda.empty_cache()
             print(results[-1], flush=True)
+        if strat == "selective" and DEV == "cuda":  # before/after of the side-stream decode of the down projection
+            fp4_experts.OVERLAP["on"] = False
+            for kind, (idx, w) in routes.items():
+                ms, peak = bench(step_fn(block, x0, idx, w, dy), iters)
+                results.append(dict(shape=name, routing=kind, method="mxfp4 A, no side stream", ms=ms, peak_gib=peak))
+                print(results[-1], flush=True)
+            fp4_experts.OVERLAP["on"] = True
         try:
             correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=(strat,))
         except Exception:
             traceback.print_exc()
             checks.append(dict(shape=name, check=f"{strat} correctness failed", error=traceback.format_exc(limit=2)[-300:]))
     fp4_experts.SETTINGS["strategy"] = "auto"
-    for kind, (idx, w) in ([] if SKIP_FUSED else routes.items()):
+    for kind, (idx, w) in routes.items():
         try:
+            before = dict(fp4_experts.STATS)
             ms, peak = bench(step_fn(block, x0, idx, w, dy), iters)
             results.append(dict(shape=name, routing=kind, method="mxfp4 auto", ms=ms, peak_gib=peak,
-                                picked=sorted(set(fp4_experts._AUTO_CACHE.values()))))
+                                picked=sorted(s for s, n in fp4_experts.STATS.items() if n > before[s])))
         except Exception:
             traceback.print_exc()
         print(results[-1], flush=True)
@@ -399,7 +407,10 @@ class _Rows(list):
 
 
 def table(results, checks, device):
-    lines = [f"device: {device}; date: {datetime.date.today().isoformat()}; T=4096, LoRA r=16, bf16, fwd+bwd (median)", ""]
+    from host_plugin_mxfp4 import kernels
+
+    lines = [f"device: {device}; date: {datetime.date.today().isoformat()}; T=4096, LoRA r=16, bf16, fwd+bwd (median); "
+             f"dequantize tiles {kernels.DEQUANT_TILES}", ""]
     lines.append("| shape | routing | method | ms | peak GiB | vs scattermoe bf16 |")
     lines.append("| --- | --- | --- | ---: | ---: | ---: |")
     base = {(r["shape"], r["routing"]): r["ms"] for r in results if r["method"] == "scattermoe bf16"}
@@ -426,8 +437,16 @@ def main():
     ap.add_argument("--isolate", action="store_true", help="each shape / the load bench in its own process")
     ap.add_argument("--part", default=None, help="(internal) write this process's results to this JSON file")
     ap.add_argument("--only-load", action="store_true")
-    ap.add_argument("--skip-fused", action="store_true", help="time strategy A only (no B, no auto)")
+    ap.add_argument("--skip-fused", action="store_true", help="no strategy B rows (A, its no-side-stream twin and auto)")
+    ap.add_argument("--dequant-tiles", default=None,
+                    help="sweep_dequant.py's JSON: use its best dequantize tiles (kernels.DEQUANT_TILES)")
     args = ap.parse_args()
+    if args.dequant_tiles and os.path.exists(args.dequant_tiles):
+        from host_plugin_mxfp4 import kernels
+
+        for order, tile in json.load(open(args.dequant_tiles)).get("best", {}).items():
+            kernels.DEQUANT_TILES[order] = tuple(tile)
+        print("dequantize tiles:", kernels.DEQUANT_TILES, flush=True)
     global SKIP_FUSED
     SKIP_FUSED = args.skip_fused
     global T_TOKENS
@@ -458,6 +477,8 @@ def main():
             part = os.path.join(out_dir, f"part{i}.json")
             cmd = [sys.executable, __file__, "--iters", str(args.iters), "--layers", str(args.layers), "--part", part, *job]
             cmd += ["--tiny"] if args.tiny else []
+            cmd += ["--skip-fused"] if args.skip_fused else []
+            cmd += ["--dequant-tiles", args.dequant_tiles] if args.dequant_tiles else []
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             rc = proc.returncode
             for line in proc.stdout.splitlines():

@@ -7,12 +7,14 @@
   on the dequantized weights. With at least ``DENSE_ROUTES_PER_EXPERT`` routed rows per expert
   (T·k ≥ 4E: every expert is almost surely routed) all experts are dequantized in place of the
   selection: no ``torch.unique`` (a host synchronisation that stalls the step), no remap, no gather
-  copy of the packed bytes.
+  copy of the packed bytes. On CUDA, while autograd keeps both decoded weights until the backward
+  anyway, the down projection is decoded on a side stream while the up projection's GEMM runs
+  (``_overlap``).
 * ``fused`` (B): :func:`host_plugin_mxfp4.ops.fp4_scattered_experts`; no bf16 weight tile exists.
-* ``auto``: per layer shape and batch (bucketed token count and active-expert fraction), both are
-  timed once (forward + backward on CUDA) and the faster is cached; A is skipped when its dequant
-  buffer would exceed ``AUTO_MAX_DEQUANT_BYTES``. Without CUDA (and without the Triton
-  interpreter) B runs the torch reference on dequantized weights, so ``auto`` picks A there.
+* ``auto``: a measured rule, not a per-run timing: A whenever its dequantized weights fit
+  ``AUTO_MAX_DEQUANT_BYTES`` (all experts, or the active ones when all would not fit), else B. On
+  the H200 and H100 B was 4.5–6.6x slower than A at every benchmarked shape (README), so timing
+  both (and autotuning B's kernel during the first training step) bought nothing.
 
 The gate/activation, biases and post-expert norm are the model's own (``_apply_gate``, ``act_fn``,
 ``has_bias``, ``is_transposed``, ``has_post_expert_norm``), as in scattermoe's experts forward.
@@ -20,8 +22,6 @@ The gate/activation, biases and post-expert norm are the model's own (``_apply_g
 
 from __future__ import annotations
 
-import logging
-import time
 import types
 
 import torch
@@ -29,14 +29,11 @@ import torch
 from host_plugin_mxfp4 import loading
 from host_plugin_mxfp4 import ops as fp4_ops
 
-log = logging.getLogger("host.mxfp4")
-
 STRATEGIES = ("auto", "selective", "fused")
 SETTINGS = {"strategy": "auto"}
 AUTO_MAX_DEQUANT_BYTES = 4 << 30
 #: Routed rows per expert from which A dequantizes every expert instead of selecting the active ones.
 DENSE_ROUTES_PER_EXPERT = 4
-_AUTO_CACHE: dict = {}
 STATS = {"selective": 0, "fused": 0}
 
 
@@ -85,6 +82,33 @@ def _dense_routing(self, top_k_index) -> bool:
     return top_k_index.numel() >= DENSE_ROUTES_PER_EXPERT * self.num_experts
 
 
+_SIDE_STREAMS: dict = {}
+#: Decode the down projection on a side stream while the up projection's GEMM runs (strategy A, CUDA,
+#: only when autograd keeps both decoded weights anyway, so the peak is unchanged). Env
+#: ``MXFP4_OVERLAP=0`` turns it off (before/after measurements).
+OVERLAP = {"on": True}
+
+
+def _side_stream(device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+def _overlap(x, *loras) -> bool:
+    """A's down-projection decode may start early: on CUDA, outside graph capture-unsafe states, and only
+    when the up projection's decoded weights stay alive until the backward (autograd saves them), so
+    decoding the second while the first is in use adds no peak memory. In no-grad forwards (inference,
+    the first pass of gradient checkpointing) the up weights are freed first and nothing overlaps."""
+    import os
+
+    if not (OVERLAP["on"] and x.is_cuda and os.environ.get("MXFP4_OVERLAP", "1") != "0"):
+        return False
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(t is not None and t.requires_grad for lo in loras if lo for t in lo[:2])
+
+
 def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     """Strategy A (see module doc)."""
     from host_plugin_scattermoe import fused, ops
@@ -102,26 +126,43 @@ def selective_forward(self, hidden_states, top_k_index, top_k_weights):
         remap[active] = torch.arange(active.numel(), device=top_k_index.device)
         idx = remap[top_k_index]
         a = active.numel()
+    k_major = loading.is_transposed(self)
 
-    def weights(name, lora, bias):
-        # [a, K, N] kernel view, stored like the module's own parameter (K-major when transposed)
+    def select(name, lora, bias):
         w = loading.get_weights(self, name)
-        W = (w if active is None else w.select(active)).dequantize(dt, k_major=loading.is_transposed(self))
-        W = W.transpose(1, 2)
         if active is not None:
+            w = w.select(active)
             if lora is not None:
                 A, B, s = lora
                 lora = (_select_experts(A, active), _select_experts(B, active), s)
             bias = bias.index_select(0, active) if bias is not None else None
-        return W, lora, bias
+        return w, lora, bias
 
-    W1, l1, b1 = weights(up_name, l1, b1)
-    sei, ssi, offs = sort_tokens(idx, a)
+    # [a, K, N] kernel views, stored like the module's own parameters (K-major when transposed)
+    w1, l1, b1 = select(up_name, l1, b1)
+    W1 = w1.dequantize(dt, k_major=k_major).transpose(1, 2)
+    w2, l2, b2 = select("down_proj", l2, b2)
     x = hidden_states.to(dt)
+    done = None
+    if _overlap(x, l1, l2):
+        main = torch.cuda.current_stream(x.device)
+        side = _side_stream(x.device)
+        W2 = w2.empty_dequantized(dt, k_major)  # allocated on the main stream, written on the side one
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            w2.dequantize(dt, k_major=k_major, out=W2)
+            done = side.record_event()
+    else:
+        W2 = None
+    sei, ssi, offs = sort_tokens(idx, a)
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     h = ops.scattered_experts(x, W1, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
     del W1
-    W2, l2, b2 = weights("down_proj", l2, b2)
+    if done is not None:
+        torch.cuda.current_stream(x.device).wait_event(done)
+    else:
+        W2 = w2.dequantize(dt, k_major=k_major)
+    W2 = W2.transpose(1, 2)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
     if fused.applies(self, b2):  # the same fused tail as scattermoe's experts forward (bit-identical to it)
         return fused.glu_down_combine(h, W2, k, sei, ssi, offs, A2, B2, s2, top_k_weights).to(hidden_states.dtype)
@@ -150,55 +191,25 @@ def fused_forward(self, hidden_states, top_k_index, top_k_weights):
     return _finish(self, y, top_k_weights, hidden_states)
 
 
-def _bucket(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def _time(fn, args, backward: bool) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(2):
-        if backward:
-            x = args[0].detach().requires_grad_(True)
-            out = fn(x, *args[1:])
-            torch.autograd.grad(out.float().sum(), [x])  # no .grad accumulation into the LoRA leaves
-        else:
-            with torch.no_grad():
-                fn(*args)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / 2
+def _dequant_bytes(self, active: int) -> int:
+    per_expert = sum(2 * loading.get_weights(self, n).shape[1] * loading.get_weights(self, n).shape[2]
+                     for n in loading.quantized_names(self))
+    return active * per_expert
 
 
 def choose(self, hidden_states, top_k_index) -> str:
-    """The strategy for this call (see module doc)."""
+    """The strategy for this call: the configured one, or ``auto``'s rule (module doc; measured in
+    the README's tables): A whenever its dequantized weights fit ``AUTO_MAX_DEQUANT_BYTES``, else B.
+    The active-expert count (a host synchronisation) is only looked at when all experts would not fit."""
     strategy = SETTINGS["strategy"]
     if strategy != "auto":
         return strategy
-    if not hidden_states.is_cuda:
-        # CPU: B is the torch reference on all dequantized experts (or the Triton interpreter, a
-        # test vehicle); A dequantizes only the routed experts, so it is never slower here
-        return "selective"
     E = self.num_experts
-    active = E if _dense_routing(self, top_k_index) else int(torch.unique(top_k_index).numel())
-    w1 = loading.get_weights(self, loading.quantized_names(self)[0])
-    per_expert = 2 * sum(loading.get_weights(self, n).shape[1] * loading.get_weights(self, n).shape[2] for n in loading.quantized_names(self))
-    if active * per_expert > AUTO_MAX_DEQUANT_BYTES:
-        return "fused"
-    key = (tuple(w1.shape), _bucket(top_k_index.numel()), round(8 * active / E))
-    if key not in _AUTO_CACHE:
-        args = (hidden_states.detach(), top_k_index, top_k_weights_stub(top_k_index, hidden_states))
-        grad = torch.is_grad_enabled()
-        timings = {
-            "selective": _time(lambda *a: selective_forward(self, *a), args, grad),
-            "fused": _time(lambda *a: fused_forward(self, *a), args, grad),
-        }
-        _AUTO_CACHE[key] = min(timings, key=timings.get)
-        log.info("mxfp4 auto: %s -> %s (%s)", key, _AUTO_CACHE[key], {k: f"{v * 1e3:.2f} ms" for k, v in timings.items()})
-    return _AUTO_CACHE[key]
-
-
-def top_k_weights_stub(top_k_index, hidden_states):
-    return torch.full(top_k_index.shape, 1.0 / top_k_index.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device)
+    if _dequant_bytes(self, E) <= AUTO_MAX_DEQUANT_BYTES or _dense_routing(self, top_k_index):
+        active = E
+    else:
+        active = int(torch.unique(top_k_index).numel())
+    return "selective" if _dequant_bytes(self, active) <= AUTO_MAX_DEQUANT_BYTES else "fused"
 
 
 def fp4_experts_forward(self, hidden_states, top_k_index, top_k_weights):

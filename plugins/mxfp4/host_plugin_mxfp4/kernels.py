@@ -128,19 +128,26 @@ def _dequant_kernel(
     """Rows ``r`` (= expert·N + n) of packed bytes → values ``decode(code) · scale`` in ``Out``'s dtype.
     Byte ``j`` holds elements ``2j`` (low nibble) and ``2j+1`` (high), which share scale
     ``j // HALF_BLOCK`` (E8M0 bytes decoded here, or precomputed fp32 linear scales). ``Out`` strides
-    are per (expert, n, k), so K-major storage (transformers' transposed experts) is written directly."""
+    are per (expert, n, k), so K-major storage (transformers' transposed experts) is written directly.
+    ``BLOCK_KB`` is a multiple of ``HALF_BLOCK`` (a tile never splits a scale block): each scale is
+    loaded and decoded once per tile and broadcast over its ``HALF_BLOCK`` bytes."""
+    NB: tl.constexpr = BLOCK_KB // HALF_BLOCK
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     j = (tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)).to(tl.int64)
-    mask = (rows < R)[:, None] & (j < KB)[None, :]
+    r_mask = rows < R
+    mask = r_mask[:, None] & (j < KB)[None, :]
     byte = tl.load(Wq + rows[:, None] * KB + j[None, :], mask=mask, other=0).to(tl.int32)
-    scale = _load_scales(Sc + rows[:, None] * (KB // HALF_BLOCK) + (j // HALF_BLOCK)[None, :], mask, SCALE_KIND)
+    sb = tl.program_id(1) * NB + tl.arange(0, NB)
+    smask = r_mask[:, None] & (sb < KB // HALF_BLOCK)[None, :]
+    sc = _load_scales(Sc + rows[:, None] * (KB // HALF_BLOCK) + sb[None, :], smask, SCALE_KIND)
+    scale = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_R, NB, HALF_BLOCK)), (BLOCK_R, BLOCK_KB))
     ty = Out.dtype.element_ty  # fp32 -> bf16/fp16 casts round to nearest even (Triton's default)
     # one store of the interleaved (low, high) nibbles: two stride-2 stores into a K-contiguous
     # output wrote half-sectors and ran 11x slower on H100 (6.4 vs 0.57 ms at Qwen3-30B's gate_up)
     vals = tl.interleave((_decode_e2m1(byte & 15) * scale).to(ty), (_decode_e2m1(byte >> 4) * scale).to(ty))
     kk = (tl.program_id(1) * (2 * BLOCK_KB) + tl.arange(0, 2 * BLOCK_KB)).to(tl.int64)
     base = (rows // N) * s_oe + (rows % N) * s_on
-    kmask = (rows < R)[:, None] & (kk < 2 * KB)[None, :]
+    kmask = r_mask[:, None] & (kk < 2 * KB)[None, :]
     tl.store(Out + base[:, None] + kk[None, :] * s_ok, vals, mask=kmask)
 
 
@@ -347,22 +354,32 @@ def fp4_scatter2scatter(
     return out, xa_out
 
 
-def dequantize(w, out: torch.Tensor) -> torch.Tensor:
+#: Dequantize tiles ``(BLOCK_R rows, BLOCK_KB packed bytes, num_warps)`` by output order (K contiguous,
+#: or K-major as transformers' transposed experts). See bench/sweep_dequant.py for the H200 sweep.
+DEQUANT_TILES = {"k_contiguous": (32, 64, 4), "k_major": (32, 64, 4)}
+
+
+def dequantize(w, out: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Decode the FP4 container ``w`` (``[E, N, K]`` or ``[N, K]``) into ``out`` (same logical shape,
     any strides, e.g. the transpose of a contiguous ``[E, K, N]``). The product is the same fp32
     multiply as ``formats.dequantize_*`` (bit-identical values); 4.25 bits are read per weight and
-    each output written once, with no scratch (E8M0 scales are decoded in the kernel)."""
+    each output written once, with no scratch (E8M0 scales are decoded in the kernel). Launches on
+    the current stream (``experts`` decodes the down projection on a side stream)."""
     packed = w.packed.contiguous()
     N, KB = packed.shape[-2], packed.shape[-1]
     R = packed.numel() // KB
     e8m0 = w.scale_kind == "e8m0"
     sc = w.scales.contiguous() if e8m0 else w.linear_scales().contiguous()
     o = out if out.dim() == 3 else out.unsqueeze(0)
-    BLOCK_R, BLOCK_KB = (16, 16) if INTERPRET else (32, 64)
+    half = w.block_size // 2
+    if tile is None:
+        tile = (16, 16, 4) if INTERPRET else DEQUANT_TILES["k_contiguous" if o.stride(2) == 1 else "k_major"]
+    BLOCK_R, BLOCK_KB, warps = tile
+    BLOCK_KB = max(half, BLOCK_KB // half * half)  # whole scale blocks per tile
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(KB, BLOCK_KB))
     _dequant_kernel[grid](
         packed, sc, o, R, N, KB, o.stride(0), o.stride(1), o.stride(2),
-        SCALE_KIND=SCALE_E8M0 if e8m0 else SCALE_LINEAR, HALF_BLOCK=w.block_size // 2,
-        BLOCK_R=BLOCK_R, BLOCK_KB=BLOCK_KB,
+        SCALE_KIND=SCALE_E8M0 if e8m0 else SCALE_LINEAR, HALF_BLOCK=half,
+        BLOCK_R=BLOCK_R, BLOCK_KB=BLOCK_KB, num_warps=warps,
     )
     return out

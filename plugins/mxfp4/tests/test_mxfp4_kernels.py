@@ -154,9 +154,11 @@ def test_prune_requires_whole_fp4_blocks_and_counts_extra_smem(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 37, 96), (53, 64)])
 @pytest.mark.parametrize("k_major", [False, True])
-def test_dequantize_kernel_is_bit_identical_to_torch(fmt, dtype, shape, k_major):
+@pytest.mark.parametrize("tile", [None, (8, 32, 4)])
+def test_dequantize_kernel_is_bit_identical_to_torch(fmt, dtype, shape, k_major, tile):
     """The Triton dequantize (strategy A's weight decode on GPU) equals the torch decode bit for bit,
-    including K-major output (transposed experts), ragged tiles, and every E2M1 code incl. -0.0."""
+    including K-major output (transposed experts), ragged tiles (rows, and a byte tile wider than the
+    rest of a row: 48 bytes in tiles of 32), and every E2M1 code incl. -0.0."""
     if K.INTERPRET and dtype == torch.bfloat16 and fmt == "nvfp4":
         pytest.skip("the interpreter truncates fp32->bf16 (NVFP4 values need rounding); tests/test_mxfp4_gpu.py checks it")
     g = torch.Generator().manual_seed(11)
@@ -165,7 +167,7 @@ def test_dequantize_kernel_is_bit_identical_to_torch(fmt, dtype, shape, k_major)
     want = c.dequantize(dtype, k_major=k_major)  # CPU: the torch path
     lead, (N, Kd) = shape[:-2], shape[-2:]
     out = torch.empty(*lead, Kd, N, dtype=dtype).transpose(-1, -2) if k_major else torch.empty(shape, dtype=dtype)
-    got = K.dequantize(c, out)
+    got = K.dequantize(c, out, tile=tile)
     assert got.stride() == want.stride()
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits))

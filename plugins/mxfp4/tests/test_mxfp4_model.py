@@ -160,6 +160,28 @@ def test_fused_matches_selective(tiny_model, make_plugin_manager, tmp_path, mode
         assert err < 1e-5, err
 
 
+def test_auto_rule_picks_by_dequant_budget(tiny_model, make_plugin_manager, tmp_path, monkeypatch):
+    """auto = A while the dequantized experts fit AUTO_MAX_DEQUANT_BYTES, else B; only the active experts
+    count when all would not fit (sparse routing), and no strategy is timed."""
+    model, wrapper, base, x, idx, wts = _module_case(tiny_model, make_plugin_manager, tmp_path, "qwen3_moe")
+    monkeypatch.setitem(experts.SETTINGS, "strategy", "auto")
+    E = base.num_experts
+    all_bytes = experts._dequant_bytes(base, E)
+    one = experts._dequant_bytes(base, 1)
+    assert all_bytes == E * one == 2 * sum(base._parameters[n].numel() for n in ("gate_up_proj", "down_proj"))
+    assert experts.choose(base, x, idx) == "selective"
+    monkeypatch.setattr(experts, "AUTO_MAX_DEQUANT_BYTES", all_bytes - 1)
+    sparse = idx[:1, :1].clone()  # one routed row: one active expert fits, all would not
+    assert experts.choose(base, x[:1], sparse) == "selective"
+    monkeypatch.setattr(experts, "AUTO_MAX_DEQUANT_BYTES", one - 1)
+    assert experts.choose(base, x[:1], sparse) == "fused"
+    monkeypatch.setattr(experts, "AUTO_MAX_DEQUANT_BYTES", all_bytes - 1)
+    dense = torch.arange(E).repeat(experts.DENSE_ROUTES_PER_EXPERT).view(-1, 1)  # every expert routed
+    assert experts.choose(base, x[: dense.shape[0]], dense) == "fused"
+    monkeypatch.setitem(experts.SETTINGS, "strategy", "selective")
+    assert experts.choose(base, x, idx) == "selective"
+
+
 def test_nvfp4_load(tiny_model, make_plugin_manager, tmp_path):
     model, _ = _build(make_plugin_manager, tiny_model("qwen3_moe"), tmp_path, quantize_moe_experts="nvfp4")
     w = loading.get_weights(_experts(model)[0], "down_proj")
