@@ -3,8 +3,9 @@
 Strategy A's cost over scattermoe bf16 is this kernel (4.25 bits read, 16 written per weight), so its
 bandwidth decides A's ratio. For each expert shape (Qwen3-30B-A3B, Qwen3.5-35B-A3B, gpt-oss-20b's
 transposed layout) and each tile ``(BLOCK_R, BLOCK_KB, num_warps)``: median time (``do_bench``),
-bytes moved / time, and the output bitwise equal to the first tile's (the torch decode is checked
-against it in tests/test_mxfp4_gpu.py). Also the device-to-device copy rate as the ceiling.
+bytes moved / time, and the output bitwise equal to v0's (random bytes and every E8M0 scale byte;
+tests/test_mxfp4_gpu.py checks the library kernel against the torch decode). v0 and v1 are the
+kernels before this sweep (bench-only copies). Also the device-to-device copy rate as the ceiling.
 
 Usage: python plugins/mxfp4/bench/sweep_dequant.py
 """
@@ -21,33 +22,54 @@ import triton.language as tl
 
 from host_plugin_mxfp4 import kernels
 from host_plugin_mxfp4.formats import FP4Weights
-from host_plugin_mxfp4.kernels import _decode_e2m1, _load_scales
+from host_plugin_mxfp4.kernels import _load_scales
 
 
 @triton.jit
-def _dequant_v0(Wq, Sc, Out, R, N, KB, s_oe, s_on, s_ok, SCALE_KIND: tl.constexpr, HALF_BLOCK: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_KB: tl.constexpr):
-    """The kernel before this sweep (for the before/after row): one scale gather per byte."""
+def _old_decode_e2m1(code):
+    """The decode before this sweep: exponent and mantissa taken apart, subnormal selected."""
+    mag = code & 7
+    e = mag >> 1
+    m = mag & 1
+    normal = ((e + 126) << 23) | (m << 22)
+    sub = m * (126 << 23)
+    bits = tl.where(e == 0, sub, normal) | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_old(Wq, Sc, Out, R, N, KB, s_oe, s_on, s_ok, SCALE_KIND: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_KB: tl.constexpr, BROADCAST_SCALES: tl.constexpr):
+    """Earlier kernels, for the before/after rows: v0 gathers one scale per byte (BROADCAST_SCALES=0),
+    v1 loads each scale once per tile; both decode with ``_old_decode_e2m1``."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     j = (tl.program_id(1) * BLOCK_KB + tl.arange(0, BLOCK_KB)).to(tl.int64)
     mask = (rows < R)[:, None] & (j < KB)[None, :]
     byte = tl.load(Wq + rows[:, None] * KB + j[None, :], mask=mask, other=0).to(tl.int32)
-    scale = _load_scales(Sc + rows[:, None] * (KB // HALF_BLOCK) + (j // HALF_BLOCK)[None, :], mask, SCALE_KIND)
+    if BROADCAST_SCALES:
+        NB: tl.constexpr = BLOCK_KB // HALF_BLOCK
+        sb = tl.program_id(1) * NB + tl.arange(0, NB)
+        smask = (rows < R)[:, None] & (sb < KB // HALF_BLOCK)[None, :]
+        sc = _load_scales(Sc + rows[:, None] * (KB // HALF_BLOCK) + sb[None, :], smask, SCALE_KIND)
+        scale = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_R, NB, HALF_BLOCK)), (BLOCK_R, BLOCK_KB))
+    else:
+        scale = _load_scales(Sc + rows[:, None] * (KB // HALF_BLOCK) + (j // HALF_BLOCK)[None, :], mask, SCALE_KIND)
     ty = Out.dtype.element_ty
-    vals = tl.interleave((_decode_e2m1(byte & 15) * scale).to(ty), (_decode_e2m1(byte >> 4) * scale).to(ty))
+    vals = tl.interleave((_old_decode_e2m1(byte & 15) * scale).to(ty), (_old_decode_e2m1(byte >> 4) * scale).to(ty))
     kk = (tl.program_id(1) * (2 * BLOCK_KB) + tl.arange(0, 2 * BLOCK_KB)).to(tl.int64)
     base = (rows // N) * s_oe + (rows % N) * s_on
     kmask = (rows < R)[:, None] & (kk < 2 * KB)[None, :]
     tl.store(Out + base[:, None] + kk[None, :] * s_ok, vals, mask=kmask)
 
 
-def dequant_v0(w, out):
+def dequant_old(w, out, broadcast):
     N, KB = w.packed.shape[-2], w.packed.shape[-1]
     R = w.packed.numel() // KB
     grid = (triton.cdiv(R, 32), triton.cdiv(KB, 64))
-    _dequant_v0[grid](w.packed, w.scales, out, R, N, KB, out.stride(0), out.stride(1), out.stride(2),
-                      SCALE_KIND=0, HALF_BLOCK=16, BLOCK_R=32, BLOCK_KB=64)
+    _dequant_old[grid](w.packed, w.scales, out, R, N, KB, out.stride(0), out.stride(1), out.stride(2),
+                       SCALE_KIND=0, HALF_BLOCK=16, BLOCK_R=32, BLOCK_KB=64, BROADCAST_SCALES=broadcast)
     return out
+
 
 SHAPES = {  # name: ([E, N, K] of the container, k_major)
     "Qwen3.5 gate_up [256,1024,2048]": ((256, 1024, 2048), False),
@@ -56,14 +78,14 @@ SHAPES = {  # name: ([E, N, K] of the container, k_major)
     "Qwen3-30B down [128,2048,768]": ((128, 2048, 768), False),
     "gpt-oss gate_up k-major [32,5760,2880]": ((32, 5760, 2880), True),
 }
-TILES = ["v0 (32, 64, 4)", (32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (128, 64, 8), (128, 32, 4)]
+TILES = ["v0 (32, 64, 4)", "v1 (32, 64, 4)", (32, 64, 4), (16, 64, 4), (64, 64, 8), (32, 128, 4), (16, 128, 4), (64, 128, 8)]
 
 
 def random_container(shape):
     E, N, K = shape
     g = torch.Generator(device="cuda").manual_seed(0)
     packed = torch.randint(0, 256, (E, N, K // 2), generator=g, device="cuda", dtype=torch.uint8)
-    scales = torch.randint(110, 135, (E, N, K // 32), generator=g, device="cuda", dtype=torch.uint8)
+    scales = torch.randint(0, 256, (E, N, K // 32), generator=g, device="cuda", dtype=torch.uint8)  # every E8M0 byte, NaN too
     return FP4Weights(packed, scales, shape, 32, "e8m0")
 
 
@@ -83,7 +105,10 @@ def main():
         ref = None
         for tile in TILES:
             out = w.empty_dequantized(torch.bfloat16, k_major)
-            run = (lambda: dequant_v0(w, out)) if isinstance(tile, str) else (lambda: kernels.dequantize(w, out, tile=tile))
+            if isinstance(tile, str):
+                run = lambda: dequant_old(w, out, tile.startswith("v1"))  # noqa: E731
+            else:
+                run = lambda: kernels.dequantize(w, out, tile=tile)  # noqa: E731
             try:
                 run()
                 same = True if ref is None else bool(torch.equal(out.view(torch.int16), ref.view(torch.int16)))

@@ -91,15 +91,18 @@ def _configs():
 
 
 @triton.jit
-def _decode_e2m1(code):
-    """4-bit E2M1 codes (int32) -> fp32 values, built from the exponent/mantissa bits."""
-    mag = code & 7
-    e = mag >> 1
-    m = mag & 1
-    normal = ((e + 126) << 23) | (m << 22)
-    sub = m * (126 << 23)  # 0 or 0.5
-    bits = tl.where(e == 0, sub, normal) | ((code & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
+def _decode_e2m1(byte, HIGH: tl.constexpr):
+    """The low (or ``HIGH``) nibble of each packed byte (int32) as its fp32 E2M1 value. The sign bit and
+    the three magnitude bits ``e e m`` are shifted straight into an fp32's sign, lowest exponent bits
+    and top mantissa bit: that float is ``2**(e-127)·(1+m/2)`` (``e > 0``) or ``m·2**-127`` (``e = 0``,
+    subnormal), i.e. exactly the E2M1 value times ``2**-126`` in both cases; one exact multiply by
+    ``2**126`` restores it. About a third of the integer work of decoding exponent and mantissa
+    separately (the dequantize kernel was integer-ALU-bound at ~2.1 TB/s on an H200)."""
+    if HIGH:
+        bits = ((byte & 0x80) << 24) | ((byte & 0x70) << 18)
+    else:
+        bits = ((byte & 0x8) << 28) | ((byte & 0x7) << 22)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
 
 
 @triton.jit
@@ -144,7 +147,7 @@ def _dequant_kernel(
     ty = Out.dtype.element_ty  # fp32 -> bf16/fp16 casts round to nearest even (Triton's default)
     # one store of the interleaved (low, high) nibbles: two stride-2 stores into a K-contiguous
     # output wrote half-sectors and ran 11x slower on H100 (6.4 vs 0.57 ms at Qwen3-30B's gate_up)
-    vals = tl.interleave((_decode_e2m1(byte & 15) * scale).to(ty), (_decode_e2m1(byte >> 4) * scale).to(ty))
+    vals = tl.interleave((_decode_e2m1(byte, False) * scale).to(ty), (_decode_e2m1(byte, True) * scale).to(ty))
     kk = (tl.program_id(1) * (2 * BLOCK_KB) + tl.arange(0, 2 * BLOCK_KB)).to(tl.int64)
     base = (rows // N) * s_oe + (rows % N) * s_on
     kmask = r_mask[:, None] & (kk < 2 * KB)[None, :]
@@ -204,8 +207,8 @@ def _fp4_s2s_kernel(
             byte = tl.load(w_base + j_offs[None, :] * s_wn + (k_even // 2)[:, None] * s_wk, mask=wmask, other=0).to(tl.int32)
             s_ptrs = s_base + j_offs[None, :] * s_sn + (k_even // FP4_BLOCK)[:, None] * s_sk
             sc = _load_scales(s_ptrs, wmask, SCALE_KIND)
-            w_lo = (_decode_e2m1(byte & 15) * sc).to(x_even.dtype)
-            w_hi = (_decode_e2m1(byte >> 4) * sc).to(x_even.dtype)
+            w_lo = (_decode_e2m1(byte, False) * sc).to(x_even.dtype)
+            w_hi = (_decode_e2m1(byte, True) * sc).to(x_even.dtype)
             acc += tl.dot(x_even, w_lo, input_precision=DOT_PREC)
             acc += tl.dot(x_odd, w_hi, input_precision=DOT_PREC)
             if LORA:
@@ -240,8 +243,8 @@ def _fp4_s2s_kernel(
             byte = tl.load(w_base + n_offs[:, None] * s_wn + (k_even // 2)[None, :] * s_wk, mask=wmask, other=0).to(tl.int32)
             s_ptrs = s_base + n_offs[:, None] * s_sn + (k_even // FP4_BLOCK)[None, :] * s_sk
             sc = _load_scales(s_ptrs, wmask, SCALE_KIND)
-            w_lo = (_decode_e2m1(byte & 15) * sc).to(dy.dtype)
-            w_hi = (_decode_e2m1(byte >> 4) * sc).to(dy.dtype)
+            w_lo = (_decode_e2m1(byte, False) * sc).to(dy.dtype)
+            w_hi = (_decode_e2m1(byte, True) * sc).to(dy.dtype)
             acc_e += tl.dot(dy, w_lo, input_precision=DOT_PREC)
             acc_o += tl.dot(dy, w_hi, input_precision=DOT_PREC)
             if LORA:
