@@ -168,6 +168,16 @@ def layer_bench(name, spec, iters, results, checks):
     checks.append(dict(shape=name, check="expert weight memory", bf16_gib=bf16_bytes / GiB, mxfp4_gib=fp4_bytes / GiB,
                        ratio=bf16_bytes / fp4_bytes))
     fp4_experts.install(block)
+    fp4_experts.SETTINGS["strategy"] = "auto"  # the default, measured first (what a training step runs)
+    for kind, (idx, w) in routes.items():
+        try:
+            before = dict(fp4_experts.STATS)
+            ms, peak = bench(step_fn(block, x0, idx, w, dy), iters)
+            results.append(dict(shape=name, routing=kind, method="mxfp4 auto", ms=ms, peak_gib=peak,
+                                picked=sorted(s for s, n in fp4_experts.STATS.items() if n > before[s])))
+        except Exception:
+            traceback.print_exc()
+        print(results[-1], flush=True)
     strategies = (("selective", "mxfp4 A (selective)"),) + (() if SKIP_FUSED else (("fused", "mxfp4 B (fused)"),))
     for strat, label in strategies:
         fp4_experts.SETTINGS["strategy"] = strat
@@ -180,28 +190,12 @@ def layer_bench(name, spec, iters, results, checks):
                 results.append(dict(shape=name, routing=kind, method=label, ms=None, peak_gib=None, note=type(exc).__name__))
                 torch.cuda.empty_cache()
             print(results[-1], flush=True)
-        if strat == "selective" and DEV == "cuda":  # before/after of the side-stream decode of the down projection
-            fp4_experts.OVERLAP["on"] = False
-            for kind, (idx, w) in routes.items():
-                ms, peak = bench(step_fn(block, x0, idx, w, dy), iters)
-                results.append(dict(shape=name, routing=kind, method="mxfp4 A, no side stream", ms=ms, peak_gib=peak))
-                print(results[-1], flush=True)
-            fp4_experts.OVERLAP["on"] = True
         try:
             correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=(strat,))
         except Exception:
             traceback.print_exc()
             checks.append(dict(shape=name, check=f"{strat} correctness failed", error=traceback.format_exc(limit=2)[-300:]))
     fp4_experts.SETTINGS["strategy"] = "auto"
-    for kind, (idx, w) in routes.items():
-        try:
-            before = dict(fp4_experts.STATS)
-            ms, peak = bench(step_fn(block, x0, idx, w, dy), iters)
-            results.append(dict(shape=name, routing=kind, method="mxfp4 auto", ms=ms, peak_gib=peak,
-                                picked=sorted(s for s, n in fp4_experts.STATS.items() if n > before[s])))
-        except Exception:
-            traceback.print_exc()
-        print(results[-1], flush=True)
     del block, ex
     torch.cuda.empty_cache()
 
@@ -437,7 +431,7 @@ def main():
     ap.add_argument("--isolate", action="store_true", help="each shape / the load bench in its own process")
     ap.add_argument("--part", default=None, help="(internal) write this process's results to this JSON file")
     ap.add_argument("--only-load", action="store_true")
-    ap.add_argument("--skip-fused", action="store_true", help="no strategy B rows (A, its no-side-stream twin and auto)")
+    ap.add_argument("--skip-fused", action="store_true", help="no strategy B rows (auto and A only)")
     ap.add_argument("--dequant-tiles", default=None,
                     help="sweep_dequant.py's JSON: use its best dequantize tiles (kernels.DEQUANT_TILES)")
     args = ap.parse_args()

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,nohea
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout "${T_SWEEP:-50}" python3 $B/sweep_dequant.py > "$OUT/sweep.log" 2>&1
 echo "sweep rc=$?"
-timeout "${T_BENCH:-160}" python3 $B/bench_mxfp4.py --shapes "${SHAPES:-Qwen3-30B-A3B,Qwen3.5-35B-A3B}" --iters "${ITERS:-20}" \
+timeout "${T_BENCH:-160}" python3 $B/bench_mxfp4.py --shapes "${SHAPES:-Qwen3-30B-A3B,Qwen3.5-35B-A3B}" --iters "${ITERS:-50}" \
   --skip-load --skip-fused --dequant-tiles "$OUT/sweep_dequant.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 timeout "${T_TEST:-100}" python3 -m pytest -q -p no:cacheprovider --import-mode=importlib \
@@ -27,3 +27,4 @@ fi
 echo "== sweep"; grep -E "^\||^best|^fastest|copy" "$OUT/sweep.log" | grep -v "^| ---" | tail -45
 echo "== bench"; grep -E "^\||^- |^device" "$OUT/bench.log" | grep -v "^| ---" | grep -v "bitwise=True" | tail -30
 [ -f "$OUT/probe.log" ] && { echo "== probe"; grep -E "^\||variant" "$OUT/probe.log" | grep -v "^| ---" | tail -24; }
+exit 0

@@ -7,9 +7,8 @@
   on the dequantized weights. With at least ``DENSE_ROUTES_PER_EXPERT`` routed rows per expert
   (T·k ≥ 4E: every expert is almost surely routed) all experts are dequantized in place of the
   selection: no ``torch.unique`` (a host synchronisation that stalls the step), no remap, no gather
-  copy of the packed bytes. On CUDA, while autograd keeps both decoded weights until the backward
-  anyway, the down projection is decoded on a side stream while the up projection's GEMM runs
-  (``_overlap``).
+  copy of the packed bytes. (Decoding the down projection on a side stream during the up GEMM
+  was measured on an H200 and gained nothing: the GEMM fills the GPU.)
 * ``fused`` (B): :func:`host_plugin_mxfp4.ops.fp4_scattered_experts`; no bf16 weight tile exists.
 * ``auto``: a measured rule, not a per-run timing: A whenever its dequantized weights fit
   ``AUTO_MAX_DEQUANT_BYTES`` (all experts, or the active ones when all would not fit), else B. On
@@ -82,33 +81,6 @@ def _dense_routing(self, top_k_index) -> bool:
     return top_k_index.numel() >= DENSE_ROUTES_PER_EXPERT * self.num_experts
 
 
-_SIDE_STREAMS: dict = {}
-#: Decode the down projection on a side stream while the up projection's GEMM runs (strategy A, CUDA,
-#: only when autograd keeps both decoded weights anyway, so the peak is unchanged). Env
-#: ``MXFP4_OVERLAP=0`` turns it off (before/after measurements).
-OVERLAP = {"on": True}
-
-
-def _side_stream(device):
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
-
-
-def _overlap(x, *loras) -> bool:
-    """A's down-projection decode may start early: on CUDA, outside graph capture-unsafe states, and only
-    when the up projection's decoded weights stay alive until the backward (autograd saves them), so
-    decoding the second while the first is in use adds no peak memory. In no-grad forwards (inference,
-    the first pass of gradient checkpointing) the up weights are freed first and nothing overlaps."""
-    import os
-
-    if not (OVERLAP["on"] and x.is_cuda and os.environ.get("MXFP4_OVERLAP", "1") != "0"):
-        return False
-    if not torch.is_grad_enabled():
-        return False
-    return x.requires_grad or any(t is not None and t.requires_grad for lo in loras if lo for t in lo[:2])
-
-
 def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     """Strategy A (see module doc)."""
     from host_plugin_scattermoe import fused, ops
@@ -141,28 +113,13 @@ def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     # [a, K, N] kernel views, stored like the module's own parameters (K-major when transposed)
     w1, l1, b1 = select(up_name, l1, b1)
     W1 = w1.dequantize(dt, k_major=k_major).transpose(1, 2)
-    w2, l2, b2 = select("down_proj", l2, b2)
-    x = hidden_states.to(dt)
-    done = None
-    if _overlap(x, l1, l2):
-        main = torch.cuda.current_stream(x.device)
-        side = _side_stream(x.device)
-        W2 = w2.empty_dequantized(dt, k_major)  # allocated on the main stream, written on the side one
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            w2.dequantize(dt, k_major=k_major, out=W2)
-            done = side.record_event()
-    else:
-        W2 = None
     sei, ssi, offs = sort_tokens(idx, a)
+    x = hidden_states.to(dt)
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     h = ops.scattered_experts(x, W1, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
-    del W1
-    if done is not None:
-        torch.cuda.current_stream(x.device).wait_event(done)
-    else:
-        W2 = w2.dequantize(dt, k_major=k_major)
-    W2 = W2.transpose(1, 2)
+    del W1  # freed here in no-grad forwards (autograd keeps it otherwise): the two decoded weights never coexist then
+    w2, l2, b2 = select("down_proj", l2, b2)
+    W2 = w2.dequantize(dt, k_major=k_major).transpose(1, 2)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
     if fused.applies(self, b2):  # the same fused tail as scattermoe's experts forward (bit-identical to it)
         return fused.glu_down_combine(h, W2, k, sei, ssi, offs, A2, B2, s2, top_k_weights).to(hidden_states.dtype)

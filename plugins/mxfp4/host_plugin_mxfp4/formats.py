@@ -315,23 +315,18 @@ class FP4Weights:
             return torch.empty(*lead, K, N, dtype=dtype, device=self.device).transpose(-1, -2)
         return torch.empty(self.shape, dtype=dtype, device=self.device)
 
-    def dequantize(self, dtype=torch.bfloat16, k_major: bool = False, chunk_bytes: int = 256 << 20,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+    def dequantize(self, dtype=torch.bfloat16, k_major: bool = False, chunk_bytes: int = 256 << 20) -> torch.Tensor:
         """The ``[..., N, K]`` values in ``dtype`` (exact for bf16/fp32). ``k_major=True`` stores them
         K-major (the result is the transpose of a contiguous ``[..., K, N]``, the layout of
         transformers' transposed experts). On CUDA one Triton pass decodes straight into the result;
-        elsewhere torch does it with fp32 scratch bounded by ``chunk_bytes`` (chunks along dim 0).
-        ``out`` (from :meth:`empty_dequantized`) is written instead of a new buffer."""
+        elsewhere torch does it with fp32 scratch bounded by ``chunk_bytes`` (chunks along dim 0)."""
         def one(packed, scales):
             if self.scale_kind == "e8m0":
                 return dequantize_mxfp4(packed, scales, torch.float32)
             return dequantize_nvfp4(packed, scales, self.tensor_scale, torch.float32)
 
         lead = self.shape[:-2]
-        if out is None:
-            out = self.empty_dequantized(dtype, k_major)
-        elif tuple(out.shape) != tuple(self.shape) or out.dtype != dtype:
-            raise ValueError(f"dequantize out= must be {tuple(self.shape)} {dtype}, got {tuple(out.shape)} {out.dtype}")
+        out = self.empty_dequantized(dtype, k_major)
         if self.packed.is_cuda and len(self.shape) <= 3:  # one Triton pass: 4.25 bits in, `dtype` out
             from host_plugin_mxfp4 import kernels
 

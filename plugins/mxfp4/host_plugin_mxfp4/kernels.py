@@ -358,8 +358,9 @@ def fp4_scatter2scatter(
 
 
 #: Dequantize tiles ``(BLOCK_R rows, BLOCK_KB packed bytes, num_warps)`` by output order (K contiguous,
-#: or K-major as transformers' transposed experts). See bench/sweep_dequant.py for the H200 sweep.
-DEQUANT_TILES = {"k_contiguous": (32, 64, 4), "k_major": (32, 64, 4)}
+#: or K-major as transformers' transposed experts): the fastest of bench/sweep_dequant.py on an H200
+#: (2026-12-01; ~3.1 TB/s of bytes read + written at the Qwen3 / gpt-oss expert shapes).
+DEQUANT_TILES = {"k_contiguous": (16, 128, 4), "k_major": (64, 128, 8)}
 
 
 def dequantize(w, out: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
