@@ -359,8 +359,9 @@ def fp4_scatter2scatter(
 
 #: Dequantize tiles ``(BLOCK_R rows, BLOCK_KB packed bytes, num_warps)`` by output order (K contiguous,
 #: or K-major as transformers' transposed experts): the fastest of bench/sweep_dequant.py on an H200
-#: (2026-12-01; ~3.1 TB/s of bytes read + written at the Qwen3 / gpt-oss expert shapes).
-DEQUANT_TILES = {"k_contiguous": (16, 128, 4), "k_major": (64, 128, 8)}
+#: (2026-12-01, summed over the Qwen3-30B-A3B / Qwen3.5-35B-A3B expert shapes: 3.2-3.4 TB/s of bytes
+#: read + written, copy 4.25; gpt-oss's K-major gate_up 3.1 TB/s). (8, 256) is 4x slower K-major.
+DEQUANT_TILES = {"k_contiguous": (8, 256, 4), "k_major": (64, 128, 8)}
 
 
 def dequantize(w, out: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
