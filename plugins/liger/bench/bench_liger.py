@@ -17,6 +17,7 @@ Usage: python bench/bench_liger.py [--steps 8] [--variants plain,liger,...] (wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -35,10 +36,66 @@ VARIANTS = {  # name -> (plugins, vocabulary)
     "scattermoe+liger": (["scattermoe", "liger"], 151936),
     "scattermoe+liger-chunk0": (["scattermoe", "liger"], 151936),  # liger-kernel's own chunking (128 rows here)
     "scattermoe+liger-2": (["scattermoe", "liger"], 151936),  # the same again, later in the process (order effects)
+    # host-sync and launch-overhead experiments (see sync_variant and EXTRA_KEYS)
+    "scattermoe+liger-syncs": (["scattermoe", "liger"], 151936),  # liger-kernel's own loss syncs (plugin's fix undone)
+    "scattermoe+liger-nosync": (["scattermoe", "liger"], 151936),  # also no Trainer syncs (bench-only patches)
+    "scattermoe+liger-graph": (["scattermoe", "liger"], 151936),  # reentrant checkpointing + scattermoe_cuda_graph
+    "scattermoe+liger-compile": (["scattermoe", "liger"], 151936),  # torch_compile: true
     "plain@262k": ([], 262144),
     "liger@262k": (["liger"], 262144),
     "scattermoe+liger@262k": (["scattermoe", "liger"], 262144),
 }
+
+
+#: per-variant config keys on top of the common ones
+EXTRA_KEYS = {
+    "scattermoe+liger-graph": {"gradient_checkpointing_kwargs": {"use_reentrant": True}, "scattermoe_cuda_graph": True},
+    "scattermoe+liger-compile": {"torch_compile": True},
+}
+
+
+@contextlib.contextmanager
+def sync_variant(name: str):
+    """Bench-only switches for measuring host syncs (undone afterwards).
+
+    ``-syncs``: the liger plugin's sync-free fused loss is undone (liger-kernel's ``.item()`` and ``torch.equal``
+    run as shipped), i.e. the state before the fix. ``-nosync``: additionally the HF Trainer's per-step syncs are
+    off: ``logging_nan_inf_filter`` (``isnan``/``isinf`` of the loss read on the host) and the tokens-seen counter
+    (``.item()`` of a device tensor), which here counts ``input_ids.numel()`` on the host (every bench row is a
+    full, unpadded sequence, so this is the same number; one GPU only)."""
+    from transformers import Trainer
+
+    import host.train
+    from host_plugin_liger import sync_free
+
+    saved = []
+
+    def patch(owner, attr, value):
+        saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value)
+
+    if name.endswith("-syncs"):
+        patch(sync_free, "forward", lambda original: original)
+        patch(sync_free, "backward", lambda original: original)
+    if name.endswith("-nosync"):
+        make_args = host.train.training_arguments
+
+        def no_nan_filter(*a, **kw):
+            args = make_args(*a, **kw)
+            args.logging_nan_inf_filter = False
+            return args
+
+        patch(host.train, "training_arguments", no_nan_filter)
+
+        def count_on_host(self, inputs):
+            self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
+
+        patch(Trainer, "_track_num_input_tokens", count_on_host)
+    try:
+        yield
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
 
 
 def build_model(path: Path, vocab: int, layers: int) -> None:
@@ -88,6 +145,7 @@ def config(work: Path, name: str, plugins: list[str], vocab: int, steps: int, se
         "output_dir": str(work / "runs" / name),
         "seed": 0,
         **(LIGER if "liger" in plugins else {}),
+        **EXTRA_KEYS.get(name, {}),
     }
     if "liger" in plugins and chunk_rows is not None:
         cfg["liger_fused_linear_cross_entropy_chunk_rows"] = chunk_rows
@@ -139,10 +197,75 @@ class Profiler:
         self.summary = {"steps": steps, "kernel_ms_per_step": round(total, 2), "wall_ms_per_step": round(self.wall_ms, 2),
                         "top": [{"kernel": k[:120], "ms_per_step": round(ms, 3), "calls_per_step": n,
                                  "share": round(ms / total, 4)} for k, ms, n in kernels[:40]]}
-        self.out.write_text(self.p.key_averages().table(sort_by="self_device_time_total", row_limit=60))
+        cpu_ms = sum(e.self_cpu_time_total for e in self.p.key_averages()) / 1e3 / steps
+        self.summary["self_cpu_ms_per_step"] = round(cpu_ms, 2)
+        self.out.write_text(self.p.key_averages().table(sort_by="self_device_time_total", row_limit=60)
+                            + f"\n\nBy self CPU time (all ops: {cpu_ms:.1f} ms per step, profiler overhead included):\n"
+                            + self.p.key_averages().table(sort_by="self_cpu_time_total", row_limit=60))
 
 
-def run_variant(path: Path, profile_to: Path | None = None) -> dict:
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",  # runtime calls, and the
+               "aten::_local_scalar_dense", "aten::nonzero")  # ops behind .item() / bool() / torch.equal, nonzero
+
+
+class SyncList:
+    """A host plugin object for one run: every host-device synchronisation of training step ``step`` + 1, with the
+    Python frames it came from (torch.profiler with stacks: each CUDA runtime sync call and its nearest caller
+    with a stack), plus the count torch's sync debug mode warns about in that step; written to ``out``."""
+
+    def __init__(self, out: Path, step: int = 1):
+        self.out, self.step, self.found = out, step, []
+
+    @hookimpl
+    def trainer_callbacks(self, cfg):
+        import warnings
+
+        import torch
+        from transformers import TrainerCallback
+
+        me = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == me.step:
+                    torch.cuda.synchronize()
+                    me.warned = []
+                    me.filters, me.show = warnings.filters[:], warnings.showwarning
+                    warnings.simplefilter("always")
+                    warnings.showwarning = lambda msg, *a, **k: me.warned.append(str(msg)[:80])
+                    torch.cuda.set_sync_debug_mode("warn")
+                    me.p = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                              torch.profiler.ProfilerActivity.CUDA], with_stack=True)
+                    me.p.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == me.step + 1:
+                    torch.cuda.set_sync_debug_mode(0)
+                    me.p.__exit__(None, None, None)
+                    warnings.filters[:], warnings.showwarning = me.filters, me.show
+                    me.write()
+
+        return [Callback()]
+
+    def write(self) -> None:
+        lines = []
+        for e in self.p.events():
+            if e.name not in _SYNC_CALLS:
+                continue
+            chain, parent = [], e.cpu_parent  # with_stack: Python frames are parent events named "file(line): func"
+            while parent is not None:
+                chain.extend(parent.stack or [parent.name])
+                parent = parent.cpu_parent
+            ops = [c for c in chain if "): " not in c][:4]
+            frames = [c for c in chain if "): " in c and "/torch/" not in c and "/triton/" not in c][:8]
+            self.found.append({"sync": e.name, "ops": ops, "frames": frames})
+            lines.append(f"{e.name} <- {' <- '.join(ops)}\n    " + "\n    ".join(frames))
+        self.summary = {"syncs": len(self.found), "sync_debug_warnings": len(self.warned), "found": self.found}
+        self.out.write_text(f"{len(self.found)} sync points in one training step (runtime sync calls, and the ops that cause them) "
+                            f"({len(self.warned)} sync-debug warnings)\n\n" + "\n\n".join(lines) + "\n")
+
+
+def run_variant(path: Path, profile_to: Path | None = None, syncs_to: Path | None = None) -> dict:
     import torch
 
     from host.config import load_config
@@ -156,9 +279,15 @@ def run_variant(path: Path, profile_to: Path | None = None) -> dict:
     if profile_to is not None:
         prof = Profiler(profile_to)
         pm.register(prof, name="bench-profiler")
+    syncs = None
+    if syncs_to is not None:
+        syncs = SyncList(syncs_to)
+        pm.register(syncs, name="bench-syncs")
     summary = train(cfg, pm, warnings)
     if prof is not None and hasattr(prof, "summary"):
         summary["profile"] = prof.summary
+    if syncs is not None and hasattr(syncs, "summary"):
+        summary["syncs"] = syncs.summary
     gc.collect()
     torch.cuda.empty_cache()
     return summary
@@ -215,6 +344,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--profile", default="", help="variants to profile (torch.profiler over steps 2-3, before the "
                     "steady window): top CUDA kernels into the JSON and profile_<variant>.txt")
+    ap.add_argument("--syncs", default="", help="variants whose training step 3 is listed with every host sync "
+                    "(torch.profiler with stacks + torch.cuda sync debug mode) for the second training step: syncs_<variant>.txt")
     ap.add_argument("--loss-head", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--chunk-rows", type=int, default=None, help="liger_fused_linear_cross_entropy_chunk_rows")
     args = ap.parse_args()
@@ -238,6 +369,7 @@ def main() -> None:
         doc["loss_head"] = {v: loss_head_ms(args.batch * args.seq, 2048, v) for v in (151936, 262144)}
         print(json.dumps(doc["loss_head"]), flush=True)
     profiled = set(filter(None, args.profile.split(",")))
+    listed = set(filter(None, args.syncs.split(",")))
     results = doc["runs"]
     for name in names:
         plugins, vocab = VARIANTS[name]
@@ -247,13 +379,21 @@ def main() -> None:
         try:
             rows = 0 if name.endswith("-chunk0") else args.chunk_rows
             path = config(args.work, name, plugins, vocab, args.steps, args.seq, args.batch, rows)
-            s = run_variant(path, args.out / f"profile_{name}.txt" if name in profiled else None)
+            with sync_variant(name):
+                s = run_variant(path, args.out / f"profile_{name}.txt" if name in profiled else None,
+                                args.out / f"syncs_{name}.txt" if name in listed else None)
             row = {"variant": name, "vocab": vocab, "tokens_per_s": s["steady_tokens_per_s"],
                    "peak_gib": s["peak_memory_gib"], "final_loss": s["final_train_loss"], "steps": s["steps"]}
+            if "syncs" in s:
+                row["syncs"] = s["syncs"]
+                print(f"syncs {name}: {s['syncs']['syncs']} sync calls in one step, {s['syncs']['sync_debug_warnings']} "
+                      "sync-debug warnings", flush=True)
+                for f in s["syncs"]["found"]:
+                    print(f"  {f['sync']} <- {' <- '.join(f['ops'][:3])} @ {(f['frames'] or ['?'])[0]}")
             if "profile" in s:
                 row["profile"] = s["profile"]
                 print(f"profile {name}: {s['profile']['kernel_ms_per_step']} kernel ms/step, {s['profile']['wall_ms_per_step']} "
-                      "wall ms/step (profiled steps)", flush=True)
+                      f"wall ms/step, {s['profile']['self_cpu_ms_per_step']} self-CPU ms/step (profiled steps)", flush=True)
                 for k in s["profile"]["top"][:25]:
                     print(f"  {k['ms_per_step']:8.2f} ms {k['calls_per_step']:5d}x {100 * k['share']:5.1f}%  {k['kernel'][:90]}")
         except Exception as exc:

@@ -238,14 +238,17 @@ def chunk_mem_const(tokens: int, hidden: int, vocab: int, rows: int) -> int:
 
 
 def _tune_flce(patching, compile_: bool, rows: int) -> None:
-    """Wrap liger's chunked loss forward: chunks of ``rows`` tokens, and kept out of Dynamo under
-    ``torch_compile`` (it launches Triton kernels in a Python loop)."""
+    """Wrap liger's chunked loss: chunks of ``rows`` tokens, no host syncs on the Trainer's path
+    (:mod:`host_plugin_liger.sync_free`), and kept out of Dynamo under ``torch_compile`` (it launches Triton
+    kernels in a Python loop)."""
     import functools
 
     import torch
     from liger_kernel.ops import fused_linear_cross_entropy as ops
 
-    original = ops.fused_linear_cross_entropy_forward
+    from host_plugin_liger import sync_free
+
+    original = sync_free.forward(ops.fused_linear_cross_entropy_forward)
 
     @functools.wraps(original)
     def forward(_input, weight, *args, **kwargs):
@@ -253,11 +256,11 @@ def _tune_flce(patching, compile_: bool, rows: int) -> None:
             kwargs["chunk_mem_const"] = chunk_mem_const(_input.shape[0], _input.shape[1], weight.shape[0], rows)
         return original(_input, weight, *args, **kwargs)
 
+    backward = sync_free.backward(ops.fused_linear_cross_entropy_backward)
     if compile_:
-        forward = torch.compiler.disable(forward)
-        patching.wrap(ops, "fused_linear_cross_entropy_backward",
-                      torch.compiler.disable(ops.fused_linear_cross_entropy_backward))
+        forward, backward = torch.compiler.disable(forward), torch.compiler.disable(backward)
     patching.wrap(ops, "fused_linear_cross_entropy_forward", forward)
+    patching.wrap(ops, "fused_linear_cross_entropy_backward", backward)
 
 
 def _causal_lm(model):

@@ -166,16 +166,17 @@ def test_torch_compile_keeps_the_fused_loss_out_of_dynamo(make_plugin_manager, t
 
     from host_plugin_liger import patching
 
-    original = ops.fused_linear_cross_entropy_forward
+    original = ops.fused_linear_cross_entropy_forward, ops.fused_linear_cross_entropy_backward
     pm = make_plugin_manager(["liger"])
     cfg = _validate(make_plugin_manager, _model_dir(tmp_path, "qwen3"), torch_compile=True,
                     liger_fused_linear_cross_entropy=True)
     pm.hook.pre_model_load(cfg=cfg)
-    wrapped = ops.fused_linear_cross_entropy_forward
-    assert wrapped is not original and getattr(wrapped, "_torchdynamo_disable", False)
-    assert inspect.unwrap(wrapped) is original
+    wrapped = ops.fused_linear_cross_entropy_forward, ops.fused_linear_cross_entropy_backward
+    for new, old in zip(wrapped, original):
+        assert new is not old and getattr(new, "_torchdynamo_disable", False)
+        assert inspect.unwrap(new) is old
     patching.restore()
-    assert ops.fused_linear_cross_entropy_forward is original
+    assert (ops.fused_linear_cross_entropy_forward, ops.fused_linear_cross_entropy_backward) == original
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
