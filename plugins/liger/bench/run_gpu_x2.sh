@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$RES/devic
 lscpu | grep -E "^Model name|^CPU\(s\)" | tee -a "$RES/device.txt"
 B=plugins/liger/bench
 V=${VARIANTS:-plain,scattermoe+liger,scattermoe+liger-syncs,scattermoe+liger-nosync,scattermoe+liger-graph}
-CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_S:-130}" python3 $B/bench_liger.py --out "$RES/bench" --variants "$V" --steps 10 \
+[ "$V" = none ] || CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_S:-130}" python3 $B/bench_liger.py --out "$RES/bench" --variants "$V" --steps 10 \
   --no-loss-head --profile scattermoe+liger --syncs scattermoe+liger,scattermoe+liger-syncs 2>&1 \
   | tee "$RES/bench.log" | grep -E "^\{|^[a-z]|^  |^NVIDIA|Error|error" | grep -v Warning | cut -c1-400
 timeout "${SCALING_S:-150}" python3 scripts/bench_scaling.py --layers 2 --batch 4 --steps 8 --logs "$RES/scaling" \

@@ -289,6 +289,12 @@ def post_model_build(cfg, model):
                 f"liger_fused_linear_cross_entropy: {type(inner).__name__}.forward is not liger-kernel's fused loss "
                 "forward (the model class was not patched); turn the key off for this model class."
             )
+        from host_plugin_liger import patching
+
+        if not getattr(forward, "_liger_unshards_head", False):
+            wrapped = lm_head_mod.unsharding_head(forward)
+            wrapped._liger_unshards_head = True
+            patching.wrap(type(inner), "forward", wrapped)  # undone with liger's patches when training ends
         head = inner.get_output_embeddings()
         kind = lm_head_mod.expose_effective_weight(head)
         if kind != "plain":

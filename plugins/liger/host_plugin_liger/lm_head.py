@@ -7,10 +7,17 @@ gradient. :func:`expose_effective_weight` gives that one module instance a subcl
 ``weight`` is what its forward applies, ``W + sum(scale * B @ A)`` over the active, unmerged LoRA
 adapters (differentiable, so A and B get their gradients through liger's kernel), or the active
 ``modules_to_save`` copy. Parameter names, ``state_dict`` and saving are unchanged.
+
+Under FSDP2, accelerate shards ``lm_head`` as an FSDP unit of its own, which all-gathers its weight in
+its forward pre-hook; the fused loss never calls that forward, so it would read the local shard (a
+DTensor) and fail. :func:`unsharding_head` gathers the unit first (``FSDPModule.unshard``, FSDP2's public
+API); FSDP's end-of-backward callback then reduce-scatters any gradient and reshards it, as it does for
+every unit whose backward hooks did not fire.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from host.errors import HostError
@@ -58,3 +65,20 @@ def expose_effective_weight(lm_head: Any) -> str:
     cls = type(lm_head)
     lm_head.__class__ = type(cls.__name__, (cls,), {"weight": property(getter), "_liger_effective_weight": True})
     return kind
+
+
+def unsharding_head(forward):
+    """The causal LM's fused-loss ``forward``, gathering an FSDP2-sharded ``lm_head`` before it reads the weight."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return forward
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        head = self.get_output_embeddings()
+        if self.training and isinstance(head, FSDPModule):
+            head.unshard()
+        return forward(self, *args, **kwargs)
+
+    return wrapped
