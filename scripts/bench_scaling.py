@@ -28,7 +28,8 @@ from pathlib import Path
 import yaml
 
 LAYER = "Qwen3MoeDecoderLayer"
-VARIANTS = {"1gpu": (1, False), "ddp2": (2, False), "fsdp2x2": (2, True)}  # name -> (GPUs, FSDP2)
+# name -> (GPUs, FSDP2); fsdp2x1: FSDP2's sharding machinery with one rank (a check that fits a one-GPU machine)
+VARIANTS = {"1gpu": (1, False), "ddp2": (2, False), "fsdp2x2": (2, True), "fsdp2x1": (1, True)}
 DEEPSPEED = {"zero2x2": "zero2.json", "zero3x2": "zero3.json"}  # 2 GPUs, examples/deepspeed/<json>
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LOSS_RTOL = 1e-2  # bf16, different reduction order across ranks

@@ -21,6 +21,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -149,6 +150,7 @@ def config(work: Path, name: str, plugins: list[str], vocab: int, steps: int, se
     }
     if "liger" in plugins and chunk_rows is not None:
         cfg["liger_fused_linear_cross_entropy_chunk_rows"] = chunk_rows
+    shutil.rmtree(cfg["output_dir"], ignore_errors=True)  # a variant named twice runs twice (host refuses to overwrite)
     path = work / f"{name.replace('@', '-').replace('+', '-')}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
