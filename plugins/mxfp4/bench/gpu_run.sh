@@ -12,8 +12,10 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 B=plugins/mxfp4/bench
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout "${T_SWEEP:-50}" python3 $B/sweep_dequant.py > "$OUT/sweep.log" 2>&1
-echo "sweep rc=$?"
+if [ "${SWEEP:-1}" = 1 ]; then  # SWEEP=0: the library's DEQUANT_TILES as they are
+  timeout "${T_SWEEP:-50}" python3 $B/sweep_dequant.py > "$OUT/sweep.log" 2>&1
+  echo "sweep rc=$?"
+fi
 timeout "${T_BENCH:-160}" python3 $B/bench_mxfp4.py --shapes "${SHAPES:-Qwen3-30B-A3B,Qwen3.5-35B-A3B}" --iters "${ITERS:-50}" \
   --skip-load --skip-fused --dequant-tiles "$OUT/sweep_dequant.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"
@@ -24,7 +26,7 @@ if [ "${PROBE:-0}" = 1 ]; then
   timeout "${T_PROBE:-45}" python3 $B/probe_dot_scaled.py > "$OUT/probe.log" 2>&1
   echo "probe rc=$?"
 fi
-echo "== sweep"; grep -E "^\||^best|^fastest|copy" "$OUT/sweep.log" | grep -v "^| ---" | tail -45
+[ -f "$OUT/sweep.log" ] && { echo "== sweep"; grep -E "^\||^best|^fastest|copy" "$OUT/sweep.log" | grep -v "^| ---" | tail -45; }
 echo "== bench"; grep -E "^\||^- |^device" "$OUT/bench.log" | grep -v "^| ---" | grep -v "bitwise=True" | tail -30
 [ -f "$OUT/probe.log" ] && { echo "== probe"; grep -E "^\||variant" "$OUT/probe.log" | grep -v "^| ---" | tail -24; }
 exit 0
