@@ -160,6 +160,9 @@ class HostConfig(StrictModel, ModelKeys):
     )
 
     logging_steps: int = Field(1, gt=0)
+    logging_nan_inf_filter: bool = Field(
+        True, description="Log a NaN/Inf step's loss as the running average (the Trainer's default); false saves two GPU waits per step."
+    )
     save_steps: int | None = None
     saves_per_epoch: int | None = None
     eval_steps: int | None = None

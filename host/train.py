@@ -66,6 +66,7 @@ def training_arguments(cfg, has_eval: bool):
         bf16=model_mod.use_bf16(cfg),
         fp16=cfg.fp16,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=cfg.logging_nan_inf_filter,
         save_strategy=_save_strategy(cfg, save_steps),
         save_steps=save_steps or 500,
         save_total_limit=cfg.save_total_limit,

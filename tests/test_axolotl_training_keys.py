@@ -77,10 +77,12 @@ def test_pass_through_training_arguments(write_config, tiny_model, text_file, tm
     from host.train import training_arguments
 
     cfg = _cfg(tiny_model, text_file, tmp_path / "o", max_grad_norm=0.3, adam_beta2=0.95, adam_epsilon=1e-6, tf32=True,
-               gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, save_total_limit=2)
+               gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, save_total_limit=2,
+               logging_nan_inf_filter=False)
     cfg, _, _ = load_config(write_config(cfg))
     args = training_arguments(cfg, has_eval=False)
     assert (args.max_grad_norm, args.adam_beta2, args.adam_epsilon, args.save_total_limit) == (0.3, 0.95, 1e-6, 2)
+    assert args.logging_nan_inf_filter is False
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert args.save_strategy == "epoch"
     assert not args.tf32  # TF32 is a GPU matmul mode: nothing to switch on CPU
