@@ -140,3 +140,28 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   python3 plugins/scattermoe/bench/bench_moe_block.py "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -40 "$OUT/bench.log"
 fi
+if [ "$what" = host1 ]; then  # issue 16 host path, call 1: where the eager step's host time goes
+  timeout 40 python3 plugins/scattermoe/bench/host_overhead.py --json "$OUT/host_overhead.json" > "$OUT/host_overhead.log" 2>&1
+  echo "host rc=$?"; grep -A 30 "^host time" "$OUT/host_overhead.log"; grep -iE "error|Traceback" "$OUT/host_overhead.log" | head -5
+  timeout 50 python3 plugins/scattermoe/bench/diagnose_gap.py --shapes Qwen3-30B-A3B --impls scattermoe --cprofile --iters 20 \
+    > "$OUT/diag.log" 2>&1
+  echo "diag rc=$?"; grep -A 40 "by tottime" "$OUT/diag.log" | cut -c1-160 | head -44; grep -A 6 "^device" "$OUT/diag.log" | cut -c1-150
+fi
+if [ "$what" = host2 ]; then  # issue 16 host path, call 2: block table after / before (BEFORE=tree of the old code), GPU tests
+  S="Qwen3-30B-A3B Qwen3.5-35B-A3B OLMoE-1B-7B"
+  timeout 50 python3 plugins/scattermoe/bench/bench_moe_block.py --iters 20 --shapes $S --impls grouped_mm scattermoe \
+    --json "$OUT/bench_after.json" > "$OUT/bench_after.log" 2>&1
+  echo "bench after rc=$?"; grep -A 8 "^device" "$OUT/bench_after.log" | cut -c1-140
+  (cd "$BEFORE" && PYTHONPATH=/tmp/site:$BEFORE:$BEFORE/plugins/scattermoe timeout 30 python3 plugins/scattermoe/bench/bench_moe_block.py \
+    --iters 20 --shapes $S --impls scattermoe --json "$OUT/bench_before.json" > "$OUT/bench_before.log" 2>&1)
+  echo "bench before rc=$?"; grep -A 5 "^device" "$OUT/bench_before.log" | cut -c1-140
+  timeout 30 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib plugins/scattermoe/tests/test_scattermoe_gpu.py \
+    plugins/scattermoe/tests/test_scattermoe_graphs.py::test_graph_matches_eager_over_steps -k "qwen3 or int64 or graph" \
+    > "$OUT/pytest.log" 2>&1
+  echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/pytest.log" | tail -6
+  timeout 12 python3 plugins/scattermoe/bench/host_overhead.py --json /tmp/host_after.json > "$OUT/host_after.log" 2>&1
+  echo "host after rc=$?"; grep -A 16 "^host time" "$OUT/host_after.log"
+  (cd "$BEFORE" && PYTHONPATH=/tmp/site:$BEFORE:$BEFORE/plugins/scattermoe timeout 12 python3 plugins/scattermoe/bench/host_overhead.py \
+    --json /tmp/host_before.json > "$OUT/host_before.log" 2>&1)
+  echo "host before rc=$?"; grep -A 16 "^host time" "$OUT/host_before.log"
+fi

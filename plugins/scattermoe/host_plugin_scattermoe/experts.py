@@ -60,13 +60,25 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     return out.to(hidden_states.dtype)
 
 
+_DTENSOR: list = []
+
+
+def _dtensor_cls():
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
+
+
 def _require_unsharded(*tensors: torch.Tensor) -> None:
     """The kernels index whole expert weights; a DTensor here would be a local shard used as if it
     were the full weight. FSDP2 all-gathers a unit's parameters before its forward, so this only
     happens when the experts run outside their FSDP unit."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
+    DTensor = _dtensor_cls()
+    if DTensor is None:  # torch built without distributed
         return
     if any(isinstance(t, DTensor) for t in tensors):
         raise RuntimeError(

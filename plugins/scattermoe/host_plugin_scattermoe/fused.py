@@ -113,9 +113,9 @@ def glu_down_combine(
     """See the module docstring. Returns ``[T, H]`` in ``h``'s dtype."""
     if gates is None:
         raise ValueError("glu_down_combine needs the routing weights (gates)")
-    lora_A, lora_B = ops.cast_lora(lora_A, lora_B, scaling, W.dtype)
     h = h.to(W.dtype)
     if not ops._use_triton(h, backend) or W.requires_grad or h.stride(-1) != 1:
+        lora_A, lora_B = ops.cast_lora(lora_A, lora_B, scaling, W.dtype)
         act = reference.glu(h) if not ops._use_triton(h, backend) else ops.silu_glu(h, backend=backend)
         y = ops.scattered_experts(
             act, W, 1, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets, lora_A, lora_B, scaling,
@@ -123,7 +123,7 @@ def glu_down_combine(
             split_max_experts=split_max_experts, backend=backend,
         )
         return ops.combine(y, gates, backend=backend)
-    lora_A, lora_B = ops.kernel_strides(lora_A, lora_B)
+    lora_A, lora_B = ops.kernel_lora(lora_A, lora_B, scaling, W.dtype)
     E, Kdim, N = W.shape
     split = lora_A is not None and ops.use_split(E, Kdim, N, fused_lora, split_threshold, split_max_experts)
     return GluDownCombineFunction.apply(

@@ -67,9 +67,21 @@ def needs_int64(*tensors) -> bool:
     return False
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host ints: Triton 3.6 wraps it as a ``constexpr_function``, whose call costs
+    microseconds (argument unwrapping), and launch bookkeeping calls it a dozen times per step."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for host ints (0 for 0, as Triton's), without its ``constexpr_function`` wrapper."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def m_bucket(m: int) -> int:
     """Autotune bucket of a row count: the next power of two (at least 256)."""
-    return max(256, triton.next_power_of_2(max(int(m), 1)))
+    return max(256, _next_pow2(max(int(m), 1)))
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -83,7 +95,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def rank_block(r: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(r), 1)))
+    return max(16, _next_pow2(max(int(r), 1)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +143,7 @@ def _prune_s2s(configs, named_args, **kwargs):
     kept, scored = [], []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if bn > max(16, triton.next_power_of_2(N)) or (N >= 128 and bn < 64):
+        if bn > max(16, _next_pow2(N)) or (N >= 128 and bn < 64):
             continue  # tile wider than the output (wasted work) or needlessly thin
         smem = c.num_stages * (bm * bk + bk * bn) * elt
         acc = bm * bn
@@ -156,7 +168,7 @@ def _prune_outer(configs, named_args, **kwargs):
     kept, scored = [], []
     for c in configs:
         bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
-        if bp > max(16, triton.next_power_of_2(P)) or bq > max(16, triton.next_power_of_2(Q)):
+        if bp > max(16, _next_pow2(P)) or bq > max(16, _next_pow2(Q)):
             continue
         if (P >= 128 and bp < 64) or (Q >= 128 and bq < 64):
             continue
@@ -623,8 +635,8 @@ def s2s_rule(
     if glu:
         return [_cfg(128, 64, 64, 8, 8, 3), _cfg(64, 64, 64, 8, 4, 3)]
     if N <= 32:
-        bk = min(256, max(64, triton.next_power_of_2(K)))
-        return [_cfg(64, max(16, triton.next_power_of_2(N)), bk, 8, 4, 3), _cfg(64, 16, 128, 8, 4, 3)]
+        bk = min(256, max(64, _next_pow2(K)))
+        return [_cfg(64, max(16, _next_pow2(N)), bk, 8, 4, 3), _cfg(64, 16, 128, 8, 4, 3)]
     rows_per_expert = L / max(E, 1)
     if rows_per_expert < 96:
         return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
@@ -644,9 +656,9 @@ def outer_rule(L: int, E: int, P: int, Q: int) -> list[dict]:
         return {"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq, "num_warps": w, "num_stages": s}
 
     if P <= 32:
-        return [c(32, max(16, triton.next_power_of_2(P)), 128, 4, 4), c(32, 16, 64, 4, 3)]
+        return [c(32, max(16, _next_pow2(P)), 128, 4, 4), c(32, 16, 64, 4, 3)]
     if Q <= 32:
-        return [c(64, 128, max(16, triton.next_power_of_2(Q)), 4, 3), c(32, 64, 16, 4, 3)]
+        return [c(64, 128, max(16, _next_pow2(Q)), 4, 3), c(32, 64, 16, 4, 3)]
     return [c(64, 128, 128, 8, 3), c(64, 64, 64, 4, 3), c(32, 32, 64, 4, 3)]
 
 
@@ -714,15 +726,25 @@ def _config_dict(c) -> dict:
     return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
 
-def pick_tiles(kind: str, key: tuple, candidates: list[dict], named_args: dict) -> dict:
+def pick_tiles(kind: str, key: tuple, candidates, named_args: dict) -> dict:
     """The configuration a launch uses in ``"rule"`` mode (cached per key): the first rule candidate
-    that fits the device (pruned like the autotuner's candidates)."""
+    that fits the device (pruned like the autotuner's candidates). ``candidates`` may be a callable
+    returning the list, so that a cached key never rebuilds the rule's list (host time per launch)."""
     got = _PICKED.get((kind, key))
     if got is None:
         prune = _prune_s2s if kind == "s2s" else _prune_outer
-        kept = prune([_as_config(d) for d in candidates], named_args)
+        cands = candidates() if callable(candidates) else candidates
+        kept = prune([_as_config(d) for d in cands], named_args)
         got = _PICKED[(kind, key)] = _config_dict(kept[0])
     return got
+
+
+#: Launch plans (tile kwargs, constexpr flags, grid) per problem signature and picked tiles: everything in a launch
+#: that depends only on shapes and flags is worked out once, so a repeated launch (every training step) costs a
+#: dictionary lookup on the host. An entry is valid only while its tile pick is the one ``_PICKED`` holds (tuning
+#: and benchmark scripts clear ``_PICKED`` to see the rule's pick again).
+_PLANS: dict = {}
+_MAX_PLANS = 4096
 
 
 def _dot_prec(dtype):
@@ -808,12 +830,32 @@ def _dummy(like: torch.Tensor, ndim: int) -> torch.Tensor:
     return t
 
 
+def _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, dtype, has_glu) -> dict:
+    """The constexpr flags of one scatter2scatter launch (besides its tiles)."""
+    return dict(
+        X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
+        HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(dtype),
+        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=has_glu,
+    )
+
+
+def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu):
+    """``(cfg, kernel kwargs, grid, use TMA descriptors, column blocks)`` of a launch with tiles ``cfg``."""
+    tiles = dict(cfg)
+    want_tma = tiles.pop("TMA", False)
+    kw = _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, x.dtype, has_glu)
+    kw.update(tiles, EVEN_K=K % tiles["BLOCK_K"] == 0, EVEN_N=N % tiles["BLOCK_N"] == 0)
+    ncol = _cdiv(N, tiles["BLOCK_N"])
+    grid_ = (ncol * (_cdiv(L, tiles["BLOCK_M"]) + E),)
+    return cfg, kw, grid_, bool(use_tma(want_tma, x) and not int64), ncol
+
+
 def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, grouped_in, grouped_out, write_xa,
                 out, out_dtype, glu):
     L = ssi.numel()
     E, K, N = W.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features but W expects {K}")
+    if x.dim() != 2 or x.shape[-1] != K:
+        raise ValueError(f"x must be [rows, {K}] for W {tuple(W.shape)}, got {tuple(x.shape)}")
     if glu is not None:
         out = torch.empty(L, 2 * N, device=x.device, dtype=glu[1].dtype)
     elif out is None:
@@ -842,24 +884,47 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         return out, xa_out, dgp
     int64 = needs_int64(x, out, xab)
     cuda = x.is_cuda and not INTERPRET
-    tma = cuda and glu is None and not int64 and use_tma(True, x)
-    if not cuda:
-        cfg = INTERP_S2S
-    elif "s2s" in FORCE:
-        cfg = FORCE["s2s"]
-    elif L < AUTOTUNE_MIN_ROWS:
-        cfg = _SMALL_S2S
-    elif TILE_MODE == "autotune" and glu is None:
-        cfg = None
+    has_glu = glu is not None
+    if cuda and "s2s" not in FORCE and L >= AUTOTUNE_MIN_ROWS and TILE_MODE != "autotune":
+        # the default GPU path: rule tiles, launch plan cached per problem signature
+        tma = not has_glu and not int64 and use_tma(True, x)
+        gi, go = bool(grouped_in), bool(grouped_out)
+        key = (K, N, lora, gi, go, m_bucket(L), E, has_glu, tma)
+        picked = _PICKED.get(("s2s", key))
+        if picked is None:
+            picked = pick_tiles(
+                "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, has_glu, tma),
+                {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
+            )
+        pkey = (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE)
+        plan = _PLANS.get(pkey)
+        if plan is None or plan[0] is not picked:
+            if len(_PLANS) >= _MAX_PLANS:  # token counts that vary every step (no packing): stay bounded
+                _PLANS.clear()
+            plan = _PLANS[pkey] = _s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu)
+        _, kw, grid_, use_desc, ncol = plan
     else:
-        key = (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, glu is not None, tma)
-        cfg = pick_tiles(
-            "s2s", key, s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, glu is not None, tma),
-            {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
-        )
-    if glu is not None:
+        if not cuda:
+            cfg = INTERP_S2S
+        elif "s2s" in FORCE:
+            cfg = FORCE["s2s"]
+        elif L < AUTOTUNE_MIN_ROWS:
+            cfg = _SMALL_S2S
+        else:  # TILE_MODE == "autotune"
+            cfg = None if not has_glu else pick_tiles(
+                "s2s", (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, True, False),
+                lambda: s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, True, False),
+                {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
+            )
+        if cfg is None:
+            kw, grid_, use_desc, ncol = None, None, False, 0
+        else:
+            _, kw, grid_, use_desc, ncol = _s2s_plan(
+                cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu
+            )
+    if has_glu:
         gates, h = glu
-        dgp = torch.empty(triton.cdiv(N, cfg["BLOCK_N"]), L, device=x.device, dtype=torch.float32)
+        dgp = torch.empty(ncol, L, device=x.device, dtype=torch.float32)
         gb, hb, dgb, s_hm, s_dgp = gates, h, dgp, h.stride(0), dgp.stride(0)
     else:
         dgp = None
@@ -868,33 +933,22 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
     args = (
         x, W, out, Am, Bm, xab, xab, bb, ssi, expert_offsets,
         K, N, R, E, fan_out, m_bucket(L),
-        x.stride(0), x.stride(1), W.stride(0), W.stride(1), W.stride(2), out.stride(0), out.stride(1),
-        Am.stride(0), Am.stride(1), Am.stride(2), Bm.stride(0), Bm.stride(1), Bm.stride(2),
-        xab.stride(0), xab.stride(1), bb.stride(0), bb.stride(1),
+        *x.stride(), *W.stride(), *out.stride(),  # x, out, xab, bias 2-D; W, A, B 3-D (one call each: host time)
+        *Am.stride(), *Bm.stride(), *xab.stride(), *bb.stride(),
         float(scaling), gb, hb, dgb, s_hm, s_dgp,
     )
-    meta = dict(
-        X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
-        HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
-        E_POW2=max(64, triton.next_power_of_2(E)), BLOCK_R=rank_block(R), GLU_BWD=glu is not None,
-    )
+    if kw is None:
+        meta = _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, x.dtype, has_glu)
 
-    def grid(META):
-        return (triton.cdiv(N, META["BLOCK_N"]) * (triton.cdiv(L, META["BLOCK_M"]) + E),)
+        def grid(META):
+            return (_cdiv(N, META["BLOCK_N"]) * (_cdiv(L, META["BLOCK_M"]) + E),)
 
-    if cfg is None:
         _s2s_tuned[grid](*args, dummy, dummy, **meta)
     else:
-        cfg = dict(cfg)
-        want_tma = cfg.pop("TMA", False)
         w_desc, wd, x_desc, xd = 0, dummy, False, dummy
-        if use_tma(want_tma, x) and not int64:
-            w_desc, wd, x_desc, xd = _tma_descs(x, W, cfg, grouped_in)
-        grid_ = (triton.cdiv(N, cfg["BLOCK_N"]) * (triton.cdiv(L, cfg["BLOCK_M"]) + E),)
-        _s2s_kernel[grid_](
-            *args, wd, xd, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0, EVEN_N=N % cfg["BLOCK_N"] == 0,
-            W_DESC=w_desc, X_DESC=x_desc,
-        )
+        if use_desc:
+            w_desc, wd, x_desc, xd = _tma_descs(x, W, kw, grouped_in)
+        _s2s_kernel[grid_](*args, wd, xd, **kw, W_DESC=w_desc, X_DESC=x_desc)
     return out, xa_out, dgp
 
 
@@ -927,30 +981,48 @@ def group_outer(
     args = (
         Lmat, Rmat, out, sorted_scattered_idxs, expert_offsets,
         P, Q, E, m_bucket(L),
-        Lmat.stride(0), Lmat.stride(1), Rmat.stride(0), Rmat.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        *Lmat.stride(), *Rmat.stride(), *out.stride(),  # 2-D, 2-D, 3-D
         max(l_fan, 1), max(r_fan, 1), float(scaling),
     )
-    meta = dict(
-        L_GATHER=l_fan > 0, R_GATHER=r_fan > 0, INT64=int64, COMPUTE=_tl_dtype(compute_dtype),
-        DOT_PREC=_dot_prec(compute_dtype),
-    )
+    cuda = Rmat.is_cuda and not INTERPRET
+    if cuda and "outer" not in FORCE and L >= AUTOTUNE_MIN_ROWS and TILE_MODE != "autotune":
+        # the default GPU path: rule tiles, launch plan cached per problem signature (see _PLANS)
+        key = (P, Q, l_fan > 0, r_fan > 0, m_bucket(L), E)
+        picked = _PICKED.get(("outer", key))
+        if picked is None:
+            picked = pick_tiles("outer", key, lambda: outer_rule(L, E, P, Q), {"Rp": Rmat, "P": P, "Q": Q})
+        pkey = ("outer", key, int64, compute_dtype)
+        plan = _PLANS.get(pkey)
+        if plan is None or plan[0] is not picked:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            kw = _outer_meta(l_fan, r_fan, int64, compute_dtype)
+            kw.update(picked)
+            plan = _PLANS[pkey] = (picked, kw, (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"])))
+        _group_outer_kernel[plan[2]](*args, **plan[1])
+        return out
+    meta = _outer_meta(l_fan, r_fan, int64, compute_dtype)
 
     def grid(META):
-        return (E, triton.cdiv(P, META["BLOCK_P"]), triton.cdiv(Q, META["BLOCK_Q"]))
+        return (E, _cdiv(P, META["BLOCK_P"]), _cdiv(Q, META["BLOCK_Q"]))
 
-    if INTERPRET or not Rmat.is_cuda:
+    if not cuda:
         _group_outer_kernel[grid](*args, **meta, **INTERP_OUTER)
     elif "outer" in FORCE:
         _group_outer_kernel[grid](*args, **meta, **FORCE["outer"])
     elif L < AUTOTUNE_MIN_ROWS:
         _group_outer_kernel[grid](*args, **meta, **_SMALL_OUTER)
-    elif TILE_MODE == "autotune":
+    else:  # TILE_MODE == "autotune"
         _outer_tuned[grid](*args, **meta)
-    else:
-        key = (P, Q, l_fan > 0, r_fan > 0, m_bucket(L), E)
-        cfg = pick_tiles("outer", key, outer_rule(L, E, P, Q), {"Rp": Rmat, "P": P, "Q": Q})
-        _group_outer_kernel[grid](*args, **meta, **cfg)
     return out
+
+
+def _outer_meta(l_fan, r_fan, int64, compute_dtype) -> dict:
+    """The constexpr flags of one group_outer launch (besides its tiles)."""
+    return dict(
+        L_GATHER=l_fan > 0, R_GATHER=r_fan > 0, INT64=int64, COMPUTE=_tl_dtype(compute_dtype),
+        DOT_PREC=_dot_prec(compute_dtype),
+    )
 
 
 def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -960,8 +1032,8 @@ def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None 
     out = torch.empty(T, N, device=y.device, dtype=out_dtype or y.dtype)
     if T == 0:
         return out
-    BLOCK_N = min(1024, triton.next_power_of_2(N)) if not INTERPRET else min(64, triton.next_power_of_2(N))
-    grid = (T, triton.cdiv(N, BLOCK_N))
+    BLOCK_N = min(1024, _next_pow2(N)) if not INTERPRET else min(64, _next_pow2(N))
+    grid = (T, _cdiv(N, BLOCK_N))
     _combine_kernel[grid](
         y, gates, out, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
         TOP_K=k, BLOCK_N=BLOCK_N,
@@ -980,7 +1052,7 @@ def combine_bwd(y, gates, dout, need_dy: bool = True, need_dg: bool = True):
         return dy, dg
     dyb = dy if dy is not None else dout
     dgb = dg if dg is not None else gates
-    BLOCK_N = min(64 if INTERPRET else 1024, triton.next_power_of_2(N))
+    BLOCK_N = min(64 if INTERPRET else 1024, _next_pow2(N))
     _combine_bwd_kernel[(T,)](
         y, gates, dout, dyb, dgb, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
         dout.stride(0), dout.stride(1), dyb.stride(0), dyb.stride(1), dgb.stride(0), dgb.stride(1),
@@ -990,7 +1062,7 @@ def combine_bwd(y, gates, dout, need_dy: bool = True, need_dg: bool = True):
 
 
 def _glu_block(I: int) -> int:
-    return min(64 if INTERPRET else 1024, triton.next_power_of_2(max(I, 1)))
+    return min(64 if INTERPRET else 1024, _next_pow2(max(I, 1)))
 
 
 def silu_glu_fwd(h: torch.Tensor) -> torch.Tensor:
@@ -1000,7 +1072,7 @@ def silu_glu_fwd(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty(M, I, device=h.device, dtype=h.dtype)
     if M:
         BLOCK = _glu_block(I)
-        _silu_glu_fwd_kernel[(M, triton.cdiv(I, BLOCK))](h, out, I, h.stride(0), out.stride(0), BLOCK=BLOCK)
+        _silu_glu_fwd_kernel[(M, _cdiv(I, BLOCK))](h, out, I, h.stride(0), out.stride(0), BLOCK=BLOCK)
     return out
 
 
@@ -1011,7 +1083,7 @@ def silu_glu_bwd(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     dh = torch.empty_like(h)
     if M:
         BLOCK = _glu_block(I)
-        _silu_glu_bwd_kernel[(M, triton.cdiv(I, BLOCK))](
+        _silu_glu_bwd_kernel[(M, _cdiv(I, BLOCK))](
             h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), BLOCK=BLOCK
         )
     return dh
@@ -1024,7 +1096,7 @@ def clamped_glu_fwd(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor
     out = torch.empty(M, I, device=h.device, dtype=h.dtype)
     if M:
         BLOCK = _glu_block(I)
-        _clamped_glu_fwd_kernel[(M, triton.cdiv(I, BLOCK))](
+        _clamped_glu_fwd_kernel[(M, _cdiv(I, BLOCK))](
             h, out, I, h.stride(0), out.stride(0), float(alpha), float(limit), BLOCK=BLOCK
         )
     return out
@@ -1037,7 +1109,7 @@ def clamped_glu_bwd(h: torch.Tensor, dout: torch.Tensor, alpha: float, limit: fl
     dh = torch.empty(M, I2, device=h.device, dtype=h.dtype)
     if M:
         BLOCK = _glu_block(I)
-        _clamped_glu_bwd_kernel[(M, triton.cdiv(I, BLOCK))](
+        _clamped_glu_bwd_kernel[(M, _cdiv(I, BLOCK))](
             h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), float(alpha), float(limit), BLOCK=BLOCK
         )
     return dh

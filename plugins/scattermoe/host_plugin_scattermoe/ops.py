@@ -126,6 +126,20 @@ def kernel_strides(lora_A, lora_B):
     return lora_A.contiguous(), lora_B.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def kernel_lora(lora_A, lora_B, scaling: float, dtype: torch.dtype):
+    """``kernel_strides(*cast_lora(...))`` with one copy per factor instead of two: the cast and the re-layout are one
+    ``to(dtype, memory_format=contiguous)`` (one kernel forward, one backward; a no-op when both already hold)."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("pass both lora_A and lora_B, or neither")
+    if lora_A is None or scaling == 0:
+        return None, None
+    # to() returns its input when the dtype already matches, whatever memory_format says: contiguous() then copies
+    contig = torch.contiguous_format
+    A = lora_A.to(dtype, memory_format=contig).contiguous()
+    Bt = lora_B.transpose(1, 2).to(dtype, memory_format=contig).contiguous()
+    return A, Bt.transpose(1, 2)
+
+
 class ScatteredExpertsFunction(torch.autograd.Function):
     """Autograd glue of the Triton kernels (see module docstring for the math)."""
 
@@ -198,14 +212,18 @@ def scattered_experts(
     backend: str | None = None,
 ) -> torch.Tensor:
     """One expert projection with optional LoRA; see the module docstring for every argument."""
-    lora_A, lora_B = cast_lora(lora_A, lora_B, scaling, W.dtype)
-    x, bias = x.to(W.dtype), (bias.to(W.dtype) if bias is not None else None)
+    dt = W.dtype
+    if x.dtype != dt:
+        x = x.to(dt)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
     if not _use_triton(x, backend):
+        lora_A, lora_B = cast_lora(lora_A, lora_B, scaling, dt)
         return reference.scattered_linear(
             x, W, k, sorted_expert_idxs, sorted_scattered_idxs, expert_offsets,
             lora_A, lora_B, scaling, bias, grouped_in, grouped_out,
         )
-    lora_A, lora_B = kernel_strides(lora_A, lora_B)
+    lora_A, lora_B = kernel_lora(lora_A, lora_B, scaling, dt)
     E, Kdim, N = W.shape
     split = lora_A is not None and use_split(E, Kdim, N, fused_lora, split_threshold, split_max_experts)
     return ScatteredExpertsFunction.apply(

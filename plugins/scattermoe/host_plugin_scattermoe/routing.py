@@ -15,7 +15,7 @@ tensors computed once per MoE layer call:
   Experts that receive no token have an empty range.
 
 Nothing here synchronises with the host (no ``.item()``, no ``bincount``), so it is safe inside
-CUDA graphs and costs one sort (of int32 keys) plus one ``searchsorted``.
+CUDA graphs and costs one sort (of int32 keys) plus one ``searchsorted`` (against a cached ``arange(E)``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,24 @@ def sort_tokens(top_k_index: torch.Tensor, num_experts: int):
     # int32 keys: a radix sort of 32-bit keys is half the passes (and launches) of 64-bit ones
     flat = top_k_index.reshape(-1).to(torch.int32)
     sorted32, sorted_scattered_idxs = torch.sort(flat, stable=True)
-    bounds = torch.arange(num_experts, device=flat.device, dtype=torch.int32)
+    bounds = _expert_ids(num_experts, flat.device)
     expert_offsets = torch.searchsorted(sorted32, bounds, right=True)
     return sorted32.long(), sorted_scattered_idxs, expert_offsets
+
+
+_IDS: dict = {}
+
+
+def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
+    """``arange(E)`` as int32 on ``device``, made once (one launch and one allocation less per layer call). Never cached
+    while a CUDA graph is being captured: a tensor made there holds no values until the graph is replayed."""
+    key = (num_experts, device)
+    ids = _IDS.get(key)
+    if ids is None:
+        ids = torch.arange(num_experts, device=device, dtype=torch.int32)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _IDS[key] = ids
+    return ids
 
 
 def expert_starts(expert_offsets: torch.Tensor) -> torch.Tensor:
