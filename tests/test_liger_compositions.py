@@ -1,8 +1,6 @@
 """liger with the plugins issue 17 says it composes with (mxfp4 on scattermoe, compile_opts, gemma4): the
 combinations validate, declare no shared target, and apply liger's patches (real plugins, every one installed)."""
 
-import json
-
 import pytest
 
 from host.config import validate, validate_with_warnings
@@ -10,17 +8,7 @@ from host.config import validate, validate_with_warnings
 LIGER = {"liger_rms_norm": True, "liger_rope": True, "liger_fused_linear_cross_entropy": True}
 
 
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    import torch
-
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def _model(tmp_path, model_type):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
-    return str(tmp_path)
+pytestmark = pytest.mark.usefixtures("triton_off_gpu")
 
 
 def _declared(pm, cfg) -> dict[str, list]:
@@ -31,10 +19,10 @@ def _declared(pm, cfg) -> dict[str, list]:
     return out
 
 
-def test_liger_with_mxfp4_experts_on_scattermoe(make_plugin_manager, tmp_path):
+def test_liger_with_mxfp4_experts_on_scattermoe(make_plugin_manager, config_only_model):
     """4-bit experts (mxfp4 through scattermoe) keep the routed experts; liger's norms, RoPE and fused loss apply."""
     plugins = ["scattermoe", "mxfp4", "liger"]
-    data = {"base_model": _model(tmp_path, "qwen3_moe"), "plugins": plugins, "adapter": "lora",
+    data = {"base_model": config_only_model("qwen3_moe"), "plugins": plugins, "adapter": "lora",
             "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
             "quantize_moe_experts": "mxfp4", "liger_glu_activation": True, **LIGER}
     cfg, warnings = validate_with_warnings(data, make_plugin_manager(plugins))
@@ -46,14 +34,14 @@ def test_liger_with_mxfp4_experts_on_scattermoe(make_plugin_manager, tmp_path):
     assert any("liger_glu_activation" in w and "scattermoe" in w for w in warnings)  # routed experts are not liger's
 
 
-def test_liger_with_compile_opts_under_torch_compile(make_plugin_manager, tmp_path):
+def test_liger_with_compile_opts_under_torch_compile(make_plugin_manager, config_only_model):
     """compile_opts' Inductor flags and liger validate together; the fused loss is kept out of Dynamo."""
     from liger_kernel.ops import fused_linear_cross_entropy as ops
 
     from host_plugin_liger import patching
 
     plugins = ["compile_opts", "liger"]
-    data = {"base_model": _model(tmp_path, "qwen3"), "plugins": plugins, "torch_compile": True,
+    data = {"base_model": config_only_model("qwen3"), "plugins": plugins, "torch_compile": True,
             "torch_compile_options": {"epilogue_fusion": True}, **LIGER}
     pm = make_plugin_manager(plugins)
     cfg = validate(data, pm)
@@ -66,10 +54,10 @@ def test_liger_with_compile_opts_under_torch_compile(make_plugin_manager, tmp_pa
         patching.restore()
 
 
-def test_liger_with_gemma4(make_plugin_manager, tmp_path):
+def test_liger_with_gemma4(make_plugin_manager, config_only_model):
     """gemma4's fused q/k/v norm + RoPE with liger's fused loss and GeGLU: no shared target, both apply."""
     plugins = ["gemma4", "liger"]
-    data = {"base_model": _model(tmp_path, "gemma4_text"), "plugins": plugins, "gemma4_fused_norm_rope": True,
+    data = {"base_model": config_only_model("gemma4_text"), "plugins": plugins, "gemma4_fused_norm_rope": True,
             "liger_fused_linear_cross_entropy": True, "liger_glu_activation": True}
     cfg = validate(data, make_plugin_manager(plugins))
     declared = _declared(make_plugin_manager(plugins), cfg)

@@ -1,29 +1,17 @@
 """Real plugins that patch the same computation are refused at validation, naming both and the keys."""
 
-import json
-
 import pytest
 
 from host.config import validate
 from host.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _triton_interpreter(monkeypatch):
-    import torch
-
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_off_gpu")
 
 
-def _model(tmp_path, model_type):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
-    return str(tmp_path)
-
-
-def test_gemma4_fused_norm_rope_vs_liger_rms_norm(make_plugin_manager, tmp_path):
+def test_gemma4_fused_norm_rope_vs_liger_rms_norm(make_plugin_manager, config_only_model):
     plugins = ["gemma4", "liger"]
-    data = {"base_model": _model(tmp_path, "gemma4_text"), "plugins": plugins, "gemma4_fused_norm_rope": True,
+    data = {"base_model": config_only_model("gemma4_text"), "plugins": plugins, "gemma4_fused_norm_rope": True,
             "liger_rms_norm": True}
     with pytest.raises(ConfigError) as err:
         validate(data, make_plugin_manager(plugins))
@@ -34,14 +22,14 @@ def test_gemma4_fused_norm_rope_vs_liger_rms_norm(make_plugin_manager, tmp_path)
     validate({**data, "liger_rms_norm": False, "liger_fused_linear_cross_entropy": True}, make_plugin_manager(plugins))
 
 
-def test_scattermoe_owns_routed_experts_liger_glu_the_dense_and_shared_mlps(make_plugin_manager, tmp_path):
+def test_scattermoe_owns_routed_experts_liger_glu_the_dense_and_shared_mlps(make_plugin_manager, config_only_model):
     """The order scattermoe and liger agree on: scattermoe computes the routed experts; liger_glu_activation
     then replaces only the dense MLPs / shared experts, so the host's overlap check passes."""
     from host.config import validate_with_warnings
 
     plugins = ["scattermoe", "liger"]
     keys = {"liger_glu_activation": True, "liger_rms_norm": True, "liger_fused_linear_cross_entropy": True}
-    cfg = validate({"base_model": _model(tmp_path, "qwen3_5_moe"), "plugins": plugins, **keys},
+    cfg = validate({"base_model": config_only_model("qwen3_5_moe"), "plugins": plugins, **keys},
                    make_plugin_manager(plugins))
     pm = make_plugin_manager(plugins)
     declared = {t: k for d in pm.hook.patched_targets(cfg=cfg) for t, k in (d or {}).items()}
@@ -50,11 +38,9 @@ def test_scattermoe_owns_routed_experts_liger_glu_the_dense_and_shared_mlps(make
     assert declared[f"{mod}.Qwen3_5MoeMLP"] == "liger_glu_activation"  # the shared expert
     assert f"{mod}.Qwen3_5MoeExperts" not in declared
     # every layer of this Qwen3-MoE is routed: liger's GLU has nothing left, one warning says so
-    (tmp_path / "moe").mkdir()
-    _, warnings = validate_with_warnings({"base_model": _model(tmp_path / "moe", "qwen3_moe"), "plugins": plugins,
+    _, warnings = validate_with_warnings({"base_model": config_only_model("qwen3_moe", "moe"), "plugins": plugins,
                                           **keys}, make_plugin_manager(plugins))
     (w,) = [w for w in warnings if "liger_glu_activation" in w]
     assert "plugin 'scattermoe' computes the routed experts" in w
     # a dense family's GLU is not an MoE expert: no conflict
-    (tmp_path / "dense").mkdir()
-    validate({"base_model": _model(tmp_path / "dense", "qwen3"), "plugins": plugins, **keys}, make_plugin_manager(plugins))
+    validate({"base_model": config_only_model("qwen3", "dense"), "plugins": plugins, **keys}, make_plugin_manager(plugins))
