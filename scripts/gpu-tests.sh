@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call after the last landing: the GPU-only tests of the kernel plugins on main's HEAD, each under a time
+# limit, then a one-line table. Run from the repo root with host and the plugins importable (see the device README:
+# .whl installed into /tmp/site, scripts/gpu-entry-points.sh, PYTHONPATH with the plugin folders).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-tests}; mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+suite() {  # name, seconds, pytest args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -1)" | tee -a "$OUT/summary.txt"
+}
+suite scattermoe "${SCATTERMOE_S:-110}" plugins/scattermoe/tests/test_scattermoe_gpu.py plugins/scattermoe/tests/test_scattermoe_graphs.py
+suite mxfp4 "${MXFP4_S:-45}" plugins/mxfp4/tests/test_mxfp4_gpu.py
+cat "$OUT/summary.txt"
