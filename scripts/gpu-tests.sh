@@ -12,5 +12,5 @@ suite() {  # name, seconds, pytest args...
   echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -1)" | tee -a "$OUT/summary.txt"
 }
 suite scattermoe "${SCATTERMOE_S:-110}" plugins/scattermoe/tests/test_scattermoe_gpu.py plugins/scattermoe/tests/test_scattermoe_graphs.py
-suite mxfp4 "${MXFP4_S:-45}" plugins/mxfp4/tests/test_mxfp4_gpu.py
+suite mxfp4 "${MXFP4_S:-90}" plugins/mxfp4/tests/test_mxfp4_gpu.py
 cat "$OUT/summary.txt"
