@@ -12,6 +12,8 @@ gpt-oss, ...): it reads the module's layout flags (``is_transposed``, ``has_bias
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from host_plugin_scattermoe import fused, graphs, ops
@@ -60,17 +62,14 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     return out.to(hidden_states.dtype)
 
 
-_DTENSOR: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def _dtensor_cls():
-    if not _DTENSOR:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:
-            DTensor = None
-        _DTENSOR.append(DTensor)
-    return _DTENSOR[0]
+    """``DTensor``, or None on a torch built without distributed (imported once: this runs every experts call)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
 
 
 def _require_unsharded(*tensors: torch.Tensor) -> None:

@@ -747,6 +747,17 @@ _PLANS: dict = {}
 _MAX_PLANS = 4096
 
 
+def _cached_plan(pkey: tuple, picked: dict, build):
+    """The launch plan ``(picked, ...)`` cached under ``pkey``; ``build()`` makes it on a miss or when the tile pick
+    changed. Bounded: token counts that vary every step (no packing) would otherwise grow it without end."""
+    plan = _PLANS.get(pkey)
+    if plan is None or plan[0] is not picked:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[pkey] = build()
+    return plan
+
+
 def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -890,19 +901,14 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         tma = not has_glu and not int64 and use_tma(True, x)
         gi, go = bool(grouped_in), bool(grouped_out)
         key = (K, N, lora, gi, go, m_bucket(L), E, has_glu, tma)
-        picked = _PICKED.get(("s2s", key))
-        if picked is None:
-            picked = pick_tiles(
-                "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, has_glu, tma),
-                {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
-            )
-        pkey = (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE)
-        plan = _PLANS.get(pkey)
-        if plan is None or plan[0] is not picked:
-            if len(_PLANS) >= _MAX_PLANS:  # token counts that vary every step (no packing): stay bounded
-                _PLANS.clear()
-            plan = _PLANS[pkey] = _s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu)
-        _, kw, grid_, use_desc, ncol = plan
+        picked = pick_tiles(
+            "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, has_glu, tma),
+            {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
+        )
+        _, kw, grid_, use_desc, ncol = _cached_plan(
+            (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE), picked,
+            lambda: _s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu),
+        )
     else:
         if not cuda:
             cfg = INTERP_S2S
@@ -988,18 +994,13 @@ def group_outer(
     if cuda and "outer" not in FORCE and L >= AUTOTUNE_MIN_ROWS and TILE_MODE != "autotune":
         # the default GPU path: rule tiles, launch plan cached per problem signature (see _PLANS)
         key = (P, Q, l_fan > 0, r_fan > 0, m_bucket(L), E)
-        picked = _PICKED.get(("outer", key))
-        if picked is None:
-            picked = pick_tiles("outer", key, lambda: outer_rule(L, E, P, Q), {"Rp": Rmat, "P": P, "Q": Q})
-        pkey = ("outer", key, int64, compute_dtype)
-        plan = _PLANS.get(pkey)
-        if plan is None or plan[0] is not picked:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            kw = _outer_meta(l_fan, r_fan, int64, compute_dtype)
-            kw.update(picked)
-            plan = _PLANS[pkey] = (picked, kw, (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"])))
-        _group_outer_kernel[plan[2]](*args, **plan[1])
+        picked = pick_tiles("outer", key, lambda: outer_rule(L, E, P, Q), {"Rp": Rmat, "P": P, "Q": Q})
+        _, kw, grid_ = _cached_plan(
+            ("outer", key, int64, compute_dtype), picked,
+            lambda: (picked, {**_outer_meta(l_fan, r_fan, int64, compute_dtype), **picked},
+                     (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"]))),
+        )
+        _group_outer_kernel[grid_](*args, **kw)
         return out
     meta = _outer_meta(l_fan, r_fan, int64, compute_dtype)
 

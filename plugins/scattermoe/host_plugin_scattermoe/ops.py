@@ -110,11 +110,16 @@ def cast_lora(lora_A, lora_B, scaling: float, dtype: torch.dtype):
     """Checked LoRA factors in the weights' dtype, or ``(None, None)`` when absent or ``scaling == 0``.
 
     One compute dtype, the weights' (peft keeps LoRA factors in fp32 on a bf16 model; autograd casts back)."""
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("pass both lora_A and lora_B, or neither")
-    if lora_A is None or scaling == 0:
+    if not _lora_applies(lora_A, lora_B, scaling):
         return None, None
     return lora_A.to(dtype), lora_B.to(dtype)
+
+
+def _lora_applies(lora_A, lora_B, scaling: float) -> bool:
+    """Both factors given and ``scaling != 0``; one factor without the other is an error."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("pass both lora_A and lora_B, or neither")
+    return lora_A is not None and scaling != 0
 
 
 def kernel_strides(lora_A, lora_B):
@@ -129,9 +134,7 @@ def kernel_strides(lora_A, lora_B):
 def kernel_lora(lora_A, lora_B, scaling: float, dtype: torch.dtype):
     """``kernel_strides(*cast_lora(...))`` with one copy per factor instead of two: the cast and the re-layout are one
     ``to(dtype, memory_format=contiguous)`` (one kernel forward, one backward; a no-op when both already hold)."""
-    if (lora_A is None) != (lora_B is None):
-        raise ValueError("pass both lora_A and lora_B, or neither")
-    if lora_A is None or scaling == 0:
+    if not _lora_applies(lora_A, lora_B, scaling):
         return None, None
     # to() returns its input when the dtype already matches, whatever memory_format says: contiguous() then copies
     contig = torch.contiguous_format
