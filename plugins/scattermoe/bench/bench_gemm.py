@@ -30,6 +30,7 @@ SHAPES = {  # name: (family, E, H, I, top_k); as bench_moe_block.py
     "Qwen3.5-35B-A3B": ("qwen3", 256, 2048, 512, 8),
     "gpt-oss-20b": ("gpt_oss", 32, 2880, 2880, 4),
 }
+PERSIST_TILES = [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4)]
 TILES = {  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
     "big": [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 4), (256, 128, 64, 8, 8, 3)],
     "small": [(64, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)],
@@ -88,6 +89,29 @@ def launches(name, T, r, dev, dt):
     ]
 
 
+def grouped_mm_ms(name, launch, T, dev, dt):
+    """``torch._grouped_mm`` (torch's CUTLASS grouped GEMM) on the launch's base GEMM: rows already grouped, weights
+    as the model stores them, no LoRA, no gather/scatter (a lower bound for a grouped_mm-based path)."""
+    family, E, H, I, k = SHAPES[name]
+    N2 = 2 * I
+    Kd, N = {"up fwd": (H, N2), "down fwd": (I, H), "down dX": (H, I), "up dX": (N2, H)}[launch]
+    g = torch.Generator(device=dev).manual_seed(0)
+    idx = torch.randn(T, E, device=dev, generator=g).topk(k, -1).indices.flatten()
+    offs = torch.bincount(idx, minlength=E).cumsum(0).to(torch.int32)
+    a = torch.randn(T * k, Kd, device=dev, dtype=dt)
+    gpt = family == "gpt_oss"
+    # stored layout: transformers [E, N, K] (mat_b a transposed view); gpt-oss stores [E, K, N]; dX runs on W^T
+    dx = launch.endswith("dX")
+    stored_kn = gpt != dx
+    b = torch.randn(E, Kd, N, device=dev, dtype=dt) if stored_kn else torch.randn(E, N, Kd, device=dev, dtype=dt).transpose(1, 2)
+    try:
+        torch._grouped_mm(a, b, offs=offs)
+        return triton.testing.do_bench(lambda: torch._grouped_mm(a, b, offs=offs), warmup=10, rep=40)
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        print(name, launch, "torch._grouped_mm failed:", repr(e)[:200], flush=True)
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
@@ -97,6 +121,8 @@ def main():
     ap.add_argument("--part", default="0/1")
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--final", action="store_true", help="only the rule before TMA vs the current rule")
+    ap.add_argument("--persist", action="store_true",
+                    help="the current rule vs the persistent grid at PERSIST_TILES, and torch._grouped_mm (no LoRA)")
     args = ap.parse_args()
     from host_plugin_scattermoe import kernels as K
 
@@ -109,12 +135,18 @@ def main():
         tiles = TILES["small" if L / E < 160 else "big"]
         for launch, flops, run, split, gather_fan in specs:
             variants = [("rule", None, False, "0")]
-            if args.final:
+            if args.persist:
+                # the current rule, then the persistent grid (TMA where the rule takes TMA, else pointer loads)
+                variants = [("rule", None, False, "rule")]
+                tma = L / E >= 160
+                variants += [(f"persist{' tma' if tma else ''} " + "x".join(map(str, t[:3])) + f" w{t[4]}s{t[5]}",
+                              {**cfg(t, tma), "PERSISTENT": True}, False, "rule") for t in PERSIST_TILES]
+            elif args.final:
                 variants.append(("new rule", None, False, "rule"))
             else:
                 variants.append(("rule+tma", "rule", False, "1"))
                 variants += [("tma " + "x".join(map(str, t[:3])) + f" w{t[4]}s{t[5]}", cfg(t, True), False, "rule") for t in tiles]
-            if gather_fan is not None and not args.final:
+            if gather_fan is not None and not (args.final or args.persist):
                 variants += [("gather+tma " + "x".join(map(str, t[:3])) + f" s{t[5]}", cfg(t, True), True, "rule")
                              for t in (tiles[0], (128, 128, 64, 8, 8, 3))]
             for vname, force, gather_first, tma_mode in variants:
@@ -136,6 +168,13 @@ def main():
                 rows.append({"shape": name, "launch": launch, "variant": vname, "split": split, "ms": ms,
                              "tflops": flops / ms / 1e9, "cfg": picked})
                 print(f"{name:<16}{launch:<9}{vname:<30}{ms:>8.3f}{flops / ms / 1e9:>8.0f}", flush=True)
+            if args.persist and not args.compile_only and (idx - 1) % nparts == part:
+                ms = grouped_mm_ms(name, launch, args.tokens, dev, dt)
+                if ms is not None:
+                    rows.append({"shape": name, "launch": launch, "variant": "torch._grouped_mm (no LoRA)", "ms": ms,
+                                 "tflops": flops / ms / 1e9})
+                    print(f"{name:<16}{launch:<9}{'torch._grouped_mm (no LoRA)':<30}{ms:>8.3f}{flops / ms / 1e9:>8.0f}",
+                          flush=True)
         K.FORCE.clear()
         K.TMA_MODE = "rule"
         if not args.compile_only:
@@ -154,7 +193,7 @@ def main():
     best = {}
     for r_ in rows:
         key = (r_["shape"], r_["launch"])
-        if r_["variant"] == "cuBLAS dense":
+        if r_["variant"] in ("cuBLAS dense", "torch._grouped_mm (no LoRA)"):
             continue
         if key not in best or r_["ms"] < best[key]["ms"]:
             best[key] = r_

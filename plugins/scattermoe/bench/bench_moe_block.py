@@ -6,6 +6,7 @@
 (b+graph) the same with ``scattermoe_cuda_graph``: the experts call replayed as two CUDA graphs (``graphs.py``)
 (b+ptr) the same with the expert GEMMs' operands loaded through pointers and the tiles of the rule
     before TMA (``SCATTERMOE_TMA=0``: the kernels as they were before the TMA pass, for before/after in one run)
+(b+persist) / (b+flat) the same with the persistent grid on every TMA tile (``SCATTERMOE_PERSISTENT=1``) / on none (``=0``)
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -228,6 +229,11 @@ def main():
             from host_plugin_scattermoe import kernels as K
 
             K.TMA_MODE = "0" if impl == "scattermoe+ptr" else os.environ.get("SCATTERMOE_TMA", "rule")
+            persist = {"scattermoe+persist": "1", "scattermoe+flat": "0"}.get(impl, os.environ.get("SCATTERMOE_PERSISTENT", "rule"))
+            if persist != K.PERSISTENT_MODE:  # the rule reads it: drop the cached picks and launch plans
+                K.PERSISTENT_MODE = persist
+                K._PICKED.clear()
+                K._PLANS.clear()
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             cfg._experts_implementation = impl.split("+")[0]

@@ -300,7 +300,8 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _s2s_kernel(
+def _s2s_tile(
+    pid_n, e, row0, end,
     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
     K, N, R, E, FAN_OUT, M_BUCKET,
     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn,
@@ -313,13 +314,10 @@ def _s2s_kernel(
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
-    W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False,
+    W_DESC: tl.constexpr, X_DESC: tl.constexpr,
 ):
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-    e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-    if e >= E:
-        return
+    """One output tile of ``_s2s_kernel``: rows ``row0 .. min(row0 + BLOCK_M, end)`` of expert ``e``, column block
+    ``pid_n`` (the GEMM K loop, LoRA, bias and the epilogue store)."""
     e64 = e.to(tl.int64)
     rows, m_mask, x_rows, y_rows = block_rows(row0, end, ssi_ptr, FAN_OUT, X_GROUPED, Y_GROUPED, INT64, BLOCK_M)
 
@@ -417,6 +415,57 @@ def _s2s_kernel(
             acc.to(Y.dtype.element_ty),
             mask=m_mask[:, None] & n_mask[None, :],
         )
+
+
+
+
+@triton.jit
+def _s2s_kernel(
+    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
+    K, N, R, E, FAN_OUT, M_BUCKET,
+    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn,
+    s_ae, s_ar, s_ak, s_be, s_bn, s_br,
+    s_xam, s_xar, s_bias_e, s_bias_n,
+    scaling,
+    Gates, Hin, DGP, s_hm, s_dgp,
+    Wd, Xd,
+    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
+    W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+):
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        # One program per SM walks the tiles (row block, column block) with a stride of the grid; the row blocks
+        # are counted exactly from the offsets (no idle upper-bound programs), and the flattened loop lets the
+        # pipeliner issue the next tile's first loads under this tile's epilogue.
+        eidx = tl.arange(0, E_POW2)
+        emask = eidx < E
+        ends = tl.load(offsets_ptr + eidx, mask=emask, other=0).to(tl.int32)
+        starts = tl.load(offsets_ptr + eidx - 1, mask=emask & (eidx > 0), other=0).to(tl.int32)
+        nblk = tl.where(emask, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        cum = tl.cumsum(nblk, 0)
+        num_pid_m = tl.sum(nblk, 0)
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+            e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+            sel = eidx == e
+            first_blk = tl.sum(tl.where(sel, cum - nblk, 0), 0)
+            row0 = tl.sum(tl.where(sel, starts, 0), 0) + (pid_m - first_blk) * BLOCK_M
+            end = tl.sum(tl.where(sel, ends, 0), 0)
+            _s2s_tile(
+                pid_n, e, row0, end, X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET, s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n, scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
+            )
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
+        e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+        if e < E:
+            _s2s_tile(
+                pid_n, e, row0, end, X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET, s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n, scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
+            )
 
 
 @triton.jit
@@ -642,6 +691,10 @@ def s2s_rule(
         return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
     out = []
     if tma and rows_per_expert >= 160:
+        if PERSISTENT_MODE == "1":
+            # persistent: the flattened loop keeps the next tile's buffers beside this one's (4 stages would need
+            # 237 KB of shared memory, over the 227 KB a block may have)
+            out.append({**_cfg(128, 256, 64, 8, 8, 3), "TMA": True, "PERSISTENT": True})
         out.append({**_cfg(128, 256, 64, 8, 8, 4), "TMA": True})
     if grouped_in and not grouped_out and N >= 2048:
         out.append(_cfg(128, 256, 64, 8, 8, 3))
@@ -686,6 +739,27 @@ def use_tma(want: bool, x: torch.Tensor) -> bool:
     if INTERPRET or not x.is_cuda:
         return INTERPRET
     return _tma_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+#: Persistent grid for the TMA tiles (``_s2s_kernel``'s ``PERSISTENT``: one program per SM walks the output tiles in a
+#: flattened loop, so a tile's epilogue overlaps the next tile's first loads): ``"rule"`` (default) where ``s2s_rule``
+#: asks for it, ``"1"`` on every TMA tile, ``"0"`` never. Env ``SCATTERMOE_PERSISTENT``; read by ``s2s_rule``, so a
+#: script that changes it must clear ``_PICKED`` and ``_PLANS``.
+PERSISTENT_MODE = os.environ.get("SCATTERMOE_PERSISTENT", "rule")
+#: Programs of a persistent launch under the interpreter (several, so the tile loop's stride is exercised).
+INTERP_PROGRAMS = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs_persistent(x: torch.Tensor) -> int:
+    """Grid of a persistent launch: one program per SM (the TMA tiles' shared memory allows one per SM)."""
+    if INTERPRET or not x.is_cuda:
+        return INTERP_PROGRAMS
+    return _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def _tma_ok(t: torch.Tensor, row_stride: int) -> bool:
@@ -854,10 +928,14 @@ def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bi
     """``(cfg, kernel kwargs, grid, use TMA descriptors, column blocks)`` of a launch with tiles ``cfg``."""
     tiles = dict(cfg)
     want_tma = tiles.pop("TMA", False)
+    persistent = bool(tiles.pop("PERSISTENT", False))
     kw = _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, x.dtype, has_glu)
     kw.update(tiles, EVEN_K=K % tiles["BLOCK_K"] == 0, EVEN_N=N % tiles["BLOCK_N"] == 0)
     ncol = _cdiv(N, tiles["BLOCK_N"])
     grid_ = (ncol * (_cdiv(L, tiles["BLOCK_M"]) + E),)
+    if persistent:
+        kw["PERSISTENT"] = True
+        grid_ = (min(grid_[0], num_programs_persistent(x)),)
     return cfg, kw, grid_, bool(use_tma(want_tma, x) and not int64), ncol
 
 

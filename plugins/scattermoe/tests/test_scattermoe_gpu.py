@@ -26,11 +26,15 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer-loads", "tma"])
+@pytest.mark.parametrize("tma", ["0", "1", "persistent"], ids=["pointer-loads", "tma", "persistent-tma"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_bf16_real_shapes_fwd_bwd(shape, tma, monkeypatch):
     """Every launch of one projection, forward and backward; ``tma``: TMA descriptors wherever the layout
-    allows (W always, x when grouped), else pointer loads everywhere."""
+    allows (W always, x when grouped), else pointer loads everywhere; ``persistent``: every launch on the
+    persistent grid with the TMA tile (128x256x64, 3 stages)."""
+    if tma == "persistent":
+        monkeypatch.setattr(K, "FORCE", {"s2s": {**K._cfg(128, 256, 64, 8, 8, 3), "TMA": True, "PERSISTENT": True}})
+        tma = "rule"
     monkeypatch.setattr(K, "TMA_MODE", tma)
     name, E, Kd, N, T, k, layout, has_bias = shape
     r, s = 16, 2.0
