@@ -139,8 +139,11 @@ def main():
                 # the current rule, then the persistent grid (TMA where the rule takes TMA, else pointer loads)
                 variants = [("rule", None, False, "rule")]
                 tma = L / E >= 160
+                variants.append(("rule+half", "rule+half", False, "rule"))  # the rule's tiles, SCATTERMOE_HALF_TAIL=1
                 variants += [(f"persist{' tma' if tma else ''} " + "x".join(map(str, t[:3])) + f" w{t[4]}s{t[5]}",
                               {**cfg(t, tma), "PERSISTENT": True}, False, "rule") for t in PERSIST_TILES]
+                variants.append((f"persist+half{' tma' if tma else ''} 128x256x64 s3",
+                                 {**cfg(PERSIST_TILES[0], tma), "PERSISTENT": True, "HALF_TAIL": True}, False, "rule"))
             elif args.final:
                 variants.append(("new rule", None, False, "rule"))
             else:
@@ -154,7 +157,12 @@ def main():
                 if (idx - 1) % nparts != part:
                     continue
                 K.TMA_MODE = tma_mode
-                force_cfg = None if force in (None, "rule") else force
+                half = "1" if force == "rule+half" else "rule"
+                if half != K.HALF_TAIL_MODE:  # the rule reads it: drop the cached picks and plans
+                    K.HALF_TAIL_MODE = half
+                    K._PICKED.clear()
+                    K._PLANS.clear()
+                force_cfg = None if force in (None, "rule", "rule+half") else force
                 try:
                     run(force_cfg, gather_first)
                     torch.cuda.synchronize()
@@ -164,7 +172,7 @@ def main():
                 except Exception as e:  # noqa: BLE001 - report, keep going
                     print(name, launch, vname, "failed:", repr(e)[:300], flush=True)
                     continue
-                picked = dict(K.FORCE.get("s2s") or {})
+                picked = dict(K.FORCE.get("s2s") or {}) or {str(k_): v for k_, v in K._PICKED.items()}
                 rows.append({"shape": name, "launch": launch, "variant": vname, "split": split, "ms": ms,
                              "tflops": flops / ms / 1e9, "cfg": picked})
                 print(f"{name:<16}{launch:<9}{vname:<30}{ms:>8.3f}{flops / ms / 1e9:>8.0f}", flush=True)

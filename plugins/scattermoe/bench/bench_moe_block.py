@@ -7,6 +7,8 @@
 (b+ptr) the same with the expert GEMMs' operands loaded through pointers and the tiles of the rule
     before TMA (``SCATTERMOE_TMA=0``: the kernels as they were before the TMA pass, for before/after in one run)
 (b+persist) / (b+flat) the same with the persistent grid on every TMA tile (``SCATTERMOE_PERSISTENT=1``) / on none (``=0``)
+(b+half) / (b+full) the same with half-height tiles for experts' short last row blocks everywhere (``SCATTERMOE_HALF_TAIL=1``)
+    / nowhere (``=0``)
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -230,8 +232,9 @@ def main():
 
             K.TMA_MODE = "0" if impl == "scattermoe+ptr" else os.environ.get("SCATTERMOE_TMA", "rule")
             persist = {"scattermoe+persist": "1", "scattermoe+flat": "0"}.get(impl, os.environ.get("SCATTERMOE_PERSISTENT", "rule"))
-            if persist != K.PERSISTENT_MODE:  # the rule reads it: drop the cached picks and launch plans
-                K.PERSISTENT_MODE = persist
+            half = {"scattermoe+half": "1", "scattermoe+full": "0"}.get(impl, os.environ.get("SCATTERMOE_HALF_TAIL", "rule"))
+            if (persist, half) != (K.PERSISTENT_MODE, K.HALF_TAIL_MODE):  # the rule reads them: drop cached picks/plans
+                K.PERSISTENT_MODE, K.HALF_TAIL_MODE = persist, half
                 K._PICKED.clear()
                 K._PLANS.clear()
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"

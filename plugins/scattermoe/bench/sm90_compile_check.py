@@ -33,7 +33,7 @@ UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 
 
 def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False,
-                    persistent: bool = False):
+                    persistent: bool = False, half_tail: bool = False):
     fn = K._s2s_kernel
     sig, const, attrs = {}, {}, {}
     unit = UNIT_DX if dx else UNIT
@@ -63,6 +63,7 @@ def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, b
         X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
         E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=glu,
         W_DESC=(2 if dx else 1) if tma else 0, X_DESC=bool(tma and gin), PERSISTENT=persistent,
+        HALF_TAIL=half_tail,
     )
     for k2 in const:
         sig[k2] = "constexpr"
@@ -93,6 +94,7 @@ def main():
     ap.add_argument("--tiles", nargs="*", default=["128,128,64,8,3", "128,256,64,8,3", "128,64,64,8,3", "64,128,64,4,4"])
     ap.add_argument("--tma", action="store_true", help="the TMA-descriptor variants (W always, x when grouped)")
     ap.add_argument("--glu", action="store_true", help="also the GLU-backward epilogue variants")
+    ap.add_argument("--half-tail", action="store_true", help="an expert's last row block of <= BLOCK_M/2 rows as a half tile")
     ap.add_argument("--persistent", action="store_true", help="the persistent grid (one program per SM, flattened loop)")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90a")
@@ -109,7 +111,7 @@ def main():
         for t in args.tiles:
             bm, bn, bk, w, s = map(int, t.split(","))
             try:
-                r = compile_variant(glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma, args.persistent)
+                r = compile_variant(glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma, args.persistent, args.half_tail)
                 print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}"
                       f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}")
             except Exception as e:  # noqa: BLE001

@@ -434,6 +434,7 @@ def _s2s_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
     W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
@@ -454,18 +455,50 @@ def _s2s_kernel(
             first_blk = tl.sum(tl.where(sel, cum - nblk, 0), 0)
             row0 = tl.sum(tl.where(sel, starts, 0), 0) + (pid_m - first_blk) * BLOCK_M
             end = tl.sum(tl.where(sel, ends, 0), 0)
-            _s2s_tile(
-                pid_n, e, row0, end, X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET, s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n, scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
-                X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
-            )
+            if HALF_TAIL and end - row0 <= BLOCK_M // 2:
+                # an expert's last row block with at most half a tile of rows: a half-height tile (x through pointer
+                # loads: the descriptor's box is BLOCK_M rows)
+                _s2s_tile(
+                    pid_n, e, row0, end,
+                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False,
+                )
+            else:
+                _s2s_tile(
+                    pid_n, e, row0, end,
+                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
+                )
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
         if e < E:
-            _s2s_tile(
-                pid_n, e, row0, end, X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET, s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n, scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
-                X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
-            )
+            if HALF_TAIL and end - row0 <= BLOCK_M // 2:
+                # an expert's last row block with at most half a tile of rows: a half-height tile (x through pointer
+                # loads: the descriptor's box is BLOCK_M rows)
+                _s2s_tile(
+                    pid_n, e, row0, end,
+                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False,
+                )
+            else:
+                _s2s_tile(
+                    pid_n, e, row0, end,
+                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
+                )
 
 
 @triton.jit
@@ -699,6 +732,8 @@ def s2s_rule(
     if grouped_in and not grouped_out and N >= 2048:
         out.append(_cfg(128, 256, 64, 8, 8, 3))
     out += [_cfg(128, 128, 64, 8, 8, 3), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
+    if HALF_TAIL_MODE == "1":
+        out = [{**c, "HALF_TAIL": True} if c["BLOCK_M"] == 128 else c for c in out]
     return out
 
 
@@ -746,6 +781,11 @@ def use_tma(want: bool, x: torch.Tensor) -> bool:
 #: asks for it, ``"1"`` on every TMA tile, ``"0"`` never. Env ``SCATTERMOE_PERSISTENT``; read by ``s2s_rule``, so a
 #: script that changes it must clear ``_PICKED`` and ``_PLANS``.
 PERSISTENT_MODE = os.environ.get("SCATTERMOE_PERSISTENT", "rule")
+#: ``_s2s_kernel``'s ``HALF_TAIL``: an expert's last row block with at most ``BLOCK_M / 2`` rows runs as a half-height
+#: tile (blocks never straddle experts, so at ~256 rows per expert a 128-row tile is ~20% padding). ``"rule"``
+#: (default) where ``s2s_rule`` asks for it, ``"1"`` on every 128-row tile, ``"0"`` never. Env ``SCATTERMOE_HALF_TAIL``;
+#: read by ``s2s_rule`` (clear ``_PICKED`` and ``_PLANS`` after changing it).
+HALF_TAIL_MODE = os.environ.get("SCATTERMOE_HALF_TAIL", "rule")
 #: Programs of a persistent launch under the interpreter (several, so the tile loop's stride is exercised).
 INTERP_PROGRAMS = 3
 

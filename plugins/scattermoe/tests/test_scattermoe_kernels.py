@@ -251,27 +251,33 @@ def test_tma_descriptor_path_matches_reference(monkeypatch, dtype, w_layout):
     assert any(t[2] for t in taken), "grouped x went through a descriptor"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("tma", [False, True], ids=["ptr", "tma"])
-def test_persistent_grid_matches_reference(monkeypatch, dtype, tma):
+@pytest.mark.parametrize(
+    "mode,tma,dtype",
+    [(m, t, torch.float32) for m in ("persistent", "half_tail", "persistent+half_tail") for t in (False, True)]
+    + [("persistent+half_tail", True, torch.float16)],
+    ids=lambda v: {False: "ptr", True: "tma"}.get(v, str(v).replace("torch.", "")) if not isinstance(v, str) else v,
+)
+def test_persistent_grid_and_half_tail_match_reference(monkeypatch, dtype, tma, mode):
     """The persistent launch (fewer programs than tiles, each walking tiles with the grid's stride, row blocks counted
-    on the device): forward and backward, all four grouped layouts, fused and split LoRA, bias, several row blocks per
-    expert, idle experts, K and N not multiples of the tile, with pointer loads or TMA descriptors."""
+    on the device) and the half-height tile for an expert's last row block (``HALF_TAIL``): forward and backward, all
+    four grouped layouts, fused and split LoRA, bias, several row blocks per expert (full, more than half and at most
+    half a tile in the last one), idle experts, K and N not multiples of the tile, pointer loads or TMA descriptors."""
     persistent = []
+    flags = {"PERSISTENT": "persistent" in mode, "HALF_TAIL": "half_tail" in mode}
     if K.INTERPRET:
-        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3, "PERSISTENT": True})
+        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3, **flags})
     else:
-        monkeypatch.setattr(K, "FORCE", {"s2s": {**K._cfg(64, 64, 32, 3, 4, 3), "PERSISTENT": True}})
+        monkeypatch.setattr(K, "FORCE", {"s2s": {**K._cfg(64, 64, 32, 3, 4, 3), **flags}})
     monkeypatch.setattr(K, "TMA_MODE", "1" if tma else "0")
     real = K._s2s_plan
     monkeypatch.setattr(K, "_s2s_plan", lambda *a: persistent.append(real(*a)) or persistent[-1])
     monkeypatch.setattr(K, "INTERP_PROGRAMS", 3)
     T, E, Kd, N, k, r = 37, 5, 72, 40, 2, 8
     x, W, A, B, b = make(T, E, Kd, N, k, r, dtype, seed=13, bias=True)
-    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=13), E)
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=12), E)  # rows per expert 23, 0, 20, 11, 20
     g = torch.Generator().manual_seed(5)
     d = torch.float64
-    for (gin, gout), split in [(lay, sp) for lay in LAYOUTS for sp in (False, True)]:
+    for (gin, gout), split in zip(LAYOUTS, (False, True, True, False)):
         xin = x[ssi // k].contiguous() if gin else x
         fan = 1 if gin else k
         dy = torch.randn(T * k, N, generator=g).to(DEV, dtype)
@@ -287,9 +293,13 @@ def test_persistent_grid_matches_reference(monkeypatch, dtype, tma):
         assert rel(y, yr) < TOL[dtype], (gin, gout, split)
         for name, got, want in zip(["dX", "dA", "dB"], leaves, refs):
             assert rel(got.grad, want.grad) < TOL[dtype], (name, gin, gout, split)
-    plans = [p for p in persistent if p[1].get("PERSISTENT")]
-    assert plans and all(p[2][0] <= 3 for p in plans), "the persistent launches ran on at most 3 programs"
-    assert all(p[3] == tma for p in plans if p[1]["BLOCK_N"] >= 32)
+    plans = [p for p in persistent if p[1]["BLOCK_N"] >= 32]
+    assert plans and all(p[1].get("HALF_TAIL", False) == flags["HALF_TAIL"] for p in plans)
+    assert all(p[3] == tma for p in plans)
+    if flags["PERSISTENT"]:
+        assert all(p[1].get("PERSISTENT") and p[2][0] <= 3 for p in plans), "the persistent launches ran on 3 programs"
+    counts = torch.bincount(sei, minlength=E).tolist()
+    assert {c % 16 for c in counts} & set(range(1, 9)) and {c % 16 for c in counts} & set(range(9, 16)), counts
 
 
 def test_int64_variant_is_bitwise_identical(monkeypatch):
@@ -370,6 +380,23 @@ def test_tile_rule_tma_choice(monkeypatch):
     assert K.pick_tiles("s2s", ("k",), rule, args) == new == K.pick_tiles("s2s", ("k",), rule, args)
     monkeypatch.setattr(K, "TMA_MODE", "0")
     assert not K.use_tma(True, x)
+
+
+def test_tile_rule_persistent_and_half_tail_modes(monkeypatch):
+    """SCATTERMOE_PERSISTENT=1 puts a persistent TMA tile (3 stages: 4 would not fit beside the next tile's buffers)
+    first wherever the rule takes TMA; SCATTERMOE_HALF_TAIL=1 marks every 128-row candidate; =0 turns each off."""
+    monkeypatch.setattr(K, "PERSISTENT_MODE", "1")
+    monkeypatch.setattr(K, "HALF_TAIL_MODE", "0")
+    first = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)[0]
+    assert first["PERSISTENT"] and first["TMA"] and first["num_stages"] == 3
+    assert not any(c.get("PERSISTENT") for c in K.s2s_rule(32768, 128, 2048, 1536, 1, tma=False))
+    monkeypatch.setattr(K, "PERSISTENT_MODE", "0")
+    monkeypatch.setattr(K, "HALF_TAIL_MODE", "1")
+    cands = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)
+    assert not any(c.get("PERSISTENT") for c in cands)
+    assert all(c.get("HALF_TAIL", False) == (c["BLOCK_M"] == 128) for c in cands)
+    monkeypatch.setattr(K, "HALF_TAIL_MODE", "0")
+    assert not any(c.get("HALF_TAIL") for c in K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True))
 
 
 def test_split_dispatch_threshold():
