@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from host_plugin_scattermoe.launch import launch as _launch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INT32_LIMIT = 2**31
 
@@ -972,10 +974,10 @@ def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bi
     kw = _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, x.dtype, has_glu)
     kw.update(tiles, EVEN_K=K % tiles["BLOCK_K"] == 0, EVEN_N=N % tiles["BLOCK_N"] == 0)
     ncol = _cdiv(N, tiles["BLOCK_N"])
-    grid_ = (ncol * (_cdiv(L, tiles["BLOCK_M"]) + E),)
+    grid_ = (ncol * (_cdiv(L, tiles["BLOCK_M"]) + E), 1, 1)
     if persistent:
         kw["PERSISTENT"] = True
-        grid_ = (min(grid_[0], num_programs_persistent(x)),)
+        grid_ = (min(grid_[0], num_programs_persistent(x)), 1, 1)
     return cfg, kw, grid_, bool(use_tma(want_tma, x) and not int64), ncol
 
 
@@ -1023,9 +1025,9 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
             "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, has_glu, tma),
             {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
         )
-        _, kw, grid_, use_desc, ncol = _cached_plan(
+        _, kw, grid_, use_desc, ncol, slots = _cached_plan(
             (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE), picked,
-            lambda: _s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu),
+            lambda: (*_s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu), {}),
         )
     else:
         if not cuda:
@@ -1040,6 +1042,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
                 lambda: s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, True, False),
                 {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
             )
+        slots = None
         if cfg is None:
             kw, grid_, use_desc, ncol = None, None, False, 0
         else:
@@ -1072,7 +1075,14 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         w_desc, wd, x_desc, xd = 0, dummy, False, dummy
         if use_desc:
             w_desc, wd, x_desc, xd = _tma_descs(x, W, kw, grouped_in)
-        _s2s_kernel[grid_](*args, wd, xd, **kw, W_DESC=w_desc, X_DESC=x_desc)
+        if slots is None:
+            _s2s_kernel[grid_](*args, wd, xd, **kw, W_DESC=w_desc, X_DESC=x_desc)
+        else:
+            # repeated launches of a cached plan skip Triton's argument binding (launch.py)
+            got = slots.get((w_desc, x_desc))
+            if got is None:
+                got = slots[(w_desc, x_desc)] = ({**kw, "W_DESC": w_desc, "X_DESC": x_desc}, {})
+            _launch(_s2s_kernel, grid_, (*args, wd, xd), got[0], got[1])
     return out, xa_out, dgp
 
 
@@ -1113,12 +1123,12 @@ def group_outer(
         # the default GPU path: rule tiles, launch plan cached per problem signature (see _PLANS)
         key = (P, Q, l_fan > 0, r_fan > 0, m_bucket(L), E)
         picked = pick_tiles("outer", key, lambda: outer_rule(L, E, P, Q), {"Rp": Rmat, "P": P, "Q": Q})
-        _, kw, grid_ = _cached_plan(
+        _, kw, grid_, slot = _cached_plan(
             ("outer", key, int64, compute_dtype), picked,
             lambda: (picked, {**_outer_meta(l_fan, r_fan, int64, compute_dtype), **picked},
-                     (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"]))),
+                     (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"])), {}),
         )
-        _group_outer_kernel[grid_](*args, **kw)
+        _launch(_group_outer_kernel, grid_, args, kw, slot)
         return out
     meta = _outer_meta(l_fan, r_fan, int64, compute_dtype)
 
@@ -1144,6 +1154,19 @@ def _outer_meta(l_fan, r_fan, int64, compute_dtype) -> dict:
     )
 
 
+_SMALL_SLOTS: dict = {}
+
+
+def _launch_small(kernel, grid, args, **kw):
+    """``kernel[grid](*args, **kw)`` for the elementwise kernels, through ``launch.py``'s direct path on repeats
+    (one slot per kernel and constexpr values; ``grid`` a 3-tuple)."""
+    skey = (kernel, *kw.values())
+    slot = _SMALL_SLOTS.get(skey)
+    if slot is None:
+        slot = _SMALL_SLOTS[skey] = {}
+    _launch(kernel, grid, args, kw, slot)
+
+
 def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``out[t] = Σ_j gates[t, j] · y[t*k + j]`` (no autograd; see ``ops.combine``)."""
     T, k = gates.shape
@@ -1152,9 +1175,9 @@ def combine(y: torch.Tensor, gates: torch.Tensor, out_dtype: torch.dtype | None 
     if T == 0:
         return out
     BLOCK_N = min(1024, _next_pow2(N)) if not INTERPRET else min(64, _next_pow2(N))
-    grid = (T, _cdiv(N, BLOCK_N))
-    _combine_kernel[grid](
-        y, gates, out, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1),
+    _launch_small(
+        _combine_kernel, (T, _cdiv(N, BLOCK_N), 1),
+        (y, gates, out, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1), out.stride(0), out.stride(1)),
         TOP_K=k, BLOCK_N=BLOCK_N,
     )
     return out
@@ -1172,9 +1195,10 @@ def combine_bwd(y, gates, dout, need_dy: bool = True, need_dg: bool = True):
     dyb = dy if dy is not None else dout
     dgb = dg if dg is not None else gates
     BLOCK_N = min(64 if INTERPRET else 1024, _next_pow2(N))
-    _combine_bwd_kernel[(T,)](
-        y, gates, dout, dyb, dgb, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
-        dout.stride(0), dout.stride(1), dyb.stride(0), dyb.stride(1), dgb.stride(0), dgb.stride(1),
+    _launch_small(
+        _combine_bwd_kernel, (T, 1, 1),
+        (y, gates, dout, dyb, dgb, N, y.stride(0), y.stride(1), gates.stride(0), gates.stride(1),
+         dout.stride(0), dout.stride(1), dyb.stride(0), dyb.stride(1), dgb.stride(0), dgb.stride(1)),
         TOP_K=k, NEED_DY=need_dy, NEED_DG=need_dg, BLOCK_N=BLOCK_N,
     )
     return dy, dg
@@ -1191,7 +1215,7 @@ def silu_glu_fwd(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty(M, I, device=h.device, dtype=h.dtype)
     if M:
         BLOCK = _glu_block(I)
-        _silu_glu_fwd_kernel[(M, _cdiv(I, BLOCK))](h, out, I, h.stride(0), out.stride(0), BLOCK=BLOCK)
+        _launch_small(_silu_glu_fwd_kernel, (M, _cdiv(I, BLOCK), 1), (h, out, I, h.stride(0), out.stride(0)), BLOCK=BLOCK)
     return out
 
 
@@ -1202,8 +1226,9 @@ def silu_glu_bwd(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     dh = torch.empty_like(h)
     if M:
         BLOCK = _glu_block(I)
-        _silu_glu_bwd_kernel[(M, _cdiv(I, BLOCK))](
-            h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), BLOCK=BLOCK
+        _launch_small(
+            _silu_glu_bwd_kernel, (M, _cdiv(I, BLOCK), 1),
+            (h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0)), BLOCK=BLOCK,
         )
     return dh
 
@@ -1215,8 +1240,9 @@ def clamped_glu_fwd(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor
     out = torch.empty(M, I, device=h.device, dtype=h.dtype)
     if M:
         BLOCK = _glu_block(I)
-        _clamped_glu_fwd_kernel[(M, _cdiv(I, BLOCK))](
-            h, out, I, h.stride(0), out.stride(0), float(alpha), float(limit), BLOCK=BLOCK
+        _launch_small(
+            _clamped_glu_fwd_kernel, (M, _cdiv(I, BLOCK), 1),
+            (h, out, I, h.stride(0), out.stride(0), float(alpha), float(limit)), BLOCK=BLOCK,
         )
     return out
 
@@ -1228,7 +1254,8 @@ def clamped_glu_bwd(h: torch.Tensor, dout: torch.Tensor, alpha: float, limit: fl
     dh = torch.empty(M, I2, device=h.device, dtype=h.dtype)
     if M:
         BLOCK = _glu_block(I)
-        _clamped_glu_bwd_kernel[(M, _cdiv(I, BLOCK))](
-            h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), float(alpha), float(limit), BLOCK=BLOCK
+        _launch_small(
+            _clamped_glu_bwd_kernel, (M, _cdiv(I, BLOCK), 1),
+            (h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), float(alpha), float(limit)), BLOCK=BLOCK,
         )
     return dh

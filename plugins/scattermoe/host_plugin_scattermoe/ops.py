@@ -56,6 +56,9 @@ SETTINGS: dict = {
     # fused Triton kernels for the SiLU and gpt-oss gates (env SCATTERMOE_FUSED_GATES=0: the module's own code,
     # for before/after measurements)
     "fused_gates": os.environ.get("SCATTERMOE_FUSED_GATES", "1") == "1",
+    # the default SiLU-gated experts call as one autograd node (glu_experts; env SCATTERMOE_MERGED=0: the separate
+    # nodes, for before/after measurements). Same kernels and numbers either way.
+    "merged": os.environ.get("SCATTERMOE_MERGED", "1") == "1",
     "backend": "auto",
 }
 
@@ -161,38 +164,46 @@ class ScatteredExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, W, A, B, xa, sei, ssi, offs = ctx.saved_tensors
-        k, s, gin, gout, split = ctx.k, ctx.scaling, ctx.grouped_in, ctx.grouped_out, ctx.split
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        dy = dy.contiguous()
-        E, Kdim, N = W.shape
-        has_lora = B is not None
-        dx = dW = db = dA = dB = None
-        dyb = None
-        # dy rows: sorted position (gout) or flat index ssi[p] (fan-out 1).
-        if need_x:
-            Wt = W.transpose(1, 2)
-            if has_lora:
-                dx, dyb = lora_linear_fwd(
-                    dy, Wt, ssi, offs, 1, B.transpose(1, 2), A.transpose(1, 2), s, None, gout, gin, split, need_A
-                )
-            else:
-                dx, _ = lora_linear_fwd(dy, Wt, ssi, offs, 1, None, None, 0.0, None, gout, gin, False, False)
-            if not gin and k > 1:
-                dx = dx.view(-1, k, Kdim).sum(1)
-        if has_lora and need_A and dyb is None:
-            dyb = _rank_xa(dy, B.transpose(1, 2), ssi, offs, 1, gout)
-        x_fan = 0 if gin else k
-        dy_fan = 0 if gout else 1
-        if has_lora and need_A:
-            dA = K.group_outer(dyb, x, ssi, offs, l_fan=0, r_fan=x_fan, scaling=s, out_dtype=A.dtype, compute_dtype=x.dtype)
-        if has_lora and need_B:
-            dB = K.group_outer(dy, xa, ssi, offs, l_fan=dy_fan, r_fan=0, scaling=s, out_dtype=B.dtype, compute_dtype=dy.dtype)
-        if need_W:
-            dW = K.group_outer(x, dy, ssi, offs, l_fan=x_fan, r_fan=dy_fan, out_dtype=W.dtype, compute_dtype=dy.dtype)
-        if need_b and ctx.has_bias:
-            dy_g = dy if gout else dy.index_select(0, ssi)
-            db = torch.zeros(E, N, device=dy.device, dtype=torch.float32).index_add_(0, sei, dy_g.float())
+        dx, dW, db, dA, dB = proj_backward(
+            dy.contiguous(), x, W, A, B, xa, sei, ssi, offs, ctx.k, ctx.scaling, ctx.grouped_in, ctx.grouped_out,
+            ctx.split, need_x, need_W, need_b and ctx.has_bias, need_A, need_B,
+        )
         return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None
+
+
+def proj_backward(dy, x, W, A, B, xa, sei, ssi, offs, k, s, gin, gout, split, need_x, need_W, need_b, need_A, need_B):
+    """Gradients ``(dx, dW, db, dA, dB)`` of one projection (``None`` where not needed); ``dy`` contiguous, ``A``/``B``
+    in kernel layout and dtype, ``xa`` the forward's rank intermediate (shared by the separate and merged nodes)."""
+    E, Kdim, N = W.shape
+    has_lora = B is not None
+    dx = dW = db = dA = dB = None
+    dyb = None
+    # dy rows: sorted position (gout) or flat index ssi[p] (fan-out 1).
+    if need_x:
+        Wt = W.transpose(1, 2)
+        if has_lora:
+            dx, dyb = lora_linear_fwd(
+                dy, Wt, ssi, offs, 1, B.transpose(1, 2), A.transpose(1, 2), s, None, gout, gin, split, need_A
+            )
+        else:
+            dx, _ = lora_linear_fwd(dy, Wt, ssi, offs, 1, None, None, 0.0, None, gout, gin, False, False)
+        if not gin and k > 1:
+            dx = dx.view(-1, k, Kdim).sum(1)
+    if has_lora and need_A and dyb is None:
+        dyb = _rank_xa(dy, B.transpose(1, 2), ssi, offs, 1, gout)
+    x_fan = 0 if gin else k
+    dy_fan = 0 if gout else 1
+    if has_lora and need_A:
+        dA = K.group_outer(dyb, x, ssi, offs, l_fan=0, r_fan=x_fan, scaling=s, out_dtype=A.dtype, compute_dtype=x.dtype)
+    if has_lora and need_B:
+        dB = K.group_outer(dy, xa, ssi, offs, l_fan=dy_fan, r_fan=0, scaling=s, out_dtype=B.dtype, compute_dtype=dy.dtype)
+    if need_W:
+        dW = K.group_outer(x, dy, ssi, offs, l_fan=x_fan, r_fan=dy_fan, out_dtype=W.dtype, compute_dtype=dy.dtype)
+    if need_b:
+        dy_g = dy if gout else dy.index_select(0, ssi)
+        db = torch.zeros(E, N, device=dy.device, dtype=torch.float32).index_add_(0, sei, dy_g.float())
+    return dx, dW, db, dA, dB
 
 
 def scattered_experts(
@@ -293,3 +304,78 @@ def clamped_glu(h: torch.Tensor, alpha: float, limit: float, *, backend: str | N
     if not _use_triton(h, backend) or h.stride(-1) != 1:
         return reference.gpt_oss_glu(h, alpha, limit)
     return _ClampedGluFunction.apply(h, float(alpha), float(limit))
+
+
+class _GluExpertsFunction(torch.autograd.Function):
+    """The whole default experts MLP as ONE autograd node (host time, issue 16): up projection (gathered, grouped
+    out), SiLU-GLU, down projection (grouped in, flat out), combine; the LoRA factors' cast and re-layout
+    (``kernel_lora``) inside. The forward and backward launch exactly the kernels of the separate nodes
+    (``ScatteredExpertsFunction`` ×2, ``_SiluGluFunction``, ``_CombineFunction``, the casts' ``ToCopyBackward``),
+    in the same order and with the same arguments, so results are bitwise identical; what goes is ~8 autograd
+    nodes forward and backward and their Python/engine overhead."""
+
+    @staticmethod
+    def forward(ctx, x, W1, W2, A1, B1, A2, B2, gates, sei, ssi, offs, k, s1, s2, split1, split2):
+        need = ctx.needs_input_grad
+        dt = W1.dtype
+        A1k, B1k = kernel_lora(A1, B1, s1, dt) if B1 is not None else (None, None)
+        A2k, B2k = kernel_lora(A2, B2, s2, dt) if B2 is not None else (None, None)
+        h, xa1 = lora_linear_fwd(x, W1, ssi, offs, k, A1k, B1k, s1, None, False, True, split1,
+                                 B1 is not None and (need[3] or need[4]))
+        act = K.silu_glu_fwd(h)
+        y, xa2 = lora_linear_fwd(act, W2, ssi, offs, 1, A2k, B2k, s2, None, True, False, split2,
+                                 B2 is not None and (need[5] or need[6]))
+        out = K.combine(y, gates)
+        # kept as the separate nodes keep them: x / act only for dA and dW, h for the gate, y for the combine
+        ctx.save_for_backward(
+            x if (need[1] or need[3]) else None, h, act if (need[2] or need[5]) else None, y,
+            gates, W1, W2, A1k, B1k, xa1, A2k, B2k, xa2, sei, ssi, offs,
+        )
+        ctx.k, ctx.s1, ctx.s2, ctx.split1, ctx.split2 = k, s1, s2, split1, split2
+        ctx.lora_dtypes = (A1.dtype if A1 is not None else None, B1.dtype if B1 is not None else None,
+                           A2.dtype if A2 is not None else None, B2.dtype if B2 is not None else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, h, act, y, gates, W1, W2, A1, B1, xa1, A2, B2, xa2, sei, ssi, offs = ctx.saved_tensors
+        nx, nW1, nW2, nA1, nB1, nA2, nB2, ng = ctx.needs_input_grad[:8]
+        up = nx or nW1 or nA1 or nB1  # gradient flows into h
+        down = up or nW2 or nA2 or nB2  # ... into y
+        dW1 = dW2 = dA1 = dB1 = dA2 = dB2 = dx = None
+        dy, dg = K.combine_bwd(y, gates, dout, down, ng)
+        if down:
+            dact, dW2, _, dA2, dB2 = proj_backward(
+                dy, act, W2, A2, B2, xa2, sei, ssi, offs, 1, ctx.s2, True, False, ctx.split2, up, nW2, False, nA2, nB2
+            )
+            if up:
+                dh = K.silu_glu_bwd(h, dact)
+                dx, dW1, _, dA1, dB1 = proj_backward(
+                    dh, x, W1, A1, B1, xa1, sei, ssi, offs, ctx.k, ctx.s1, False, True, ctx.split1, nx, nW1, False, nA1, nB1
+                )
+        tA1, tB1, tA2, tB2 = ctx.lora_dtypes
+        # the casts' backward (ToCopyBackward): back to the factors' own dtype
+        dA1 = dA1.to(tA1) if dA1 is not None else None
+        dB1 = dB1.to(tB1) if dB1 is not None else None
+        dA2 = dA2.to(tA2) if dA2 is not None else None
+        dB2 = dB2.to(tB2) if dB2 is not None else None
+        return dx, dW1, dW2, dA1, dB1, dA2, dB2, dg, None, None, None, None, None, None, None, None
+
+
+def glu_experts(x, W1, W2, k, sei, ssi, offs, lora1=None, lora2=None, gates=None, *, fused_lora=None,
+                split_threshold=None, split_max_experts=None) -> torch.Tensor:
+    """``combine(silu_glu(x·W1 (+LoRA)) · W2 (+LoRA), gates)`` as one autograd node (Triton path only; see
+    :class:`_GluExpertsFunction`). ``W1 [E, H, 2I]``, ``W2 [E, I, H]`` kernel-layout views, ``lora1``/``lora2``
+    ``(A [E, r, in], B [E, out, r], scaling)`` or None, ``x`` ``[T, H]`` in the weights' dtype, ``gates [T, k]``."""
+    A1, B1, s1 = lora1 if lora1 is not None else (None, None, 0.0)
+    A2, B2, s2 = lora2 if lora2 is not None else (None, None, 0.0)
+    if not _lora_applies(A1, B1, s1):
+        A1 = B1 = None
+    if not _lora_applies(A2, B2, s2):
+        A2 = B2 = None
+    E, H, I2 = W1.shape
+    split1 = B1 is not None and use_split(E, H, I2, fused_lora, split_threshold, split_max_experts)
+    split2 = B2 is not None and use_split(E, W2.shape[1], W2.shape[2], fused_lora, split_threshold, split_max_experts)
+    return _GluExpertsFunction.apply(
+        x, W1, W2, A1, B1, A2, B2, gates.contiguous(), sei, ssi, offs, int(k), float(s1), float(s2), split1, split2
+    )

@@ -142,6 +142,9 @@ def test_family_triton_kernels_match(model_type, tail, monkeypatch):
         calls = []
         real = fused.GluDownCombineFunction.apply
         monkeypatch.setattr(fused.GluDownCombineFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    merged = []
+    real_merged = ops._GluExpertsFunction.apply
+    monkeypatch.setattr(ops._GluExpertsFunction, "apply", lambda *a: merged.append(1) or real_merged(*a))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pm = build(model_type, device=device)
     lora.attach(pm)
@@ -151,6 +154,9 @@ def test_family_triton_kernels_match(model_type, tail, monkeypatch):
     compare(pm, ids, 1e-4)
     if tail:
         assert calls, "the fused tail was not used"
+    # the default SiLU-gated MLP runs as one node (ops.glu_experts); gpt-oss (biases, its own gate) and the fused
+    # tail keep theirs
+    assert bool(merged) == (model_type == "qwen3_moe" and not tail), merged
 
 
 def test_unattached_peft_proxy_path_matches(torch_backend):
