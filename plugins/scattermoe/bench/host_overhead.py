@@ -116,13 +116,25 @@ def main():
                 return orig[grid](*a, **kw)
             return run
 
+    direct = getattr(getattr(K, "_launch", None), "__module__", None) == "host_plugin_scattermoe.launch"
+    if direct:
+        from host_plugin_scattermoe import launch
     K._s2s_kernel = Spy()
     try:
+        if direct:
+            launch.ENABLED = False  # the spy sees the normal kernel[grid] call
         s2s()
     finally:
         K._s2s_kernel = orig
+        if direct:
+            launch.ENABLED = True
     g, ca, ckw = captured["grid"], captured["a"], captured["kw"]
     rows["_s2s_kernel[grid](prebuilt args)"] = per_call_us(lambda: orig[g](*ca, **ckw), n=10)
+    if direct:  # the same launch through launch.py's direct path (the compiled kernel's C launcher)
+        slot = {}
+        g3 = tuple(g) + (1,) * (3 - len(g))
+        launch.launch(orig, g3, ca, ckw, slot)
+        rows["launch.launch direct (prebuilt args)"] = per_call_us(lambda: launch.launch(orig, g3, ca, ckw, slot), n=10)
     tile = {kk: ckw[kk] for kk in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     rows["_tma_descs"] = per_call_us(lambda: K._tma_descs(xs, W1k, tile, False), sync=False)
 
@@ -165,6 +177,14 @@ def main():
     for _ in range(3):
         step()
     rows["block step fwd+bwd (router+experts)"] = per_call_us(step, n=10)
+    if direct and "merged" in ops.SETTINGS:  # what each host-path switch is worth, same process
+        for merged, on in ((False, True), (True, False), (False, False)):
+            ops.SETTINGS["merged"], launch.ENABLED = merged, on
+            for _ in range(2):
+                step()
+            rows[f"  block step, merged node {'on' if merged else 'off'}, direct launch {'on' if on else 'off'}"] = (
+                per_call_us(step, n=10))
+        ops.SETTINGS["merged"], launch.ENABLED = True, True
     print(f"\nhost time per call, {torch.cuda.get_device_name()}  {args.shape} T={T} r=16 bf16 (best of 7 rounds), us")
     for name, us in rows.items():
         print(f"{name:<44}{us:>9.1f}")
