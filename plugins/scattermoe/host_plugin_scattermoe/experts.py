@@ -69,7 +69,10 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
 def _merged_applies(module, x: torch.Tensor) -> bool:
     """The experts call runs as one autograd node (``ops.glu_experts``): ``scattermoe_merged`` on (env
     ``SCATTERMOE_MERGED=0`` turns it off), the Triton path, fused gates on, the default SiLU gate, no biases (the
-    caller checks), no post-expert norm, not the opt-in fused tail; everything else keeps the separate nodes."""
+    caller checks), no post-expert norm, not the opt-in fused tail; and neither saved-tensor hooks (non-reentrant
+    checkpointing, offloading: the merged node holds its activations on ctx, out of the hooks' reach) nor a CUDA
+    graph capture (graphs.py keeps every saved activation alive; the merged node frees them in its backward).
+    Everything else keeps the separate nodes."""
     S = ops.SETTINGS
     return (
         S.get("merged", True)
@@ -79,6 +82,9 @@ def _merged_applies(module, x: torch.Tensor) -> bool:
         and bool(getattr(module, "has_gate", True))
         and ops._use_triton(x, None)
         and _is_default_silu_gate(module)
+        and not graphs.capturing()
+        and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        and not graphs._saved_tensor_hooks_active()
     )
 
 

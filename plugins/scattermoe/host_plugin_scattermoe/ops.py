@@ -326,11 +326,12 @@ class _GluExpertsFunction(torch.autograd.Function):
         y, xa2 = lora_linear_fwd(act, W2, ssi, offs, 1, A2k, B2k, s2, None, True, False, split2,
                                  B2 is not None and (need[5] or need[6]))
         out = K.combine(y, gates)
-        # kept as the separate nodes keep them: x / act only for dA and dW, h for the gate, y for the combine
-        ctx.save_for_backward(
-            x if (need[1] or need[3]) else None, h, act if (need[2] or need[5]) else None, y,
-            gates, W1, W2, A1k, B1k, xa1, A2k, B2k, xa2, sei, ssi, offs,
-        )
+        ctx.save_for_backward(x if (need[1] or need[3]) else None, gates, W1, W2, A1k, B1k, xa1, A2k, B2k, xa2, sei, ssi, offs)
+        # The activations (kept as the separate nodes keep them: h for the gate, act for dA/dW, y for the combine) are
+        # held on ctx, not saved, so the backward frees each one after its last use, as the separate nodes' release
+        # does: the step's peak memory stays the separate nodes'. Hence one backward only (no retain_graph), and
+        # the caller keeps the separate nodes under saved-tensor hooks and CUDA graph capture (experts.py).
+        ctx.acts = [h, act if (need[2] or need[5]) else None, y]
         ctx.k, ctx.s1, ctx.s2, ctx.split1, ctx.split2 = k, s1, s2, split1, split2
         ctx.lora_dtypes = (A1.dtype if A1 is not None else None, B1.dtype if B1 is not None else None,
                            A2.dtype if A2 is not None else None, B2.dtype if B2 is not None else None)
@@ -338,18 +339,28 @@ class _GluExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, h, act, y, gates, W1, W2, A1, B1, xa1, A2, B2, xa2, sei, ssi, offs = ctx.saved_tensors
+        x, gates, W1, W2, A1, B1, xa1, A2, B2, xa2, sei, ssi, offs = ctx.saved_tensors
+        if ctx.acts is None:
+            raise RuntimeError(
+                "scattermoe: the experts node (ops.glu_experts) frees its activations in its backward, which ran "
+                "already; for a second backward through the same graph (retain_graph=True) set SCATTERMOE_MERGED=0"
+            )
+        h, act, y = ctx.acts
+        ctx.acts = None
         nx, nW1, nW2, nA1, nB1, nA2, nB2, ng = ctx.needs_input_grad[:8]
         up = nx or nW1 or nA1 or nB1  # gradient flows into h
         down = up or nW2 or nA2 or nB2  # ... into y
         dW1 = dW2 = dA1 = dB1 = dA2 = dB2 = dx = None
         dy, dg = K.combine_bwd(y, gates, dout, down, ng)
+        del y  # each activation and gradient is dropped after its last use (peak memory as the separate nodes)
         if down:
             dact, dW2, _, dA2, dB2 = proj_backward(
                 dy, act, W2, A2, B2, xa2, sei, ssi, offs, 1, ctx.s2, True, False, ctx.split2, up, nW2, False, nA2, nB2
             )
+            del dy, act
             if up:
                 dh = K.silu_glu_bwd(h, dact)
+                del h, dact
                 dx, dW1, _, dA1, dB1 = proj_backward(
                     dh, x, W1, A1, B1, xa1, sei, ssi, offs, ctx.k, ctx.s1, False, True, ctx.split1, nx, nW1, False, nA1, nB1
                 )

@@ -106,6 +106,66 @@ def test_merged_node_matches_reference(split, monkeypatch):
         assert torch.allclose(g[n], ref[n].grad, rtol=1e-4, atol=1e-5), n
 
 
+def test_merged_node_frees_activations_in_backward(monkeypatch):
+    """Peak memory as the separate nodes: y is gone before the down projection's backward, h and act before the up
+    projection's; a second backward through the node says why it cannot run (retain_graph)."""
+    import weakref
+
+    monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
+    p = _problem(torch.float32, torch.float32, seed=5)
+    seen = {}
+    real_combine, real_silu, real_silu_bwd = K.combine, K.silu_glu_fwd, K.silu_glu_bwd
+    monkeypatch.setattr(K, "combine", lambda y, g, *a: seen.setdefault("y", weakref.ref(y)) and real_combine(y, g, *a))
+    monkeypatch.setattr(K, "silu_glu_fwd", lambda h: seen.setdefault("h", weakref.ref(h)) and real_silu(h))
+    alive = {}
+
+    def silu_bwd(h, d):
+        alive["y at gate backward"] = seen["y"]() is not None
+        return real_silu_bwd(h, d)
+
+    monkeypatch.setattr(K, "silu_glu_bwd", silu_bwd)
+    real_pb = ops.proj_backward
+
+    def pb(dy, x, *a):
+        if x is None or x.shape[0] == p["x"].shape[0]:  # the up projection's backward (x: the tokens)
+            alive["h at up backward"] = seen["h"]() is not None
+        return real_pb(dy, x, *a)
+
+    monkeypatch.setattr(ops, "proj_backward", pb)
+    leaves = [p[n].detach().clone().requires_grad_(True) for n in ("x", "wa1", "wb1")]
+    E, r, k = p["E"], p["r"], p["k"]
+    sei, ssi, offs = sort_tokens(p["idx"], E)
+    l1 = (leaves[1].view(E, r, -1), leaves[2].view(-1, r, E).permute(2, 0, 1), 2.0)
+    out = ops.glu_experts(leaves[0], p["W1"].transpose(1, 2), p["W2"].transpose(1, 2), k, sei, ssi, offs, l1, None, p["gates"])
+    out.sum().backward(retain_graph=True)
+    assert alive == {"y at gate backward": False, "h at up backward": False}, alive
+    with pytest.raises(RuntimeError, match="SCATTERMOE_MERGED=0"):
+        out.sum().backward()
+
+
+def test_merged_node_not_under_saved_tensor_hooks():
+    """Under saved-tensor hooks (non-reentrant checkpointing, offloading) the experts keep the separate nodes, whose
+    saved activations the hooks see."""
+    from host_plugin_scattermoe import experts
+
+    class Mod:
+        has_gate = True
+        act_fn = torch.nn.SiLU()
+
+    from transformers.integrations.moe import _default_apply_gate
+
+    Mod._apply_gate = _default_apply_gate
+    x = torch.empty(2, 2, device=DEV)
+    old = ops.SETTINGS["backend"]
+    ops.SETTINGS["backend"] = "triton"
+    try:
+        assert experts._merged_applies(Mod(), x)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            assert not experts._merged_applies(Mod(), x)
+    finally:
+        ops.SETTINGS["backend"] = old
+
+
 def test_spec_key_is_at_least_as_fine_as_tritons():
     """Everything Triton specialises a runtime argument on changes the key: an int's value (1, multiples of 16,
     width), a tensor's dtype and 16-byte alignment; a float's value does not; an unknown kind gives no key."""
