@@ -319,9 +319,10 @@ class _GluExpertsFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dt = W1.dtype
         A1k, B1k = kernel_lora(A1, B1, s1, dt) if B1 is not None else (None, None)
-        A2k, B2k = kernel_lora(A2, B2, s2, dt) if B2 is not None else (None, None)
         h, xa1 = lora_linear_fwd(x, W1, ssi, offs, k, A1k, B1k, s1, None, False, True, split1,
                                  B1 is not None and (need[3] or need[4]))
+        # the down projection's factors after the up projection's launch: the GPU starts the first GEMM sooner
+        A2k, B2k = kernel_lora(A2, B2, s2, dt) if B2 is not None else (None, None)
         act = K.silu_glu_fwd(h)
         y, xa2 = lora_linear_fwd(act, W2, ssi, offs, 1, A2k, B2k, s2, None, True, False, split2,
                                  B2 is not None and (need[5] or need[6]))
