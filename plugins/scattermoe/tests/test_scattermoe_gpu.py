@@ -26,14 +26,18 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("tma", ["0", "1", "persistent"], ids=["pointer-loads", "tma", "persistent-tma"])
+@pytest.mark.parametrize(
+    "tma", ["0", "1", "persistent", "half-tail", "persistent+half-tail"],
+    ids=["pointer-loads", "tma", "persistent-tma", "half-tail-tma", "persistent-half-tail-tma"],
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 def test_bf16_real_shapes_fwd_bwd(shape, tma, monkeypatch):
     """Every launch of one projection, forward and backward; ``tma``: TMA descriptors wherever the layout
-    allows (W always, x when grouped), else pointer loads everywhere; ``persistent``: every launch on the
-    persistent grid with the TMA tile (128x256x64, 3 stages)."""
-    if tma == "persistent":
-        monkeypatch.setattr(K, "FORCE", {"s2s": {**K._cfg(128, 256, 64, 8, 8, 3), "TMA": True, "PERSISTENT": True}})
+    allows (W always, x when grouped), else pointer loads everywhere; ``persistent`` / ``half-tail``: every launch
+    on the persistent grid / with half-height tiles for short last row blocks, TMA tile 128x256x64, 3 stages."""
+    if tma in ("persistent", "half-tail", "persistent+half-tail"):
+        flags = {"PERSISTENT": "persistent" in tma, "HALF_TAIL": "half-tail" in tma}
+        monkeypatch.setattr(K, "FORCE", {"s2s": {**K._cfg(128, 256, 64, 8, 8, 3), "TMA": True, **flags}})
         tma = "rule"
     monkeypatch.setattr(K, "TMA_MODE", tma)
     name, E, Kd, N, T, k, layout, has_bias = shape
