@@ -726,7 +726,7 @@ def s2s_rule(
         return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
     out = []
     if tma and rows_per_expert >= 160:
-        if PERSISTENT_MODE == "1":
+        if PERSISTENT_MODE == "1" or (PERSISTENT_MODE == "rule" and RULE_PERSISTENT):
             # persistent: the flattened loop keeps the next tile's buffers beside this one's (4 stages would need
             # 237 KB of shared memory, over the 227 KB a block may have)
             out.append({**_cfg(128, 256, 64, 8, 8, 3), "TMA": True, "PERSISTENT": True})
@@ -734,7 +734,7 @@ def s2s_rule(
     if grouped_in and not grouped_out and N >= 2048:
         out.append(_cfg(128, 256, 64, 8, 8, 3))
     out += [_cfg(128, 128, 64, 8, 8, 3), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
-    if HALF_TAIL_MODE == "1":
+    if HALF_TAIL_MODE == "1" or (HALF_TAIL_MODE == "rule" and RULE_HALF_TAIL):
         out = [{**c, "HALF_TAIL": True} if c["BLOCK_M"] == 128 else c for c in out]
     return out
 
@@ -788,6 +788,9 @@ PERSISTENT_MODE = os.environ.get("SCATTERMOE_PERSISTENT", "rule")
 #: (default) where ``s2s_rule`` asks for it, ``"1"`` on every 128-row tile, ``"0"`` never. Env ``SCATTERMOE_HALF_TAIL``;
 #: read by ``s2s_rule`` (clear ``_PICKED`` and ``_PLANS`` after changing it).
 HALF_TAIL_MODE = os.environ.get("SCATTERMOE_HALF_TAIL", "rule")
+#: What ``"rule"`` means for the two modes above (fitted to ``bench/bench_gemm.py --persist``).
+RULE_PERSISTENT = False
+RULE_HALF_TAIL = False
 #: Programs of a persistent launch under the interpreter (several, so the tile loop's stride is exercised).
 INTERP_PROGRAMS = 3
 
