@@ -64,7 +64,7 @@ def needs_int64(*tensors) -> bool:
         n = t.numel()
         if n >= INT32_LIMIT:
             return True
-        if n and t.is_contiguous():
+        if n and isinstance(t, torch.Tensor) and t.is_contiguous():
             continue  # its last element's offset is n - 1 (host time: this runs for every launch)
         span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
         if span >= INT32_LIMIT:
