@@ -30,6 +30,7 @@ try:  # Triton >= 3.4
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
+_Tensor = torch.Tensor
 _RT = None  # triton.knobs.runtime (None: no knobs module, hooks read as idle only if absent)
 _DRIVER = None  # (get_current_device, get_current_stream)
 
@@ -66,7 +67,10 @@ def spec_key(args) -> tuple | None:
     """A hashable key of the runtime arguments that is at least as fine as Triton's specialisation of them;
     ``None`` when an argument is of a kind this module does not know (the normal launch path is taken)."""
     try:
-        return tuple([a if type(a) is int else _arg_key(a) for a in args])
+        return tuple([
+            a if type(a) is int else (a.dtype, a.data_ptr() & 15 == 0) if type(a) is _Tensor else _arg_key(a)
+            for a in args
+        ])
     except _NoKey:
         return None
 
