@@ -227,3 +227,78 @@ def test_direct_launch_is_bitwise_the_normal_launch(monkeypatch):
     assert any(isinstance(v, launch._Entry) for v in entries) or any(
         isinstance(e, launch._Entry) for v in entries if isinstance(v, tuple) for e in v[1].values()
     )
+
+
+class _FakeParam:
+    def __init__(self, name, constexpr, default=None):
+        self.name, self.is_constexpr, self.default, self.has_default = name, constexpr, default, default is not None
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kw)`` records the normal launch and returns a compiled
+    kernel whose C launcher records the direct ones."""
+
+    def __init__(self):
+        self.params = [_FakeParam("X", False), _FakeParam("N", False), _FakeParam("s", False),
+                       _FakeParam("BLOCK", True), _FakeParam("FLAG", True, default=7)]
+        self.pre_run_hooks = []
+        self.normal, self.direct = [], []
+        kern = self
+
+        class Compiled:
+            function, packed_metadata = "fn", "meta"
+
+            def run(self, *a):
+                kern.direct.append(a)
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def runner(*args, **kw):
+            self.normal.append((grid, args, kw))
+            return self.compiled
+        return runner
+
+
+def test_direct_launch_mechanics(monkeypatch):
+    """CPU: the first launch of a slot goes through ``kernel[grid]``; a repeat with arguments of the same kinds calls
+    the compiled kernel's launcher with (grid, stream, function, metadata, no hooks, runtime args, constexprs in
+    parameter order with defaults); another alignment is a new entry; installed launch hooks or the switch off take
+    the normal path."""
+    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(launch, "_DRIVER", (lambda: 0, lambda dev: 1234))
+
+    class Hooks:
+        calls = []
+
+    class RT:
+        launch_enter_hook = Hooks()
+        launch_exit_hook = Hooks()
+
+    monkeypatch.setattr(launch, "_RT", RT)
+    k, slot = _FakeKernel(), {}
+    t = torch.empty(64)
+    for _ in range(3):
+        launch.launch(k, (5, 1, 1), (t, 16, 0.5), {"BLOCK": 32, "num_warps": 4}, slot)
+    assert len(k.normal) == 1 and len(k.direct) == 2
+    assert k.direct[0] == (5, 1, 1, 1234, "fn", "meta", None, None, None, t, 16, 0.5, 32, 7)
+    launch.launch(k, (5, 1, 1), (t[1:], 16, 0.5), {"BLOCK": 32, "num_warps": 4}, slot)  # misaligned: new entry
+    launch.launch(k, (5, 1, 1), (t, 17, 0.5), {"BLOCK": 32, "num_warps": 4}, slot)  # another int: new entry
+    assert len(k.normal) == 3 and len(slot) == 3
+    RT.launch_enter_hook = type("H", (), {"calls": [print]})()  # a profiler's hook: normal path
+    launch.launch(k, (5, 1, 1), (t, 16, 0.5), {"BLOCK": 32, "num_warps": 4}, slot)
+    assert len(k.normal) == 4 and len(k.direct) == 2
+    RT.launch_enter_hook = Hooks()
+    monkeypatch.setattr(launch, "ENABLED", False)
+    launch.launch(k, (5, 1, 1), (t, 16, 0.5), {"BLOCK": 32, "num_warps": 4}, slot)
+    assert len(k.normal) == 5 and len(k.direct) == 2
+    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(launch, "MAX_SPECS", 3)
+    launch.launch(k, (5, 1, 1), (t, 18, 0.5), {"BLOCK": 32, "num_warps": 4}, slot)  # full: cleared, then added
+    assert len(slot) == 1
+    k2 = _FakeKernel()
+    k2.params.insert(1, k2.params.pop(3))  # a constexpr between runtime parameters: never direct
+    slot2 = {}
+    for _ in range(2):
+        launch.launch(k2, (1, 1, 1), (t, 16, 0.5), {"BLOCK": 32}, slot2)
+    assert len(k2.normal) == 2 and not k2.direct and list(slot2.values()) == [False]
