@@ -737,7 +737,7 @@ def s2s_rule(
     if grouped_in and not grouped_out and N >= 2048:
         out.append(_cfg(128, 256, 64, 8, 8, 3))
     out += [_cfg(128, 128, 64, 8, 8, 3), _cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
-    if HALF_TAIL_MODE == "1" or (HALF_TAIL_MODE == "rule" and RULE_HALF_TAIL):
+    if HALF_TAIL_MODE == "1" or (HALF_TAIL_MODE == "rule" and RULE_HALF_TAIL and rows_per_expert < 768):
         out = [{**c, "HALF_TAIL": True} if c["BLOCK_M"] == 128 else c for c in out]
     return out
 
@@ -791,9 +791,12 @@ PERSISTENT_MODE = os.environ.get("SCATTERMOE_PERSISTENT", "rule")
 #: (default) where ``s2s_rule`` asks for it, ``"1"`` on every 128-row tile, ``"0"`` never. Env ``SCATTERMOE_HALF_TAIL``;
 #: read by ``s2s_rule`` (clear ``_PICKED`` and ``_PLANS`` after changing it).
 HALF_TAIL_MODE = os.environ.get("SCATTERMOE_HALF_TAIL", "rule")
-#: What ``"rule"`` means for the two modes above (fitted to ``bench/bench_gemm.py --persist``).
+#: What ``"rule"`` means for the two modes above (``bench/bench_gemm.py --persist`` and the block bench, H100,
+#: ``bench/results/h100-2026-12-06-gemm1-*``): half-height tail tiles below 768 rows per expert (3-5% faster per
+#: launch at 128-512 rows per expert, block GPU time 2.34 -> 2.26 ms at Qwen3-30B-A3B; +1.6% at Mixtral's 1024);
+#: the persistent grid was slower in every block step (Qwen3-30B-A3B 2.34 -> 2.72 ms, Mixtral 10.43 -> 13.59), off.
 RULE_PERSISTENT = False
-RULE_HALF_TAIL = False
+RULE_HALF_TAIL = True
 #: Programs of a persistent launch under the interpreter (several, so the tile loop's stride is exercised).
 INTERP_PROGRAMS = 3
 

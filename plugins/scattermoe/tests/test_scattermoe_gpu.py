@@ -36,6 +36,8 @@ def test_bf16_real_shapes_fwd_bwd(shape, tma, monkeypatch):
     allows (W always, x when grouped), else pointer loads everywhere; ``persistent`` / ``half-tail``: every launch
     on the persistent grid / with half-height tiles for short last row blocks, TMA tile 128x256x64."""
     if tma in ("persistent", "half-tail", "persistent+half-tail"):
+        if "split" in shape[0]:
+            pytest.skip("the forced 128x256 tile would also run the split path's rank-r launch, which it does not fit")
         flags = {"PERSISTENT": "persistent" in tma, "HALF_TAIL": "half-tail" in tma}
         stages = 3 if flags["PERSISTENT"] else 4  # as the rule's tiles (4 stages do not fit a persistent program)
         monkeypatch.setattr(K, "FORCE", {"s2s": {**K._cfg(128, 256, 64, 8, 8, stages), "TMA": True, **flags}})

@@ -397,6 +397,12 @@ def test_tile_rule_persistent_and_half_tail_modes(monkeypatch):
     assert all(c.get("HALF_TAIL", False) == (c["BLOCK_M"] == 128) for c in cands)
     monkeypatch.setattr(K, "HALF_TAIL_MODE", "0")
     assert not any(c.get("HALF_TAIL") for c in K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True))
+    # the default rule: half tails below 768 rows per expert (Qwen3-30B-A3B: 256), not at Mixtral's 1024; never persistent
+    monkeypatch.setattr(K, "HALF_TAIL_MODE", "rule")
+    monkeypatch.setattr(K, "PERSISTENT_MODE", "rule")
+    q3 = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)
+    assert q3[0]["HALF_TAIL"] and q3[0]["TMA"] and not any(c.get("PERSISTENT") for c in q3)
+    assert not any(c.get("HALF_TAIL") for c in K.s2s_rule(8192, 8, 4096, 28672, 2, tma=True))
 
 
 def test_split_dispatch_threshold():
