@@ -34,7 +34,7 @@ def forward(self, hidden_states, position_embeddings, attention_mask, shared_kv_
         from host_plugin_gemma4.rms_norm_rope import fused_rms_norm, fused_rms_norm_rope
 
         def norm_rope(x, norm):
-            return fused_rms_norm_rope(x, norm.weight if norm.with_scale else None, cos, sin, norm.eps)
+            return fused_rms_norm_rope(x, norm.weight if norm.with_scale else None, cos, sin, _eps(norm))
     else:
         def norm_rope(x, norm):
             return apply_rotary_pos_emb(norm(x), cos, sin, unsqueeze_dim=2)
@@ -55,7 +55,7 @@ def forward(self, hidden_states, position_embeddings, attention_mask, shared_kv_
         value_states = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_states
         key_states = norm_rope(key_states, self.k_norm).transpose(1, 2)
         if fused:
-            value_states = fused_rms_norm(value_states, None, self.v_norm.eps)
+            value_states = fused_rms_norm(value_states, None, _eps(self.v_norm))
         else:
             value_states = self.v_norm(value_states)
         value_states = value_states.transpose(1, 2)
@@ -94,3 +94,9 @@ def patch(module, fused: bool | None = None) -> None:
 def unpatch(module) -> None:
     module.__dict__.pop("forward", None)
     module.__dict__.pop("_gemma4_fused_norm_rope", None)
+
+
+def _eps(norm) -> float:
+    """The RMSNorm's epsilon: ``eps`` up to transformers 5.2x, ``variance_epsilon`` in later releases."""
+    eps = getattr(norm, "eps", None)
+    return norm.variance_epsilon if eps is None else eps
