@@ -219,7 +219,10 @@ def post_model_load(cfg, model):
     """
     if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         return  # not quantised by this plugin: off, 4-bit with adapter: lora (warned), or merge-lora's dense base
-    from host_plugin_qlora import experts
+    from host_plugin_qlora import experts, fsdp
+
+    if cfg.fsdp_enabled:
+        fsdp.keep_packed_layout(model)
 
     if cfg.quantize_moe_experts:
         n, gib = experts.quantize_experts(model, quant_type=cfg.bnb_4bit_quant_type,

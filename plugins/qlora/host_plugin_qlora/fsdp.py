@@ -72,3 +72,16 @@ def storage_dtype(cfg) -> str:
             f"packed data must be stored in it. Remove the key or set it to {wanted}."
         )
     return wanted
+
+
+def keep_packed_layout(model) -> int:
+    """Keep the packed 4-bit bytes that FSDP shards as they are: bitsandbytes (0.50) repacks a ``Linear4bit``
+    weight for its CPU kernel on the first no-grad forward in eval mode on a CPU, replacing the parameter's data,
+    and the state that undoes it does not survive sharding (the next forward then fails). Returns how many
+    modules had it on."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
