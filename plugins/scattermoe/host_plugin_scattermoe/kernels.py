@@ -872,14 +872,13 @@ _PLANS: dict = {}
 _MAX_PLANS = 4096
 
 
-def _cached_plan(pkey: tuple, picked: dict, build):
-    """The launch plan ``(picked, ...)`` cached under ``pkey``; ``build()`` makes it on a miss or when the tile pick
-    changed. Bounded: token counts that vary every step (no packing) would otherwise grow it without end."""
-    plan = _PLANS.get(pkey)
-    if plan is None or plan[0] is not picked:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[pkey] = build()
+def _store_plan(pkey: tuple, plan: tuple) -> tuple:
+    """Cache the launch plan ``(picked, ...)`` under ``pkey`` and return it. The callers look ``_PLANS`` up
+    themselves (a hit must cost one dictionary lookup) and treat an entry whose ``plan[0]`` is not the current pick
+    as a miss. Bounded: token counts that vary every step (no packing) would otherwise grow it without end."""
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[pkey] = plan
     return plan
 
 
@@ -1039,10 +1038,8 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         pkey = (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE)
         plan = _PLANS.get(pkey)
         if plan is None or plan[0] is not picked:
-            plan = _cached_plan(
-                pkey, picked,
-                lambda: (*_s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu), {}),
-            )
+            built = _s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu)
+            plan = _store_plan(pkey, (*built, {}))
         _, kw, grid_, use_desc, ncol, slots = plan
     else:
         if not cuda:
@@ -1143,11 +1140,8 @@ def group_outer(
         pkey = ("outer", key, int64, compute_dtype)
         plan = _PLANS.get(pkey)
         if plan is None or plan[0] is not picked:
-            plan = _cached_plan(
-                pkey, picked,
-                lambda: (picked, {**_outer_meta(l_fan, r_fan, int64, compute_dtype), **picked},
-                         (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"])), {}),
-            )
+            plan = _store_plan(pkey, (picked, {**_outer_meta(l_fan, r_fan, int64, compute_dtype), **picked},
+                                       (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"])), {}))
         _, kw, grid_, slot = plan
         _launch(_group_outer_kernel, grid_, args, kw, slot)
         return out
