@@ -81,7 +81,8 @@ def _hooks_idle() -> bool:
     if rt is None:
         return True
     for h in (rt.launch_enter_hook, rt.launch_exit_hook):
-        if h is not None and (getattr(h, "calls", True) or not hasattr(h, "calls")):
+        # a hook chain with an empty ``calls`` list is idle; any other hook object counts as installed
+        if h is not None and getattr(h, "calls", True):
             return False
     return True
 
