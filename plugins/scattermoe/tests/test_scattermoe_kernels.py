@@ -210,6 +210,28 @@ def test_multi_tile_loops(monkeypatch):
         assert rel(got.grad, want.grad) < 1e-4
 
 
+def _check_layout_against_reference(x, W, A, B, bias, sei, ssi, offs, k, gin, gout, split, dtype, g):
+    """One projection layout through the Triton path (LoRA scaling 0.5, fused or split), forward and backward,
+    against the float64 reference: output, dX, dA and dB within ``TOL[dtype]``. ``g`` draws the output gradient."""
+    d = torch.float64
+    xin = x[ssi // k].contiguous() if gin else x
+    fan = 1 if gin else k
+    dy = torch.randn(ssi.numel(), W.shape[2], generator=g).to(DEV, dtype)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (xin, A, B)]
+    y = ops.scattered_experts(
+        leaves[0], W, fan, sei, ssi, offs, leaves[1], leaves[2], 0.5, bias, gin, gout, fused_lora=not split,
+        backend="triton",
+    )
+    y.backward(dy)
+    refs = [t.detach().to(d).requires_grad_(True) for t in (xin, A, B)]
+    yr = reference.scattered_linear(refs[0], W.to(d), fan, sei, ssi, offs, refs[1], refs[2], 0.5,
+                                    None if bias is None else bias.to(d), gin, gout)
+    yr.backward(dy.to(d))
+    assert rel(y, yr) < TOL[dtype], (gin, gout, split)
+    for name, got, want in zip(["dX", "dA", "dB"], leaves, refs):
+        assert rel(got.grad, want.grad) < TOL[dtype], (name, gin, gout, split)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("w_layout", ["stored [N, K]", "stored [K, N]"])
 def test_tma_descriptor_path_matches_reference(monkeypatch, dtype, w_layout):
@@ -230,23 +252,8 @@ def test_tma_descriptor_path_matches_reference(monkeypatch, dtype, w_layout):
         W = W.transpose(1, 2).contiguous().transpose(1, 2)
     sei, ssi, offs = sort_tokens(routing(T, E, k, seed=11), E)
     g = torch.Generator().manual_seed(3)
-    d = torch.float64
     for gin, gout, split in [(False, True, False), (True, False, False), (True, False, True)]:
-        xin = x[ssi // k].contiguous() if gin else x
-        fan = 1 if gin else k
-        dy = torch.randn(T * k, N, generator=g).to(DEV, dtype)
-        leaves = [t.detach().clone().requires_grad_(True) for t in (xin, A, B)]
-        y = ops.scattered_experts(
-            leaves[0], W, fan, sei, ssi, offs, leaves[1], leaves[2], 0.5, None, gin, gout, fused_lora=not split,
-            backend="triton",
-        )
-        y.backward(dy)
-        refs = [t.detach().to(d).requires_grad_(True) for t in (xin, A, B)]
-        yr = reference.scattered_linear(refs[0], W.to(d), fan, sei, ssi, offs, refs[1], refs[2], 0.5, None, gin, gout)
-        yr.backward(dy.to(d))
-        assert rel(y, yr) < TOL[dtype], (gin, split)
-        for name, got, want in zip(["dX", "dA", "dB"], leaves, refs):
-            assert rel(got.grad, want.grad) < TOL[dtype], (name, gin, split)
+        _check_layout_against_reference(x, W, A, B, None, sei, ssi, offs, k, gin, gout, split, dtype, g)
     assert {t[0] for t in taken} == {1, 2}, "both W descriptor layouts (forward and dX) were used"
     assert any(t[2] for t in taken), "grouped x went through a descriptor"
 
@@ -276,23 +283,8 @@ def test_persistent_grid_and_half_tail_match_reference(monkeypatch, dtype, tma, 
     x, W, A, B, b = make(T, E, Kd, N, k, r, dtype, seed=13, bias=True)
     sei, ssi, offs = sort_tokens(routing(T, E, k, seed=12), E)  # rows per expert 23, 0, 20, 11, 20
     g = torch.Generator().manual_seed(5)
-    d = torch.float64
     for (gin, gout), split in zip(LAYOUTS, (False, True, True, False)):
-        xin = x[ssi // k].contiguous() if gin else x
-        fan = 1 if gin else k
-        dy = torch.randn(T * k, N, generator=g).to(DEV, dtype)
-        leaves = [t.detach().clone().requires_grad_(True) for t in (xin, A, B)]
-        y = ops.scattered_experts(
-            leaves[0], W, fan, sei, ssi, offs, leaves[1], leaves[2], 0.5, b, gin, gout, fused_lora=not split,
-            backend="triton",
-        )
-        y.backward(dy)
-        refs = [t.detach().to(d).requires_grad_(True) for t in (xin, A, B)]
-        yr = reference.scattered_linear(refs[0], W.to(d), fan, sei, ssi, offs, refs[1], refs[2], 0.5, b.to(d), gin, gout)
-        yr.backward(dy.to(d))
-        assert rel(y, yr) < TOL[dtype], (gin, gout, split)
-        for name, got, want in zip(["dX", "dA", "dB"], leaves, refs):
-            assert rel(got.grad, want.grad) < TOL[dtype], (name, gin, gout, split)
+        _check_layout_against_reference(x, W, A, B, b, sei, ssi, offs, k, gin, gout, split, dtype, g)
     plans = [p for p in persistent if p[1]["BLOCK_N"] >= 32]
     assert plans and all(p[1].get("HALF_TAIL", False) == flags["HALF_TAIL"] for p in plans)
     assert all(p[3] == tma for p in plans)
