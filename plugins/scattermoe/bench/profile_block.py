@@ -34,7 +34,8 @@ def main(names):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=True, with_stack=True) as prof:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
@@ -45,6 +46,15 @@ def main(names):
             if ev.self_device_time_total > 0:
                 print(f"{ev.self_device_time_total / 5 / 1e3:8.3f} {ev.count // 5:4d}x  {ev.key[:100]}")
         print(f"{total:8.3f}  total")
+        print(f"----- {name}: torch ops with GPU time, by input shapes (ms per step, calls per step)")
+        ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and e.self_device_time_total > 0]
+        for ev in sorted(ops, key=lambda e: -e.self_device_time_total)[:30]:
+            print(f"{ev.self_device_time_total / 5 / 1e3:8.3f} {ev.count // 5:4d}x  {ev.key[:28]:28s} {str(ev.input_shapes)[:110]}")
+        print(f"----- {name}: where the torch ops with GPU time were called (innermost Python frames)")
+        ops = [e for e in prof.key_averages(group_by_stack_n=4) if e.key.startswith("aten::") and e.self_device_time_total > 0]
+        for ev in sorted(ops, key=lambda e: -e.self_device_time_total)[:20]:
+            frames = " < ".join(f.split("/")[-1][:60] for f in ev.stack[:4]) or "(autograd engine)"
+            print(f"{ev.self_device_time_total / 5 / 1e3:8.3f} {ev.count // 5:4d}x  {ev.key[:22]:22s} {frames}")
         for key, conf in kernels._PICKED.items():
             print(key, conf)
         kernels._PICKED.clear()
