@@ -26,7 +26,12 @@ def main(names):
         x = torch.randn(1, 4096, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn_like(x)
 
+        params = [p for p in holder.parameters() if p.requires_grad]
+
         def step():
+            x.grad = None  # as a training step after zero_grad(set_to_none): no gradient-accumulation adds in the table
+            for p in params:
+                p.grad = None
             out = holder.mlp(x)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(g)
@@ -35,7 +40,7 @@ def main(names):
             step()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU],
-                                    record_shapes=True, with_stack=True) as prof:
+                                    record_shapes=True) as prof:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
@@ -50,11 +55,6 @@ def main(names):
         ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and e.self_device_time_total > 0]
         for ev in sorted(ops, key=lambda e: -e.self_device_time_total)[:30]:
             print(f"{ev.self_device_time_total / 5 / 1e3:8.3f} {ev.count // 5:4d}x  {ev.key[:28]:28s} {str(ev.input_shapes)[:110]}")
-        print(f"----- {name}: where the torch ops with GPU time were called (innermost Python frames)")
-        ops = [e for e in prof.key_averages(group_by_stack_n=4) if e.key.startswith("aten::") and e.self_device_time_total > 0]
-        for ev in sorted(ops, key=lambda e: -e.self_device_time_total)[:20]:
-            frames = " < ".join(f.split("/")[-1][:60] for f in ev.stack[:4]) or "(autograd engine)"
-            print(f"{ev.self_device_time_total / 5 / 1e3:8.3f} {ev.count // 5:4d}x  {ev.key[:22]:22s} {frames}")
         for key, conf in kernels._PICKED.items():
             print(key, conf)
         kernels._PICKED.clear()
