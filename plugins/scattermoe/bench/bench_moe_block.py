@@ -9,6 +9,8 @@
 (b+persist) / (b+flat) the same with the persistent grid on every TMA tile (``SCATTERMOE_PERSISTENT=1``) / on none (``=0``)
 (b+half) / (b+full) the same with half-height tiles for experts' short last row blocks everywhere (``SCATTERMOE_HALF_TAIL=1``)
     / nowhere (``=0``)
+(b+torchsort) the same with the routing sort on torch (``SCATTERMOE_TRITON_ROUTING=0``: one stable ``torch.sort`` and a
+    ``searchsorted`` instead of the Triton counting sort of ``routing_kernels``; before/after in one run)
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -237,6 +239,9 @@ def main():
                 K.PERSISTENT_MODE, K.HALF_TAIL_MODE = persist, half
                 K._PICKED.clear()
                 K._PLANS.clear()
+            from host_plugin_scattermoe import routing
+
+            routing.TRITON = impl != "scattermoe+torchsort" and os.environ.get("SCATTERMOE_TRITON_ROUTING", "1") == "1"
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             cfg._experts_implementation = impl.split("+")[0]

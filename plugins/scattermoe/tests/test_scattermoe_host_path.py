@@ -63,10 +63,10 @@ def test_pick_tiles_builds_the_rule_only_on_a_miss(monkeypatch):
 def test_sort_tokens_reuses_its_expert_ids(monkeypatch):
     monkeypatch.setattr(routing, "_IDS", {})
     idx = torch.tensor([[2, 0], [2, 4], [0, 2]])
-    first = routing.sort_tokens(idx, 6)
+    first = routing.sort_tokens_torch(idx, 6)
     ids = routing._IDS[(6, idx.device)]
     assert ids.tolist() == list(range(6)) and ids.dtype == torch.int32
-    second = routing.sort_tokens(idx, 6)
+    second = routing.sort_tokens_torch(idx, 6)
     assert routing._IDS[(6, idx.device)] is ids and len(routing._IDS) == 1
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert second[2].tolist() == [2, 2, 5, 5, 6, 6]

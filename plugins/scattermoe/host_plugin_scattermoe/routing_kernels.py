@@ -1,0 +1,195 @@
+"""Triton counting sort of the routing pairs (``routing.sort_tokens`` on CUDA and under ``TRITON_INTERPRET=1``).
+
+Same outputs as the torch path (``torch.sort(stable=True)`` of the int32-cast ids, then ``searchsorted``), bit for
+bit, in one to three launches and no host synchronisation (safe under CUDA-graph capture):
+
+* the ``N = T·k`` flat ids are cut into chunks of ``BLOCK``; each id goes to bucket ``clamp(id32, -1, E) + 1``
+  (bucket 0: negative ids, ``1..E``: the experts, ``E+1``: ids ``≥ E``, the expert-parallel sentinels), with
+  ``BP = next_pow2(E + 2)`` bins;
+* ``_route_hist_kernel``: one histogram per chunk into ``counts [C, BP]``;
+* the scan: ``_route_scan_kernel`` (one program per ``BB`` buckets, walking the chunks) turns ``counts`` into each
+  chunk's start inside its bucket and writes the bucket totals; for small ``C·BP`` the scatter kernel instead reads
+  every chunk's histogram itself (``SCAN=1``, two launches), and a single chunk needs neither (``SCAN=0``, one
+  launch);
+* ``_route_scatter_kernel``: per chunk, sorts ``(bucket << log2 BLOCK) | position`` in registers (``tl.sort``: the
+  keys are unique, so the order is stable), and writes each pair to ``bucket start + chunk start in the bucket +
+  rank in the chunk``; program 0 writes ``expert_offsets``. No atomics: the result is deterministic.
+
+Ids below 0 (or at/above ``E``) all share one bucket, kept in (token, slot) order; ``torch.sort`` orders distinct such
+values among themselves, so the two paths agree whenever each side holds a single out-of-range value (as an
+expert-parallel sentinel does). In both paths they sit outside ``[0, expert_offsets[E-1])`` for ids ``≥ E`` and inside
+expert 0's range for negative ids (``searchsorted`` counts them there).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from host_plugin_scattermoe.kernels import INT32_LIMIT, INTERPRET, _cdiv, _launch_small, _next_pow2
+
+#: ids of these dtypes take the Triton path (any other dtype: the torch path)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+#: the largest ``E`` the Triton path takes (the bucket vectors live in registers)
+MAX_EXPERTS = 4094
+#: ``C·BP`` (chunk histograms) up to which the scatter kernel reads them all itself instead of a scan launch
+FUSED_SCAN_LIMIT = 1 << 15
+
+
+@triton.jit
+def _route_bucket(Idx, offs, m, E):
+    key = tl.load(Idx + offs, mask=m, other=0).to(tl.int32)
+    return key, tl.minimum(tl.maximum(key, -1), E) + 1
+
+
+@triton.jit
+def _route_hist_kernel(Idx, Counts, N, E, BLOCK: tl.constexpr, BP: tl.constexpr, INT64: tl.constexpr):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    _, b = _route_bucket(Idx, offs, m, E)
+    tl.store(Counts + pid * BP + tl.arange(0, BP), tl.histogram(b, BP, mask=m).to(Counts.dtype.element_ty))
+
+
+@triton.jit
+def _route_scan_kernel(Counts, C, TOT, BP: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr, INT64: tl.constexpr):
+    """Column scan of ``counts [C, BP]`` for ``BB`` buckets: exclusive prefix over the chunks, in place; the bucket
+    totals go to ``Counts + TOT`` (``TOT = C·BP``)."""
+    cols = tl.program_id(0) * BB + tl.arange(0, BB)
+    carry = tl.zeros([BB], dtype=Counts.dtype.element_ty)
+    for c0 in range(0, C, BC):
+        rows = c0 + tl.arange(0, BC)
+        if INT64:
+            rows = rows.to(tl.int64)
+        m = rows[:, None] < C
+        p = Counts + rows[:, None] * BP + cols[None, :]
+        x = tl.load(p, mask=m, other=0)
+        incl = tl.cumsum(x, 0)
+        tl.store(p, incl - x + carry[None, :], mask=m)
+        carry += tl.sum(x, 0)
+    tl.store(Counts + TOT + cols, carry)
+
+
+@triton.jit
+def _route_scatter_kernel(
+    Idx, Counts, Sei, Ssi, Offs, N, E, C, TOT,
+    BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, BP: tl.constexpr, SCAN: tl.constexpr, RC: tl.constexpr,
+    RANK: tl.constexpr, RJ: tl.constexpr, INT64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    loc = tl.arange(0, BLOCK)
+    start = pid * BLOCK
+    offs = start + loc
+    m = offs < N
+    key, b = _route_bucket(Idx, offs, m, E)
+    h = tl.histogram(b, BP, mask=m)
+    if INT64:
+        h = h.to(tl.int64)
+    bins = tl.arange(0, BP)
+    if SCAN == 0:  # a single chunk
+        totals = h
+        pref = tl.zeros_like(h)
+    elif SCAN == 1:  # every chunk's histogram, read here
+        totals = tl.zeros_like(h)
+        pref = tl.zeros_like(h)
+        for c0 in range(0, C, RC):
+            rows = c0 + tl.arange(0, RC)
+            x = tl.load(Counts + rows[:, None] * BP + bins[None, :], mask=rows[:, None] < C, other=0).to(h.dtype)
+            totals += tl.sum(x, 0)
+            pref += tl.sum(tl.where(rows[:, None] < pid, x, 0), 0)
+    else:  # scanned by _route_scan_kernel
+        totals = tl.load(Counts + TOT + bins).to(h.dtype)
+        pref = tl.load(Counts + pid * BP + bins).to(h.dtype)
+    incl = tl.cumsum(totals, 0)
+    if RANK == 0:
+        # sorted position p of bucket b in this chunk goes to: b's start + the chunk's start in b + (p - b's first p)
+        base = incl - totals + pref - (tl.cumsum(h, 0) - h)
+        s = tl.sort((tl.where(m, b, BP) << LOG_BLOCK) | loc, 0)
+        sb = s >> LOG_BLOCK
+        src = start + (s & (BLOCK - 1))
+        valid = sb < BP
+        pos = tl.gather(base, tl.minimum(sb, BP - 1), 0) + loc
+        oor = valid & ((sb == 0) | (sb == E + 1))
+        raw = tl.load(Idx + src, mask=oor, other=0).to(tl.int32)
+        tl.store(Sei + pos, tl.where(oor, raw, sb - 1).to(tl.int64), mask=valid)
+        tl.store(Ssi + pos, src.to(tl.int64), mask=valid)
+    else:
+        # rank in the chunk = earlier pairs of the same bucket, counted RJ columns at a time
+        rank = tl.zeros([BLOCK], dtype=tl.int32)
+        for j0 in range(0, BLOCK, RJ):
+            jj = j0 + tl.arange(0, RJ)
+            _, bj = _route_bucket(Idx, start + jj, start + jj < N, E)
+            same = (bj[None, :] == b[:, None]) & (jj[None, :] < loc[:, None])
+            rank += tl.sum(same.to(tl.int32), 1)
+        pos = tl.gather(incl - totals + pref, b, 0) + rank
+        tl.store(Sei + pos, key.to(tl.int64), mask=m)
+        tl.store(Ssi + pos, offs.to(tl.int64), mask=m)
+    if pid == 0:
+        tl.store(Offs + bins - 1, incl.to(tl.int64), mask=(bins >= 1) & (bins <= E))
+
+
+def route_block(n: int) -> int:
+    """Chunk size for ``n`` pairs: one chunk up to 4096 pairs, then larger chunks for larger ``n`` (interpreter:
+    at most 256, the pairwise rank's ``[BLOCK, BLOCK]`` compare is one numpy op)."""
+    if INTERPRET:
+        return max(16, min(256, _next_pow2(n)))
+    if n <= 4096:
+        return max(256, _next_pow2(n))
+    if n <= (1 << 18):
+        return 1024
+    if n <= (1 << 20):
+        return 2048
+    return 4096
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
+def route_sort(flat: torch.Tensor, num_experts: int, *, block: int | None = None, scan: int | None = None,
+               rank: int | None = None, int64: bool | None = None):
+    """``(sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)`` of the flat ids (see ``routing``).
+    ``block``, ``scan`` (0, 1, 2: see the module docstring), ``rank`` (0: ``tl.sort``, 1: pairwise counts) and
+    ``int64`` override the rule (tests, benches)."""
+    if flat.stride(0) != 1:  # reshape(-1) of a strided [T, k] view can be a strided view
+        flat = flat.contiguous()
+    N, E = flat.numel(), int(num_experts)
+    dev = flat.device
+    BP = _next_pow2(E + 2)
+    BLOCK = block or route_block(N)
+    if rank is None:
+        rank = 1 if INTERPRET else 0
+    if BLOCK & (BLOCK - 1) or BLOCK < 16:
+        raise ValueError(f"route_sort: block must be a power of two >= 16, got {BLOCK}")
+    C = _cdiv(N, BLOCK)
+    if int64 is None:
+        int64 = N + BLOCK >= INT32_LIMIT or (C + 1) * BP >= INT32_LIMIT
+    if scan is None:
+        scan = 0 if C == 1 else 1 if C * BP <= FUSED_SCAN_LIMIT else 2
+    elif scan == 0 and C != 1:
+        raise ValueError(f"route_sort: scan=0 needs a single chunk, got {C} chunks of {BLOCK}")
+    sei = torch.empty(N, device=dev, dtype=torch.int64)
+    ssi = torch.empty(N, device=dev, dtype=torch.int64)
+    offs = torch.empty(E, device=dev, dtype=torch.int64)
+    if scan:
+        counts = torch.empty((C + 1) * BP, device=dev, dtype=torch.int64 if int64 else torch.int32)
+        _launch_small(_route_hist_kernel, (C, 1, 1), (flat, counts, N, E), BLOCK=BLOCK, BP=BP, INT64=int64,
+                      num_warps=_warps(BLOCK))
+        if scan == 2:
+            BB = min(BP, 64)
+            _launch_small(_route_scan_kernel, (BP // BB, 1, 1), (counts, C, C * BP), BP=BP, BC=64, BB=BB, INT64=int64,
+                          num_warps=4)
+    else:
+        counts = sei  # not read
+    RC = max(1, min(64, 4096 // BP)) if not INTERPRET else 8
+    RJ = BLOCK if INTERPRET else min(BLOCK, 32)
+    _launch_small(
+        _route_scatter_kernel, (C, 1, 1), (flat, counts, sei, ssi, offs, N, E, C, C * BP),
+        BLOCK=BLOCK, LOG_BLOCK=BLOCK.bit_length() - 1, BP=BP, SCAN=scan, RC=RC, RANK=rank, RJ=RJ, INT64=int64, num_warps=_warps(BLOCK),
+    )
+    return sei, ssi, offs
