@@ -26,9 +26,9 @@ GPU = DEV == "cuda"
 
 def topk_ids(T, E, k, seed=0, skew=0.0):
     """Top-k routing of T tokens over E experts; ``skew`` > 0 concentrates tokens on the low experts."""
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.rand(T, E, generator=g) - skew * torch.arange(E) / max(E, 1)
-    return scores.topk(k, dim=1).indices.to(DEV)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    scores = torch.rand(T, E, generator=g, device=DEV) - skew * torch.arange(E, device=DEV) / max(E, 1)
+    return scores.topk(k, dim=1).indices
 
 
 def assert_same(idx, E, **kw):
@@ -38,6 +38,47 @@ def assert_same(idx, E, **kw):
         assert g.dtype == w.dtype == torch.int64 and g.shape == w.shape and g.device == w.device, (name, g, w)
         assert torch.equal(g, w), (name, kw, (g != w).nonzero()[:8].flatten().tolist())
     return got
+
+
+# GPU first (the GPU run is short)
+@pytest.mark.skipif(not GPU, reason="GPU only")
+@pytest.mark.parametrize("T,k,E", [(4096, 8, 128), (4096, 8, 256), (4096, 8, 64), (32768, 8, 128), (1 << 19, 8, 512),
+                                   (3000, 1, 8), (123457, 2, 8)])
+def test_gpu_real_sizes(T, k, E):
+    idx = topk_ids(T, E, k, seed=T)
+    assert_same(idx, E)
+    assert_same(idx, E)  # a repeat takes launch.py's direct path
+    assert_same(idx, E, scan=2)
+    assert_same(topk_ids(T, E, k, seed=1, skew=100.0), E)
+
+
+@pytest.mark.skipif(not GPU, reason="GPU only")
+def test_gpu_no_sync_and_cuda_graph():
+    E, T, k = 128, 4096, 8
+    idx = topk_ids(T, E, k, seed=1)
+    routing.sort_tokens(idx, E)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routing.sort_tokens(idx, E)
+        RK.route_sort(idx.reshape(-1), E, scan=2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    static = idx.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        routing.sort_tokens(static, E)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = routing.sort_tokens(static, E)
+    for seed in (2, 3):
+        new = topk_ids(T, E, k, seed=seed, skew=float(seed))
+        static.copy_(new)
+        graph.replay()
+        want = routing.sort_tokens_torch(new, E)
+        assert all(torch.equal(a, b) for a, b in zip(outs, want))
 
 
 # (T, k, E): non-power-of-two sizes, E = 1 and 512, k = 1 / 2 / 8
@@ -178,43 +219,3 @@ def test_no_host_sync_in_the_host_code():
         routing.sort_tokens(idx, 9)
     with pytest.raises(AssertionError, match="host synchronisation"), NoScalar():
         torch.ones(2, device=DEV).sum().item()  # the check itself can fail
-
-
-@pytest.mark.skipif(not GPU, reason="GPU only")
-@pytest.mark.parametrize("T,k,E", [(4096, 8, 128), (4096, 8, 256), (4096, 8, 64), (32768, 8, 128), (1 << 19, 8, 512),
-                                   (3000, 1, 8), (123457, 2, 8)])
-def test_gpu_real_sizes(T, k, E):
-    idx = topk_ids(T, E, k, seed=T)
-    assert_same(idx, E)
-    assert_same(idx, E)  # a repeat takes launch.py's direct path
-    assert_same(idx, E, scan=2)
-    assert_same(topk_ids(T, E, k, seed=1, skew=100.0), E)
-
-
-@pytest.mark.skipif(not GPU, reason="GPU only")
-def test_gpu_no_sync_and_cuda_graph():
-    E, T, k = 128, 4096, 8
-    idx = topk_ids(T, E, k, seed=1)
-    routing.sort_tokens(idx, E)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        routing.sort_tokens(idx, E)
-        RK.route_sort(idx.reshape(-1), E, scan=2)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    static = idx.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        routing.sort_tokens(static, E)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = routing.sort_tokens(static, E)
-    for seed in (2, 3):
-        new = topk_ids(T, E, k, seed=seed, skew=float(seed))
-        static.copy_(new)
-        graph.replay()
-        want = routing.sort_tokens_torch(new, E)
-        assert all(torch.equal(a, b) for a, b in zip(outs, want))
