@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from host_plugin_scattermoe.kernels import INT32_LIMIT, INTERPRET, _cdiv, _launch_small, _next_pow2
+from host_plugin_scattermoe.kernels import INT32_LIMIT, INTERPRET, _cdiv, _next_pow2
+from host_plugin_scattermoe.launch import launch as _launch
 
 #: ids of these dtypes take the Triton path (any other dtype: the torch path)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -151,15 +152,15 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
-def route_sort(flat: torch.Tensor, num_experts: int, *, block: int | None = None, scan: int | None = None,
-               rank: int | None = None, int64: bool | None = None):
-    """``(sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)`` of the flat ids (see ``routing``).
-    ``block``, ``scan`` (0, 1, 2: see the module docstring), ``rank`` (0: ``tl.sort``, 1: pairwise counts) and
-    ``int64`` override the rule (tests, benches)."""
-    if flat.stride(0) != 1:  # reshape(-1) of a strided [T, k] view can be a strided view
-        flat = flat.contiguous()
-    N, E = flat.numel(), int(num_experts)
-    dev = flat.device
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+class _Plan:
+    __slots__ = ("C", "tot", "scan", "counts_len", "counts_dtype", "hist", "scan_l", "scatter")
+
+
+def _make_plan(N: int, E: int, block, scan, rank, int64) -> _Plan:
     BP = _next_pow2(E + 2)
     BLOCK = block or route_block(N)
     if rank is None:
@@ -173,23 +174,49 @@ def route_sort(flat: torch.Tensor, num_experts: int, *, block: int | None = None
         scan = 0 if C == 1 else 1 if C * BP <= FUSED_SCAN_LIMIT else 2
     elif scan == 0 and C != 1:
         raise ValueError(f"route_sort: scan=0 needs a single chunk, got {C} chunks of {BLOCK}")
-    sei = torch.empty(N, device=dev, dtype=torch.int64)
-    ssi = torch.empty(N, device=dev, dtype=torch.int64)
-    offs = torch.empty(E, device=dev, dtype=torch.int64)
-    if scan:
-        counts = torch.empty((C + 1) * BP, device=dev, dtype=torch.int64 if int64 else torch.int32)
-        _launch_small(_route_hist_kernel, (C, 1, 1), (flat, counts, N, E), BLOCK=BLOCK, BP=BP, INT64=int64,
-                      num_warps=_warps(BLOCK))
-        if scan == 2:
-            BB = min(BP, 64)
-            _launch_small(_route_scan_kernel, (BP // BB, 1, 1), (counts, C, C * BP), BP=BP, BC=64, BB=BB, INT64=int64,
-                          num_warps=4)
-    else:
-        counts = sei  # not read
+    p = _Plan()
+    p.C, p.tot, p.scan = C, C * BP, scan
+    p.counts_len, p.counts_dtype = (C + 1) * BP, torch.int64 if int64 else torch.int32
+    w = _warps(BLOCK)
+    # (grid, constexprs + launch options, launch.py slot) of each launch
+    p.hist = ((C, 1, 1), dict(BLOCK=BLOCK, BP=BP, INT64=int64, num_warps=w), {})
+    BB = min(BP, 64)
+    p.scan_l = ((BP // BB, 1, 1), dict(BP=BP, BC=64, BB=BB, INT64=int64, num_warps=4), {})
     RC = max(1, min(64, 4096 // BP)) if not INTERPRET else 8
     RJ = BLOCK if INTERPRET else min(BLOCK, 32)
-    _launch_small(
-        _route_scatter_kernel, (C, 1, 1), (flat, counts, sei, ssi, offs, N, E, C, C * BP),
-        BLOCK=BLOCK, LOG_BLOCK=BLOCK.bit_length() - 1, BP=BP, SCAN=scan, RC=RC, RANK=rank, RJ=RJ, INT64=int64, num_warps=_warps(BLOCK),
-    )
+    p.scatter = ((C, 1, 1), dict(BLOCK=BLOCK, LOG_BLOCK=BLOCK.bit_length() - 1, BP=BP, SCAN=scan, RC=RC, RANK=rank,
+                                 RJ=RJ, INT64=int64, num_warps=w), {})
+    return p
+
+
+def route_sort(flat: torch.Tensor, num_experts: int, *, block: int | None = None, scan: int | None = None,
+               rank: int | None = None, int64: bool | None = None):
+    """``(sorted_expert_idxs, sorted_scattered_idxs, expert_offsets)`` of the flat ids (see ``routing``).
+    ``block``, ``scan`` (0, 1, 2: see the module docstring), ``rank`` (0: ``tl.sort``, 1: pairwise counts) and
+    ``int64`` override the rule (tests, benches). The launch plan is cached per (N, E, overrides)."""
+    if flat.stride(0) != 1:  # reshape(-1) of a strided [T, k] view can be a strided view
+        flat = flat.contiguous()
+    N = flat.numel()
+    key = (N, num_experts, block, scan, rank, int64)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _make_plan(N, int(num_experts), block, scan, rank, int64)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = p
+    dev = flat.device
+    sei = torch.empty(N, device=dev, dtype=torch.int64)
+    ssi = torch.empty(N, device=dev, dtype=torch.int64)
+    offs = torch.empty(num_experts, device=dev, dtype=torch.int64)
+    if p.scan:
+        counts = torch.empty(p.counts_len, device=dev, dtype=p.counts_dtype)
+        g, kw, slot = p.hist
+        _launch(_route_hist_kernel, g, (flat, counts, N, num_experts), kw, slot)
+        if p.scan == 2:
+            g, kw, slot = p.scan_l
+            _launch(_route_scan_kernel, g, (counts, p.C, p.tot), kw, slot)
+    else:
+        counts = sei  # not read
+    g, kw, slot = p.scatter
+    _launch(_route_scatter_kernel, g, (flat, counts, sei, ssi, offs, N, num_experts, p.C, p.tot), kw, slot)
     return sei, ssi, offs
