@@ -6,7 +6,7 @@ and times on the host (perf_counter, no synchronisation inside a round of ``--n`
 * a Triton kernel with one argument (Triton's launcher floor) and one small torch op (the dispatcher's),
 * the up projection's ``kernels.scatter2scatter`` launch (ours + Triton's), the same ``_s2s_kernel`` launched with
   pre-built arguments (Triton's launcher alone: the difference is our Python), ``_tma_descs`` alone,
-* ``sort_tokens``, ``weight_and_lora`` (both projections), ``cast_lora`` + ``kernel_strides``,
+* ``sort_tokens`` (and its torch path), ``weight_and_lora`` (both projections), ``cast_lora`` + ``kernel_strides``,
 * the experts forward (``_experts_eager``) under grad, its backward, and the whole block step forward + backward.
 
 Usage: python bench/host_overhead.py [--shape Qwen3-30B-A3B] [--json out.json]
@@ -88,6 +88,10 @@ def main():
     rows["torch.empty"] = per_call_us(lambda: torch.empty(T * k, 2 * I, device="cuda", dtype=torch.bfloat16))
 
     rows["sort_tokens"] = per_call_us(lambda: sort_tokens(idx, E))
+    from host_plugin_scattermoe import routing
+
+    if hasattr(routing, "sort_tokens_torch"):  # the torch path (SCATTERMOE_TRITON_ROUTING=0)
+        rows["sort_tokens, torch path"] = per_call_us(lambda: routing.sort_tokens_torch(idx, E))
     rows["weight_and_lora x2"] = per_call_us(
         lambda: (lora.weight_and_lora(ex, "gate_up_proj"), lora.weight_and_lora(ex, "down_proj")), sync=False
     )
