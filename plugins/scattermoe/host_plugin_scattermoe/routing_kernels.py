@@ -100,6 +100,8 @@ def _route_scatter_kernel(
         pref = tl.zeros_like(h)
         for c0 in range(0, C, RC):
             rows = c0 + tl.arange(0, RC)
+            if INT64:
+                rows = rows.to(tl.int64)
             x = tl.load(Counts + rows[:, None] * BP + bins[None, :], mask=rows[:, None] < C, other=0).to(h.dtype)
             totals += tl.sum(x, 0)
             pref += tl.sum(tl.where(rows[:, None] < pid, x, 0), 0)
