@@ -11,6 +11,8 @@
     / nowhere (``=0``)
 (b+torchsort) the same with the routing sort on torch (``SCATTERMOE_TRITON_ROUTING=0``: one stable ``torch.sort`` and a
     ``searchsorted`` instead of the Triton counting sort of ``routing_kernels``; before/after in one run)
+(b+torchcopy) the same with the LoRA factors' re-layout by torch's strided copies instead of the tiled Triton
+    transpose (``SCATTERMOE_TILED_RELAYOUT=0``, relayout.py), for before/after in one run
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -242,6 +244,9 @@ def main():
             from host_plugin_scattermoe import routing
 
             routing.TRITON = impl != "scattermoe+torchsort" and os.environ.get("SCATTERMOE_TRITON_ROUTING", "1") == "1"
+            from host_plugin_scattermoe import relayout
+            # (b+torchcopy): the LoRA factors' re-layout by torch's copies (SCATTERMOE_TILED_RELAYOUT=0), same process
+            relayout.ENABLED = impl != "scattermoe+torchcopy" and os.environ.get("SCATTERMOE_TILED_RELAYOUT", "1") != "0"
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             cfg._experts_implementation = impl.split("+")[0]

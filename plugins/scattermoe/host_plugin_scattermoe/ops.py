@@ -44,7 +44,7 @@ import os
 import torch
 
 from host_plugin_scattermoe import kernels as K
-from host_plugin_scattermoe import reference
+from host_plugin_scattermoe import reference, relayout
 
 #: Plugin-wide defaults, set from the config by ``pre_model_load``.
 SETTINGS: dict = {
@@ -139,6 +139,10 @@ def kernel_lora(lora_A, lora_B, scaling: float, dtype: torch.dtype):
     ``to(dtype, memory_format=contiguous)`` (one kernel forward, one backward; a no-op when both already hold)."""
     if not _lora_applies(lora_A, lora_B, scaling):
         return None, None
+    if relayout.applies(lora_B) and not relayout.ready(lora_A, lora_B, dtype):
+        # one autograd node: B through a tiled Triton transpose(+cast), dB written back in the parameter's own layout
+        # (relayout.py; SCATTERMOE_TILED_RELAYOUT=0 keeps the torch copies below)
+        return relayout.LoraLayoutFunction.apply(lora_A, lora_B, dtype)
     # to() returns its input when the dtype already matches, whatever memory_format says: contiguous() then copies
     contig = torch.contiguous_format
     A = lora_A.to(dtype, memory_format=contig).contiguous()
@@ -306,11 +310,21 @@ def clamped_glu(h: torch.Tensor, alpha: float, limit: float, *, backend: str | N
     return _ClampedGluFunction.apply(h, float(alpha), float(limit))
 
 
+def _prepare_lora(A, B, s, dtype, tiled):
+    """``(A_k, B_k, meta)`` of one projection inside the merged node: ``relayout.prepare`` (meta for
+    ``relayout.grads``), or ``kernel_lora``'s torch copies (meta None); ``(None, None, None)`` without LoRA."""
+    if B is None:
+        return None, None, None
+    if tiled:
+        return relayout.prepare(A, B, dtype)
+    return (*kernel_lora(A, B, s, dtype), None)
+
+
 class _GluExpertsFunction(torch.autograd.Function):
     """The whole default experts MLP as ONE autograd node (host time, issue 16): up projection (gathered, grouped
     out), SiLU-GLU, down projection (grouped in, flat out), combine; the LoRA factors' cast and re-layout
     (``kernel_lora``) inside. The forward and backward launch exactly the kernels of the separate nodes
-    (``ScatteredExpertsFunction`` ×2, ``_SiluGluFunction``, ``_CombineFunction``, the casts' ``ToCopyBackward``),
+    (``ScatteredExpertsFunction`` ×2, ``_SiluGluFunction``, ``_CombineFunction``, ``relayout.LoraLayoutFunction``),
     in the same order and with the same arguments, so results are bitwise identical; what goes is ~8 autograd
     nodes forward and backward and their Python/engine overhead."""
 
@@ -318,11 +332,14 @@ class _GluExpertsFunction(torch.autograd.Function):
     def forward(ctx, x, W1, W2, A1, B1, A2, B2, gates, sei, ssi, offs, k, s1, s2, split1, split2):
         need = ctx.needs_input_grad
         dt = W1.dtype
-        A1k, B1k = kernel_lora(A1, B1, s1, dt) if B1 is not None else (None, None)
+        # the factors' cast and re-layout (kernel_lora's, without its autograd node: the backward below does its part)
+        tiled = relayout.applies(x)
+        ctx.tiled = tiled
+        A1k, B1k, ctx.meta1 = _prepare_lora(A1, B1, s1, dt, tiled)
         h, xa1 = lora_linear_fwd(x, W1, ssi, offs, k, A1k, B1k, s1, None, False, True, split1,
                                  B1 is not None and (need[3] or need[4]))
         # the down projection's factors after the up projection's launch: the GPU starts the first GEMM sooner
-        A2k, B2k = kernel_lora(A2, B2, s2, dt) if B2 is not None else (None, None)
+        A2k, B2k, ctx.meta2 = _prepare_lora(A2, B2, s2, dt, tiled)
         act = K.silu_glu_fwd(h)
         y, xa2 = lora_linear_fwd(act, W2, ssi, offs, 1, A2k, B2k, s2, None, True, False, split2,
                                  B2 is not None and (need[5] or need[6]))
@@ -365,12 +382,18 @@ class _GluExpertsFunction(torch.autograd.Function):
                 dx, dW1, _, dA1, dB1 = proj_backward(
                     dh, x, W1, A1, B1, xa1, sei, ssi, offs, ctx.k, ctx.s1, False, True, ctx.split1, nx, nW1, False, nA1, nB1
                 )
-        tA1, tB1, tA2, tB2 = ctx.lora_dtypes
-        # the casts' backward (ToCopyBackward): back to the factors' own dtype
-        dA1 = dA1.to(tA1) if dA1 is not None else None
-        dB1 = dB1.to(tB1) if dB1 is not None else None
-        dA2 = dA2.to(tA2) if dA2 is not None else None
-        dB2 = dB2.to(tB2) if dB2 is not None else None
+        if ctx.tiled:  # dA cast back, dB straight into the parameter's layout and dtype (relayout.grads)
+            if ctx.meta1 is not None:
+                dA1, dB1 = relayout.grads(dA1, dB1, ctx.meta1)
+            if ctx.meta2 is not None:
+                dA2, dB2 = relayout.grads(dA2, dB2, ctx.meta2)
+        else:
+            tA1, tB1, tA2, tB2 = ctx.lora_dtypes
+            # the casts' backward (ToCopyBackward): back to the factors' own dtype
+            dA1 = dA1.to(tA1) if dA1 is not None else None
+            dB1 = dB1.to(tB1) if dB1 is not None else None
+            dA2 = dA2.to(tA2) if dA2 is not None else None
+            dB2 = dB2.to(tB2) if dB2 is not None else None
         return dx, dW1, dW2, dA1, dB1, dA2, dB2, dg, None, None, None, None, None, None, None, None
 
 
