@@ -99,10 +99,13 @@ def test_kernel_lora_node_is_bitwise_the_torch_path(dtypes, monkeypatch):
         Ak, Bk = ops.kernel_lora(A, B, 2.0, dt)
         ga = torch.randn(Ak.shape, generator=torch.Generator().manual_seed(2)).to(DEV, dt)
         gb = torch.randn(Bk.shape, generator=torch.Generator().manual_seed(3)).to(DEV, dt)
-        ((Ak * ga).sum() + (Bk * gb).sum()).float().backward()
-        res[tiled] = (Ak.detach(), Bk.detach(), wa.grad, wb.grad)
-    (a1, b1, ga1, gb1), (a0, b0, ga0, gb0) = res[True], res[False]
+        ((Ak * ga).sum() + (Bk * gb).sum()).float().backward(retain_graph=True)
+        first = (wa.grad.clone(), wb.grad.clone())
+        ((Ak * ga).sum() + (Bk * gb).sum()).float().backward()  # accumulates into .grad (gradient accumulation)
+        res[tiled] = (Ak.detach(), Bk.detach(), wa.grad, wb.grad, *first)
+    (a1, b1, ga1, gb1, fa1, fb1), (a0, b0, ga0, gb0, fa0, fb0) = res[True], res[False]
     assert same_bits(a1, a0) and same_bits(b1, b0) and a1.stride() == a0.stride() and b1.stride() == b0.stride()
+    assert same_bits(fa1, fa0) and same_bits(fb1, fb0)
     assert same_bits(ga1, ga0) and same_bits(gb1, gb0)
     assert ga1.dtype == gb1.dtype == fdt and ga1.is_contiguous() and gb1.is_contiguous()
 
