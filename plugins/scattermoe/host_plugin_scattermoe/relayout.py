@@ -92,12 +92,32 @@ def _block(n: int) -> int:
     return max(16, min(32 if K.INTERPRET else 64, K._next_pow2(n)))
 
 
+#: launch plans of tiled_copy_ by (shape, strides, dtypes): a repeat costs one lookup (host time); cleared when full
+_PLANS: dict = {}
+
+
 def tiled_copy_(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """``dst.copy_(src)`` through ``_tiled_copy_kernel`` when the two layouts make it a transpose (see
     :func:`transpose_plan`) and the tensors are where Triton runs; returns False (nothing written) otherwise."""
-    if dst.shape != src.shape or dst.device != src.device or not (dst.is_cuda or K.INTERPRET):
+    key = (src.shape, src.stride(), dst.shape, dst.stride(), src.dtype, dst.dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan_copy(dst, src)
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    if plan is False or dst.device != src.device or not (dst.is_cuda or K.INTERPRET):
         return False
-    if dst.dtype not in K._TL_DTYPES or src.dtype not in K._TL_DTYPES:
+    if plan is True:  # nothing to copy
+        return True
+    grid, scalars, kw = plan
+    K._launch_small(_tiled_copy_kernel, grid, (src, dst, *scalars), **kw)
+    return True
+
+
+def _plan_copy(dst: torch.Tensor, src: torch.Tensor):
+    """``(grid, scalar args, constexprs)`` of the copy, True when it is empty, False when the kernel does not apply."""
+    if dst.shape != src.shape or dst.dtype not in K._TL_DTYPES or src.dtype not in K._TL_DTYPES:
         return False
     if K.INTERPRET and dst.dtype == torch.bfloat16 and src.dtype != torch.bfloat16:
         return False  # the interpreter truncates to bf16 (the GPU and torch round to nearest even): torch's copy
@@ -109,12 +129,8 @@ def tiled_copy_(dst: torch.Tensor, src: torch.Tensor) -> bool:
     nb, ni, nj, s_sb, s_si, d_db, d_dj = plan
     bi, bj = _block(ni), _block(nj)
     n_ti, n_tj = K._cdiv(ni, bi), K._cdiv(nj, bj)
-    K._launch_small(
-        _tiled_copy_kernel, (nb * n_ti * n_tj, 1, 1),
-        (src, dst, ni, nj, n_tj, n_ti, s_sb, s_si, d_db, d_dj),
-        INT64=K.needs_int64(src, dst), BLOCK_I=bi, BLOCK_J=bj, num_warps=4,
-    )
-    return True
+    kw = dict(INT64=K.needs_int64(src, dst), BLOCK_I=bi, BLOCK_J=bj, num_warps=4)
+    return (nb * n_ti * n_tj, 1, 1), (ni, nj, n_tj, n_ti, s_sb, s_si, d_db, d_dj), kw
 
 
 def applies(t: torch.Tensor) -> bool:
