@@ -218,3 +218,20 @@ def test_gpu_int64_offsets_past_2_31_elements():
     del got
     back = relayout.grad_like(B.contiguous(), torch.bfloat16, B.shape, B.stride())  # [E, N, r] -> peft's layout
     assert back.permute(1, 2, 0).is_contiguous() and same_bits(back.permute(1, 2, 0).reshape(N, r * E), wb)
+
+
+@pytest.mark.parametrize("layout", ["kernel-contiguous", "sliced"])
+def test_other_factor_layouts(layout):
+    """``B`` handed over in other layouts: contiguous ``[E, out, r]`` (a transpose over ``(out, r)``, batched over
+    ``E``), or a slice of a bigger tensor (not dense: the gradient comes back contiguous); values as torch's."""
+    E, N, r = 3, 45, 20
+    big = torch.randn(E, N, 2 * r, generator=torch.Generator().manual_seed(4)).to(DEV)
+    B = big[..., :r].contiguous() if layout == "kernel-contiguous" else big[..., ::2]
+    got = relayout.kernel_B(B, torch.float32)
+    assert same_bits(got, torch_kernel_B(B, torch.float32)) and got.transpose(1, 2).is_contiguous()
+    plan = relayout.transpose_plan(B.shape, B.stride(), got.stride())
+    assert (plan is not None) == (layout == "kernel-contiguous")  # a slice along r: no unit stride in the source
+    g = torch.randn(E, N, r, generator=torch.Generator().manual_seed(5)).to(DEV).transpose(1, 2).contiguous().transpose(1, 2)
+    dB = relayout.grad_like(g, torch.float16, B.shape, B.stride())
+    assert same_bits(dB, g.to(torch.float16))
+    assert dB.stride() == (B.stride() if layout == "kernel-contiguous" else (N * r, r, 1))
