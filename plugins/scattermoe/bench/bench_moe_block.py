@@ -13,6 +13,9 @@
     ``searchsorted`` instead of the Triton counting sort of ``routing_kernels``; before/after in one run)
 (b+torchcopy) the same with the LoRA factors' re-layout by torch's strided copies instead of the tiled Triton
     transpose (``SCATTERMOE_TILED_RELAYOUT=0``, relayout.py), for before/after in one run
+(b+oldtail) / (b+gemmtail) the same with the merged node's old backward (``SCATTERMOE_LIGHT_TAIL=0``: the combine
+    backward as its own kernel over the kept expert outputs) / with the light tail's ``"gemm"`` variant (gate scaling
+    and dgates in the dX epilogue instead of the GLU backward kernel)
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -224,7 +227,7 @@ def main():
         fl = flops(E, H, I, k, T, R)
         ref = None
         for impl in impls:
-            if impl in ("liger", "scattermoe+tail") and family == "gpt_oss":
+            if impl in ("liger", "scattermoe+tail", "scattermoe+oldtail", "scattermoe+gemmtail") and family == "gpt_oss":
                 continue
             torch.cuda.empty_cache()
             holder, cfg = build_block(family, E, H, I, k, R, lora=impl != "liger")
@@ -248,6 +251,8 @@ def main():
             # (b+torchcopy): the LoRA factors' re-layout by torch's copies (SCATTERMOE_TILED_RELAYOUT=0), same process
             relayout.ENABLED = impl != "scattermoe+torchcopy" and os.environ.get("SCATTERMOE_TILED_RELAYOUT", "1") != "0"
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
+            ops.SETTINGS["light_tail"] = {"scattermoe+oldtail": "0", "scattermoe+gemmtail": "gemm"}.get(
+                impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             cfg._experts_implementation = impl.split("+")[0]
             lparams = [p for p in holder.parameters() if p.requires_grad]

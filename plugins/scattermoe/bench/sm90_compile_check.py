@@ -1,8 +1,10 @@
 """Compile the scatter2scatter kernel for sm_90a on a machine without a GPU and report ptxas's registers,
 spills and the MMA instructions (wgmma = Hopper's async warpgroup MMA), per variant and tile.
+``--glu``: also the fused tail's GLU-backward epilogue (``GLU_BWD=1``); ``--light``: the merged node's light tail
+(``GLU_BWD=2``: gate scaling + routing-weight gradient against the saved activation; ``3``: gate scaling only).
 
 A check that costs no device time: a variant that does not compile, spills, or falls back from
-wgmma shows here before a GPU run. Usage: python bench/sm90_compile_check.py [--glu] [--tiles 128,128,64,8,3 ...]
+wgmma shows here before a GPU run. Usage: python bench/sm90_compile_check.py [--glu] [--light] [--tma] [--tiles 128,128,64,8,3 ...]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from host_plugin_scattermoe import kernels as K  # noqa: E402
 
 PTRS = ["X", "W", "Y", "A", "Bm", "XA_in", "XA_out", "Bias", "ssi_ptr", "offsets_ptr", "Gates", "Hin", "DGP"]
-PTR_T = {"XA_in": "*fp32", "XA_out": "*fp32", "ssi_ptr": "*i64", "offsets_ptr": "*i64", "Gates": "*bf16", "DGP": "*fp32"}
+PTR_T = {"XA_in": "*fp32", "XA_out": "*fp32", "ssi_ptr": "*i64", "offsets_ptr": "*i64", "Gates": "*fp32", "DGP": "*fp32"}
 
 
 # the stride arguments a launch at a real shape specialises to 1 (Triton turns an int argument equal to 1
@@ -32,7 +34,7 @@ UNIT = {"s_xk", "s_wk", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 
 
-def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False,
+def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False,
                     persistent: bool = False, half_tail: bool = False):
     fn = K._s2s_kernel
     sig, const, attrs = {}, {}, {}
@@ -61,7 +63,7 @@ def compile_variant(glu: bool, lora: int, gin: bool, gout: bool, dx: bool, bm, b
             attrs[(i,)] = [["tt.divisibility", 16]]
     const.update(
         X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
-        E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=glu,
+        E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=int(glu),
         W_DESC=(2 if dx else 1) if tma else 0, X_DESC=bool(tma and gin), PERSISTENT=persistent,
         HALF_TAIL=half_tail,
     )
@@ -94,6 +96,7 @@ def main():
     ap.add_argument("--tiles", nargs="*", default=["128,128,64,8,3", "128,256,64,8,3", "128,64,64,8,3", "64,128,64,4,4"])
     ap.add_argument("--tma", action="store_true", help="the TMA-descriptor variants (W always, x when grouped)")
     ap.add_argument("--glu", action="store_true", help="also the GLU-backward epilogue variants")
+    ap.add_argument("--light", action="store_true", help="also the light tail's gate/dgates epilogue variants")
     ap.add_argument("--half-tail", action="store_true", help="an expert's last row block of <= BLOCK_M/2 rows as a half tile")
     ap.add_argument("--persistent", action="store_true", help="the persistent grid (one program per SM, flattened loop)")
     args = ap.parse_args()
@@ -107,6 +110,10 @@ def main():
     if args.glu:
         variants += [("dX down + GLU/combine epilogue", True, 1, False, True, True),
                      ("dX down + GLU epilogue, split", True, 2, False, True, True)]
+    if args.light:
+        variants += [("dX down + gate/dg epilogue (light)", 2, 1, False, True, True),
+                     ("dX down + gate/dg, split (light)", 2, 2, False, True, True),
+                     ("dX down + gate only (light, no dg)", 3, 1, False, True, True)]
     for label, glu, lora, gin, gout, dx in variants:
         for t in args.tiles:
             bm, bn, bk, w, s = map(int, t.split(","))

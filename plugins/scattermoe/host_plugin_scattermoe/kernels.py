@@ -372,6 +372,10 @@ def _s2s_tile(
         x_ptrs += BLOCK_K * s_xk
         w_ptrs += BLOCK_K * s_wk
 
+    if GLU_BWD >= 2:
+        # gate epilogue (light tail): the routing weight of each row (sorted position -> flat t*k+j -> gates)
+        g_sidx = tl.load(ssi_ptr + rows, mask=m_mask, other=0)
+        gv = tl.load(Gates + g_sidx, mask=m_mask, other=0.0).to(tl.float32)
     if LORA != 0:
         if LORA == 2:
             xa = tl.load(
@@ -380,10 +384,17 @@ def _s2s_tile(
             ).to(tl.float32)
         if WRITE_XA:
             if pid_n == 0:
-                tl.store(
-                    XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa,
-                    mask=m_mask[:, None] & r_mask[None, :],
-                )
+                if GLU_BWD >= 2:
+                    # dA of the down projection wants g·(dout·B): the row's routing weight goes on the rank side
+                    tl.store(
+                        XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa * gv[:, None],
+                        mask=m_mask[:, None] & r_mask[None, :],
+                    )
+                else:
+                    tl.store(
+                        XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa,
+                        mask=m_mask[:, None] & r_mask[None, :],
+                    )
         b = tl.load(
             Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br,
             mask=n_mask[:, None] & r_mask[None, :], other=0.0,
@@ -395,7 +406,7 @@ def _s2s_tile(
     if HAS_BIAS:
         bias = tl.load(Bias + e64 * s_bias_e + n_offs * s_bias_n, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    if GLU_BWD:
+    if GLU_BWD == 1:
         # dX of the down projection fed the *token* gradient (x rows = dout[t]), so acc = d(act) / g.
         # Here, per row (sorted position, grouped h [L, 2N]): the routing weight g of the row, the
         # combine's gradient dg = Σ_n act·acc (a partial per column block; act = silu(h_g)·h_u
@@ -414,6 +425,21 @@ def _s2s_tile(
         y_off = y_rows[:, None] * s_ym + n_offs[None, :] * s_yn
         tl.store(Y + y_off + N * s_yn, (da * silu).to(Y.dtype.element_ty), mask=hmask)
         tl.store(Y + y_off, (da * hu * (sg + silu * (1.0 - sg))).to(Y.dtype.element_ty), mask=hmask)
+    elif GLU_BWD >= 2:
+        # The light tail (ops.glu_experts' backward): dX of the down projection fed the token gradient, so
+        # acc = d(act) / g. The epilogue scales each row by its routing weight, writing d(act) (grouped), and with
+        # GLU_BWD == 2 reduces the routing weight's gradient dg = <dout, y> = Σ_n act·acc against the saved
+        # activation act ([L, N] grouped, in Hin), one fp32 partial per column block. The SiLU-GLU backward stays
+        # its own kernel: the epilogue holds one [BLOCK_M, BLOCK_N] tile beside the accumulator, not two.
+        omask = m_mask[:, None] & n_mask[None, :]
+        if GLU_BWD == 2:
+            act = tl.load(Hin + rows[:, None] * s_hm + n_offs[None, :], mask=omask, other=0.0).to(tl.float32)
+            tl.store(DGP + pid_n * s_dgp + g_sidx, tl.sum(act * acc, 1), mask=m_mask)
+        tl.store(
+            Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
+            (acc * gv[:, None]).to(Y.dtype.element_ty),
+            mask=omask,
+        )
     else:
         tl.store(
             Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
@@ -605,6 +631,33 @@ def _silu_glu_bwd_kernel(H, DO, DH, I, s_hm, s_dom, s_dhm, BLOCK: tl.constexpr):
     u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
     do = tl.load(DO + m * s_dom + c, mask=cm, other=0.0).to(tl.float32)
     sg = tl.sigmoid(g)
+    dg = do * u * sg * (1.0 + g * (1.0 - sg))
+    du = do * g * sg
+    tl.store(DH + m * s_dhm + c, dg.to(DH.dtype.element_ty), mask=cm)
+    tl.store(DH + m * s_dhm + I + c, du.to(DH.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _silu_glu_gate_bwd_kernel(
+    H, DO, DH, G, SSI, DGP, I, s_hm, s_dom, s_dhm, s_dgp, NEED_DG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The light tail's SiLU-GLU backward (``silu_glu_gate_bwd``): ``DO`` holds ``d(act) / g`` (the down projection's dX
+    fed the token gradient); per grouped row ``m`` (flat index ``f = ssi[m]``, routing weight ``g = G[f]``) the
+    routing weight's gradient ``<dout, y> = Σ act·DO`` (one fp32 partial per column block, ``act`` recomputed from
+    ``h`` and rounded as the forward stored it), then the SiLU-GLU backward of ``g·DO``."""
+    m = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cm = c < I
+    f = tl.load(SSI + m).to(tl.int64)
+    gw = tl.load(G + f).to(tl.float32)
+    g = tl.load(H + m * s_hm + c, mask=cm, other=0.0).to(tl.float32)
+    u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
+    do = tl.load(DO + m * s_dom + c, mask=cm, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)
+    if NEED_DG:
+        act = (g * sg * u).to(H.dtype.element_ty).to(tl.float32)  # as _silu_glu_fwd_kernel stored it
+        tl.store(DGP + tl.program_id(1) * s_dgp + f, tl.sum(act * do, 0))
+    do = do * gw
     dg = do * u * sg * (1.0 + g * (1.0 - sg))
     du = do * g * sg
     tl.store(DH + m * s_dhm + c, dg.to(DH.dtype.element_ty), mask=cm)
@@ -927,7 +980,7 @@ def glu_down_dx(
     sorted_scattered_idxs: torch.Tensor,
     expert_offsets: torch.Tensor,
     top_k: int,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     gates: torch.Tensor,
     *,
     A: torch.Tensor | None = None,
@@ -935,8 +988,17 @@ def glu_down_dx(
     xa_in: torch.Tensor | None = None,
     scaling: float = 1.0,
     write_xa: bool = False,
+    glu: bool = True,
+    need_dg: bool = True,
 ):
     """Backward of ``combine(silu_glu(h) · W_e (+ LoRA), gates)`` through the down projection in ONE launch.
+
+    ``glu=False`` (the light tail of ``ops.glu_experts``): ``h`` is the saved activation ``act [L, I]`` (grouped, the
+    down projection's input; ``None`` allowed when ``need_dg`` is off) and the epilogue only scales each row by its
+    routing weight and (``need_dg``) reduces ``dg = Σ act·(dout·W_eᵀ…)``. Returns ``(d(act) [L, I] grouped,
+    g·(dout·B_down) [L, r] fp32 or None (``write_xa``, fused LoRA only: the routing weight already applied),
+    dgates [T, k] fp32 or None)``; the SiLU-GLU backward is left to ``silu_glu_bwd``. The launch keeps the rule's
+    tiles (TMA on Hopper), unlike the GLU epilogue's narrow ones.
 
     ``dout [T, H]`` is the gradient of the combined output; rows are gathered per token (``ssi // k``),
     ``Wt`` is the down projection's ``[E, H, I]`` view (``W.transpose(1, 2)``), LoRA factors as for a dX
@@ -944,13 +1006,24 @@ def glu_down_dx(
     Returns ``(dh [L, 2I] grouped, dout·B_down [L, r] fp32 or None, dgates [T, k] fp32)``: the epilogue
     multiplies by each row's routing weight, applies the SiLU-GLU backward against ``h`` and reduces
     the routing weight's gradient ``Σ act·(dout·W_eᵀ…)`` (= ``<y, dout>``) per column block."""
-    if h.stride(-1) != 1 or h.shape[1] != 2 * Wt.shape[2]:
-        raise ValueError("glu_down_dx needs h [L, 2I] with contiguous columns")
+    L, I = sorted_scattered_idxs.numel(), Wt.shape[2]
+    if glu:
+        mode = 1
+        if h is None or h.stride(-1) != 1 or h.shape != (L, 2 * I):
+            raise ValueError("glu_down_dx needs h [L, 2I] with contiguous columns")
+    else:
+        mode = 2 if need_dg else 3
+        if need_dg and (h is None or h.stride(-1) != 1 or h.shape != (L, I)):
+            raise ValueError("glu_down_dx(glu=False) needs the activation act [L, I] with contiguous columns")
+        if xa_in is not None and write_xa:
+            raise ValueError("glu_down_dx(glu=False): write_xa is for the fused LoRA path (xa_in given: scale it yourself)")
+    if gates.numel() != L or not gates.is_contiguous():
+        raise ValueError(f"glu_down_dx needs contiguous gates of {L} routing weights, got {tuple(gates.shape)}")
     dh, xa, dgp = _s2s_launch(
         dout, Wt, sorted_scattered_idxs, expert_offsets, top_k, A, B, xa_in, scaling, None,
-        False, True, write_xa, None, None, (gates.reshape(-1), h),
+        False, True, write_xa, None, None, (gates.reshape(-1), h if mode != 3 else None, mode),
     )
-    return dh, xa, dgp.sum(0).view(-1, top_k)
+    return dh, xa, dgp.sum(0).view(-1, top_k) if dgp is not None else None
 
 
 _DUMMIES: dict = {}
@@ -966,11 +1039,12 @@ def _dummy(like: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, dtype, has_glu) -> dict:
-    """The constexpr flags of one scatter2scatter launch (besides its tiles)."""
+    """The constexpr flags of one scatter2scatter launch (besides its tiles); ``has_glu`` the epilogue mode
+    (``GLU_BWD``: 0 plain store, 1 SiLU-GLU backward + gate + dg, 2 gate + dg against act, 3 gate only)."""
     return dict(
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(dtype),
-        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=has_glu,
+        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=int(has_glu),
     )
 
 
@@ -995,8 +1069,11 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
     E, K, N = W.shape
     if x.dim() != 2 or x.shape[-1] != K:
         raise ValueError(f"x must be [rows, {K}] for W {tuple(W.shape)}, got {tuple(x.shape)}")
-    if glu is not None:
+    gmode = 0 if glu is None else glu[2]  # the epilogue (_s2s_meta's has_glu)
+    if gmode == 1:
         out = torch.empty(L, 2 * N, device=x.device, dtype=glu[1].dtype)
+    elif gmode:
+        out = torch.empty(L, N, device=x.device, dtype=x.dtype)
     elif out is None:
         out = torch.empty(L, N, device=x.device, dtype=out_dtype or x.dtype)
     lora = 0
@@ -1019,20 +1096,20 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
     xab = xa_buf if xa_buf is not None else _dummy(out, 2)
     bb = bias if bias is not None else _dummy(out, 2)
     if L == 0:
-        dgp = torch.zeros(1, 0, device=x.device, dtype=torch.float32) if glu is not None else None
+        dgp = torch.zeros(1, 0, device=x.device, dtype=torch.float32) if gmode in (1, 2) else None
         return out, xa_out, dgp
-    int64 = needs_int64(x, out, xab)
+    int64 = needs_int64(x, out, xab, glu[1] if gmode else None)
     cuda = x.is_cuda and not INTERPRET
-    has_glu = glu is not None
+    has_glu = gmode
     if cuda and "s2s" not in FORCE and L >= AUTOTUNE_MIN_ROWS and TILE_MODE != "autotune":
         # the default GPU path: rule tiles, launch plan cached per problem signature
-        tma = not has_glu and not int64 and use_tma(True, x)
+        tma = has_glu != 1 and not int64 and use_tma(True, x)
         gi, go = bool(grouped_in), bool(grouped_out)
         key = (K, N, lora, gi, go, m_bucket(L), E, has_glu, tma)
         picked = _PICKED.get(("s2s", key))  # pick_tiles' own lookup, without building its arguments (host time)
         if picked is None:
             picked = pick_tiles(
-                "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, has_glu, tma),
+                "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, has_glu == 1, tma),
                 {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
             )
         pkey = (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE)
@@ -1050,8 +1127,8 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
             cfg = _SMALL_S2S
         else:  # TILE_MODE == "autotune"
             cfg = None if not has_glu else pick_tiles(
-                "s2s", (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, True, False),
-                lambda: s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, True, False),
+                "s2s", (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, has_glu, False),
+                lambda: s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, has_glu == 1, False),
                 {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
             )
         slots = None
@@ -1062,9 +1139,10 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
                 cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu
             )
     if has_glu:
-        gates, h = glu
-        dgp = torch.empty(ncol, L, device=x.device, dtype=torch.float32)
-        gb, hb, dgb, s_hm, s_dgp = gates, h, dgp, h.stride(0), dgp.stride(0)
+        gates, h = glu[0], glu[1]
+        dgp = torch.empty(ncol, L, device=x.device, dtype=torch.float32) if has_glu != 3 else None
+        gb, hb, dgb = gates, h if h is not None else dummy, dgp if dgp is not None else dummy
+        s_hm, s_dgp = (h.stride(0) if h is not None else 0), (dgp.stride(0) if dgp is not None else 0)
     else:
         dgp = None
         gb = hb = dgb = dummy
@@ -1246,6 +1324,34 @@ def silu_glu_bwd(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
             (h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0)), BLOCK=BLOCK,
         )
     return dh
+
+
+def silu_glu_gate_bwd(h: torch.Tensor, dacc: torch.Tensor, gates: torch.Tensor, ssi: torch.Tensor, need_dg: bool = True):
+    """Backward of ``combine(silu_glu(h) · W_e …, gates)`` between the down projection's dX and the up projection (the
+    merged node's light tail): ``dacc [L, I]`` grouped is ``d(act) / g`` (the dX launch fed the token gradient, so the
+    routing weight is applied here, in fp32), ``h [L, 2I]`` grouped, ``gates [T, k]`` contiguous, ``ssi`` the sorted
+    rows' flat indices. Returns ``(dh [L, 2I], dgates [T, k] fp32 or None)``; ``dgates = Σ act·dacc`` per row (fp32
+    partials per column block, summed once: deterministic)."""
+    M, I2 = h.shape
+    I = I2 // 2
+    if dacc.shape != (M, I) or h.stride(-1) != 1 or dacc.stride(-1) != 1:
+        raise ValueError(f"silu_glu_gate_bwd needs h [L, 2I] and dacc [L, I] with contiguous columns, got "
+                         f"{tuple(h.shape)} and {tuple(dacc.shape)}")
+    if gates.numel() != M or not gates.is_contiguous():
+        raise ValueError(f"silu_glu_gate_bwd needs contiguous gates of {M} routing weights, got {tuple(gates.shape)}")
+    dh = torch.empty_like(h)
+    BLOCK = _glu_block(I)
+    ncol = _cdiv(I, BLOCK)
+    dgp = torch.empty(ncol, M, device=h.device, dtype=torch.float32) if need_dg else None
+    if M:
+        dgb = dgp if dgp is not None else dh
+        _launch_small(
+            _silu_glu_gate_bwd_kernel, (M, ncol, 1),
+            (h, dacc, dh, gates, ssi, dgb, I, h.stride(0), dacc.stride(0), dh.stride(0), dgb.stride(0)),
+            NEED_DG=bool(need_dg), BLOCK=BLOCK,
+        )
+    dg = dgp.sum(0).view(gates.shape) if dgp is not None else None
+    return dh, dg
 
 
 def clamped_glu_fwd(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

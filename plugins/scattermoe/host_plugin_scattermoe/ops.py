@@ -59,6 +59,10 @@ SETTINGS: dict = {
     # the default SiLU-gated experts call as one autograd node (glu_experts; env SCATTERMOE_MERGED=0: the separate
     # nodes, for before/after measurements). Same kernels and numbers either way.
     "merged": os.environ.get("SCATTERMOE_MERGED", "1") == "1",
+    # the merged node's light tail (see _GluExpertsFunction): "glu" (default; env SCATTERMOE_LIGHT_TAIL=1 or glu) gate
+    # scaling and dgates in the SiLU-GLU backward kernel, "gemm" (env =gemm) in the down projection's dX epilogue,
+    # "0" (env =0) the old backward (the combine backward as its own kernel over the kept expert outputs y)
+    "light_tail": {"1": "glu"}.get(os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"), os.environ.get("SCATTERMOE_LIGHT_TAIL")),
     "backend": "auto",
 }
 
@@ -323,10 +327,32 @@ def _prepare_lora(A, B, s, dtype, tiled):
 class _GluExpertsFunction(torch.autograd.Function):
     """The whole default experts MLP as ONE autograd node (host time, issue 16): up projection (gathered, grouped
     out), SiLU-GLU, down projection (grouped in, flat out), combine; the LoRA factors' cast and re-layout
-    (``kernel_lora``) inside. The forward and backward launch exactly the kernels of the separate nodes
+    (``kernel_lora``) inside. The forward launches exactly the kernels of the separate nodes
     (``ScatteredExpertsFunction`` ×2, ``_SiluGluFunction``, ``_CombineFunction``, ``relayout.LoraLayoutFunction``),
-    in the same order and with the same arguments, so results are bitwise identical; what goes is ~8 autograd
-    nodes forward and backward and their Python/engine overhead."""
+    in the same order and with the same arguments, so its output is bitwise theirs; what goes is ~8 autograd
+    nodes forward and backward and their Python/engine overhead.
+
+    Backward, light tail (``SETTINGS["light_tail"]``, default ``"glu"``; env ``SCATTERMOE_LIGHT_TAIL=0`` for the old
+    one): the combine's backward is folded into the launches around it. The down projection's dX launch reads the
+    token gradient ``dout [T, H]`` gathered (``ssi // k``, like the forward's input) instead of ``dy = g·dout``, so it
+    computes ``d(act) / g``; the routing weight ``g`` is applied and the routing weight's gradient
+    ``dg = <dout, y> = Σ act·(dout·W_eᵀ + s·(dout·B_e)·A_e)`` reduced (fp32 partials per column block, summed once:
+    deterministic) either
+
+    * ``"glu"``: in the SiLU-GLU backward kernel (``kernels.silu_glu_gate_bwd``), which reads ``h`` anyway and
+      recomputes ``act`` from it; the dX launch is the separate nodes' own (same tiles, plain store), or
+    * ``"gemm"``: in the dX launch's epilogue (``kernels.glu_down_dx(glu=False)``) against the saved activation.
+      At the rule's 128×256 TMA tile that epilogue needs 255 registers and spills (``bench/sm90_compile_check.py
+      --light``), hence not the default.
+
+    So the expert outputs ``y [T*k, H]`` are not kept from the forward (134 MB per layer at Qwen3-30B-A3B,
+    T=4096), and ``dy [T*k, H]`` and the combine-backward kernel are gone. The LoRA gradients take ``g`` on the
+    rank-sized side: ``dA2 = s·(g·dout·B)ᵀ·act``, ``dB2 = s·doutᵀ·(g·act·Aᵀ)``. Gradients equal the separate nodes'
+    within rounding (``g`` is applied after the GEMM, in fp32, instead of to its bf16 input), not bitwise. The old
+    backward (``K.combine_bwd`` over the kept ``y``, then the separate nodes' launches: bitwise theirs) still runs
+    where the light one would cost more: a trainable down-projection weight (``dW2`` wants ``g·dout`` rows), no
+    gradient into the up projection (then ``dg`` alone would need the whole dX GEMM), and, for ``"gemm"``, an
+    activation kept only for ``dg`` that is wider than ``y`` (``I > H`` without down-projection LoRA)."""
 
     @staticmethod
     def forward(ctx, x, W1, W2, A1, B1, A2, B2, gates, sei, ssi, offs, k, s1, s2, split1, split2):
@@ -345,11 +371,18 @@ class _GluExpertsFunction(torch.autograd.Function):
                                  B2 is not None and (need[5] or need[6]))
         out = K.combine(y, gates)
         ctx.save_for_backward(x if (need[1] or need[3]) else None, gates, W1, W2, A1k, B1k, xa1, A2k, B2k, xa2, sei, ssi, offs)
-        # The activations (kept as the separate nodes keep them: h for the gate, act for dA/dW, y for the combine) are
-        # held on ctx, not saved, so the backward frees each one after its last use, as the separate nodes' release
-        # does: the step's peak memory stays the separate nodes'. Hence one backward only (no retain_graph), and
-        # the caller keeps the separate nodes under saved-tensor hooks and CUDA graph capture (experts.py).
-        ctx.acts = [h, act if (need[2] or need[5]) else None, y]
+        up = need[0] or need[1] or need[3] or need[4]  # gradient flows into h
+        I, H = W2.shape[1], W2.shape[2]
+        mode = _light_mode()
+        light = bool(mode and up and not need[2] and (mode == "glu" or need[5] or not need[7] or I <= H))
+        ctx.light = mode if light else None
+        # The activations (kept as the separate nodes keep them: h for the gate, act for dA/dW (and, light, for the
+        # routing weights' gradient), y for the combine unless light) are held on ctx, not saved, so the backward
+        # frees each one after its last use, as the separate nodes' release does: the step's peak memory is at most
+        # the separate nodes'. Hence one backward only (no retain_graph), and the caller keeps the separate nodes
+        # under saved-tensor hooks and CUDA graph capture (experts.py).
+        keep_act = need[2] or need[5] or (ctx.light == "gemm" and need[7])
+        ctx.acts = [h, act if keep_act else None, None if light else y]
         ctx.k, ctx.s1, ctx.s2, ctx.split1, ctx.split2 = k, s1, s2, split1, split2
         ctx.lora_dtypes = (A1.dtype if A1 is not None else None, B1.dtype if B1 is not None else None,
                            A2.dtype if A2 is not None else None, B2.dtype if B2 is not None else None)
@@ -368,20 +401,32 @@ class _GluExpertsFunction(torch.autograd.Function):
         nx, nW1, nW2, nA1, nB1, nA2, nB2, ng = ctx.needs_input_grad[:8]
         up = nx or nW1 or nA1 or nB1  # gradient flows into h
         down = up or nW2 or nA2 or nB2  # ... into y
-        dW1 = dW2 = dA1 = dB1 = dA2 = dB2 = dx = None
-        dy, dg = K.combine_bwd(y, gates, dout, down, ng)
-        del y  # each activation and gradient is dropped after its last use (peak memory as the separate nodes)
-        if down:
+        dW1 = dW2 = dA1 = dB1 = dA2 = dB2 = dx = dg = None
+        if ctx.light:
+            dact, dA2, dB2, dg = _light_tail_backward(dout.contiguous(), act, gates, W2, A2, B2, xa2, ssi, offs, ctx.k,
+                                                      ctx.s2, ctx.split2, nA2, nB2, ng, ctx.light)
+            del act, xa2
+        elif down:
+            dy, dg = K.combine_bwd(y, gates, dout, down, ng)
+            del y  # each activation and gradient is dropped after its last use (peak memory as the separate nodes)
             dact, dW2, _, dA2, dB2 = proj_backward(
                 dy, act, W2, A2, B2, xa2, sei, ssi, offs, 1, ctx.s2, True, False, ctx.split2, up, nW2, False, nA2, nB2
             )
             del dy, act
+        else:
+            _, dg = K.combine_bwd(y, gates, dout, False, ng)
+            del y
+        if down:
             if up:
-                dh = K.silu_glu_bwd(h, dact)
+                if ctx.light == "glu":  # dact is d(act) / g: the routing weight and dgates here (see the class doc)
+                    dh, dg = K.silu_glu_gate_bwd(h, dact, gates, ssi, ng)
+                else:
+                    dh = K.silu_glu_bwd(h, dact)
                 del h, dact
                 dx, dW1, _, dA1, dB1 = proj_backward(
                     dh, x, W1, A1, B1, xa1, sei, ssi, offs, ctx.k, ctx.s1, False, True, ctx.split1, nx, nW1, False, nA1, nB1
                 )
+        dg = dg.to(gates.dtype) if dg is not None else None
         if ctx.tiled:  # dA cast back, dB straight into the parameter's layout and dtype (relayout.grads)
             if ctx.meta1 is not None:
                 dA1, dB1 = relayout.grads(dA1, dB1, ctx.meta1)
@@ -395,6 +440,60 @@ class _GluExpertsFunction(torch.autograd.Function):
             dA2 = dA2.to(tA2) if dA2 is not None else None
             dB2 = dB2.to(tB2) if dB2 is not None else None
         return dx, dW1, dW2, dA1, dB1, dA2, dB2, dg, None, None, None, None, None, None, None, None
+
+
+def _light_mode():
+    """The light tail's variant from ``SETTINGS["light_tail"]``: ``"glu"``, ``"gemm"`` or None (off)."""
+    m = SETTINGS.get("light_tail", "glu")
+    if m in (None, False, "0", "", "off"):
+        return None
+    if m in (True, "1", "glu"):
+        return "glu"
+    if m == "gemm":
+        return "gemm"
+    raise ValueError(f"scattermoe: light_tail / SCATTERMOE_LIGHT_TAIL must be 0, 1, glu or gemm, got {m!r}")
+
+
+def _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, k, s, split, nA2, nB2, ng, mode):
+    """The light tail's down-projection backward (see :class:`_GluExpertsFunction`): ``(dact [L, I] grouped, dA2,
+    dB2, dg [T, k] fp32)``, ``None`` where not needed; ``dout [T, H]`` contiguous, ``A2``/``B2`` in kernel layout.
+    ``mode == "glu"``: a plain dX launch, so ``dact`` is ``d(act) / g`` and ``dg`` None (both left to
+    ``K.silu_glu_gate_bwd``); ``"gemm"``: the dX epilogue applies ``g`` and reduces ``dg`` against ``act``."""
+    Wt = W2.transpose(1, 2)
+    dA2 = dB2 = None
+    g_sorted = None
+    if B2 is not None and (nB2 or ((split or mode == "glu") and nA2)):
+        g_sorted = gates.reshape(-1).index_select(0, ssi).float()[:, None]  # [L, 1]: each row's routing weight
+    gyb = None  # g·(dout·B2) [L, r] fp32, grouped
+    if mode == "glu":
+        # the dX launch of the separate nodes' down projection, fed dout [T, H] gathered (ssi // k) instead of dy
+        if B2 is not None:
+            dact, dyb = lora_linear_fwd(dout, Wt, ssi, offs, k, B2.transpose(1, 2), A2.transpose(1, 2), s, None,
+                                        False, True, split, nA2)
+            gyb = dyb.mul_(g_sorted) if nA2 else None
+            del dyb
+        else:
+            dact, _ = lora_linear_fwd(dout, Wt, ssi, offs, k, None, None, 0.0, None, False, True, False, False)
+        dg = None
+    elif B2 is not None and split:
+        # rank-r GEMM dout·B2 first (gathered, grouped out, fp32), then the base GEMM with its ·A2 epilogue
+        dyb, _ = K.scatter2scatter(dout, B2, ssi, offs, k, grouped_out=True, out_dtype=torch.float32)
+        dact, _, dg = K.glu_down_dx(dout, Wt, ssi, offs, k, act, gates, B=A2.transpose(1, 2), xa_in=dyb, scaling=s,
+                                    glu=False, need_dg=ng)
+        if nA2:
+            gyb = dyb.mul_(g_sorted)
+        del dyb
+    elif B2 is not None:
+        dact, gyb, dg = K.glu_down_dx(dout, Wt, ssi, offs, k, act, gates, A=B2.transpose(1, 2), B=A2.transpose(1, 2),
+                                      scaling=s, write_xa=nA2, glu=False, need_dg=ng)
+    else:
+        dact, _, dg = K.glu_down_dx(dout, Wt, ssi, offs, k, act, gates, glu=False, need_dg=ng)
+    if B2 is not None and nA2:
+        dA2 = K.group_outer(gyb, act, ssi, offs, scaling=s, out_dtype=A2.dtype, compute_dtype=act.dtype)
+    if B2 is not None and nB2:
+        dB2 = K.group_outer(dout, xa2 * g_sorted, ssi, offs, l_fan=k, scaling=s, out_dtype=B2.dtype,
+                            compute_dtype=dout.dtype)
+    return dact, dA2, dB2, dg
 
 
 def glu_experts(x, W1, W2, k, sei, ssi, offs, lora1=None, lora2=None, gates=None, *, fused_lora=None,

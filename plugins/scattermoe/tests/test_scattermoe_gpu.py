@@ -110,3 +110,66 @@ def test_int64_indices_past_2_31_elements(monkeypatch):
         assert rel(got, want) < 2e-2
         del y
         torch.cuda.empty_cache()
+
+
+# (name, E, H, I, T, top_k): the merged experts node at real shapes
+LIGHT_SHAPES = [
+    ("qwen3-30b-a3b", 128, 2048, 768, 2048, 8),
+    ("mixtral (split)", 8, 4096, 14336, 1024, 2),
+]
+
+
+@pytest.mark.parametrize("light", ["glu", "gemm"])
+@pytest.mark.parametrize("shape", LIGHT_SHAPES, ids=[s[0] for s in LIGHT_SHAPES])
+def test_light_tail_bf16_real_shapes(shape, light, monkeypatch):
+    """The merged node's light tail (``ops.glu_experts``) at real shapes, bf16, LoRA r = 16 on both projections: output
+    and every gradient (x, four LoRA factors, fp32 routing weights) against an fp32 reference, no worse than the old
+    backward's error; the memory kept from the forward for the backward at least y's bytes below the old backward's,
+    the step's peak no higher."""
+    name, E, H, I, T, k = shape
+    r, s = 16, 2.0
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(T, H, device="cuda", generator=g).to(dt)
+    W1 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H**-0.5).to(dt).transpose(1, 2)
+    W2 = (torch.randn(E, H, I, device="cuda", generator=g) * I**-0.5).to(dt).transpose(1, 2)
+    fac = [torch.randn(E, r, H, device="cuda", generator=g) * H**-0.5, torch.randn(E, 2 * I, r, device="cuda", generator=g) * 0.3,
+           torch.randn(E, r, I, device="cuda", generator=g) * I**-0.5, torch.randn(E, H, r, device="cuda", generator=g) * 0.3]
+    logits = torch.randn(T, E, device="cuda", generator=g)
+    wts, idx = logits.softmax(-1).topk(k, dim=1)
+    sei, ssi, offs = sort_tokens(idx, E)
+    dout = torch.randn(T, H, device="cuda", generator=g).to(dt)
+
+    def step(mode, ref=False):
+        monkeypatch.setitem(ops.SETTINGS, "light_tail", mode)
+        cast = (lambda t: t.float()) if ref else (lambda t: t)
+        leaves = [cast(t).detach().clone().requires_grad_(True) for t in (x, *fac, wts)]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        if ref:
+            h = reference.scattered_linear(leaves[0], W1.float(), k, sei, ssi, offs, leaves[1], leaves[2], s, None, False, True)
+            y = reference.scattered_linear(reference.glu(h), W2.float(), 1, sei, ssi, offs, leaves[3], leaves[4], s, None,
+                                           True, False)
+            out = reference.combine(y, leaves[5])
+        else:
+            out = ops.glu_experts(leaves[0], W1, W2, k, sei, ssi, offs, (leaves[1], leaves[2], s),
+                                  (leaves[3], leaves[4], s), leaves[5])
+        kept = torch.cuda.memory_allocated() - base
+        out.backward(dout.float() if ref else dout)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        return [out.detach()] + [t.grad for t in leaves], (kept, peak)
+
+    got, (kept, peak) = step(light)
+    old, (kept_old, peak_old) = step("0")
+    want, _ = step("0", ref=True)
+    names = ["out", "dx", "dA1", "dB1", "dA2", "dB2", "dgates"]
+    errs = {n: rel(a, w) for n, a, w in zip(names, got, want)}
+    errs_old = {n: rel(a, w) for n, a, w in zip(names, old, want)}
+    assert got[-1].dtype == torch.float32
+    assert all(v < 2e-2 for v in errs.values()), (name, light, errs)
+    assert all(errs[n] <= 1.5 * errs_old[n] + 1e-3 for n in names), (name, light, errs, errs_old)
+    y_bytes = T * k * H * 2
+    mib = [v / 2**20 for v in (kept, kept_old, peak, peak_old)]
+    assert kept <= kept_old - y_bytes and peak <= peak_old, (name, light, "MiB kept/old, peak/old", mib)

@@ -1,8 +1,11 @@
 """The experts call as one autograd node (``ops.glu_experts``) against the separate nodes it replaces, and the direct
 launch cache's specialisation key (CPU, ``TRITON_INTERPRET=1``: the Triton kernels run in the interpreter).
 
-The merged node launches the same kernels with the same arguments in the same order, so its output and every
-gradient must be bitwise identical to the separate nodes' (and close to the torch reference)."""
+With its old backward (``SETTINGS["light_tail"]`` off) the merged node launches the same kernels with the same
+arguments in the same order, so its output and every gradient must be bitwise identical to the separate nodes' (and
+close to the torch reference). Its default light tail folds the combine's backward into the down projection's dX
+launch (the routing weight applied after that GEMM in fp32 instead of to its input): the output stays bitwise, the
+gradients equal within rounding (``test_scattermoe_light_tail.py``)."""
 
 import pytest
 import torch
@@ -71,7 +74,10 @@ CASES = {
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.float32)], ids=["fp32", "fp16-lora-fp32"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_merged_node_is_bitwise_the_separate_nodes(case, dtypes, monkeypatch):
+    """The old backward (light tail off): bitwise the separate nodes. The light tail's numbers intentionally differ
+    by rounding (its own tests compare them with these and with the float64 reference)."""
     monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
+    monkeypatch.setitem(ops.SETTINGS, "light_tail", False)
     p = _problem(*dtypes)
     grads = CASES[case]
     out_m, g_m, _ = _run(p, True, grads)
@@ -83,11 +89,13 @@ def test_merged_node_is_bitwise_the_separate_nodes(case, dtypes, monkeypatch):
         assert torch.equal(g_m[n], g_s[n]), (n, (g_m[n] - g_s[n]).abs().max())
 
 
+@pytest.mark.parametrize("light", [True, False], ids=["light-tail", "old-tail"])
 @pytest.mark.parametrize("split", [False, True], ids=["fused-lora", "split-lora"])
-def test_merged_node_matches_reference(split, monkeypatch):
-    """fp32 against the torch reference (the separate nodes' own oracle), both LoRA forward paths; one projection's
-    scaling 0 drops its factors (no gradient)."""
+def test_merged_node_matches_reference(split, light, monkeypatch):
+    """fp32 against the torch reference (the separate nodes' own oracle), both LoRA forward paths, both backwards;
+    one projection's scaling 0 drops its factors (no gradient)."""
     monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
+    monkeypatch.setitem(ops.SETTINGS, "light_tail", light)
     monkeypatch.setitem(ops.SETTINGS, "fused_lora", not split)
     p = _problem(torch.float32, torch.float32, seed=3)
     grads = ("x", "wa1", "wb1", "wa2", "wb2", "gates")
@@ -106,12 +114,15 @@ def test_merged_node_matches_reference(split, monkeypatch):
         assert torch.allclose(g[n], ref[n].grad, rtol=1e-4, atol=1e-5), n
 
 
-def test_merged_node_frees_activations_in_backward(monkeypatch):
-    """Peak memory as the separate nodes: y is gone before the down projection's backward, h and act before the up
-    projection's; a second backward through the node says why it cannot run (retain_graph)."""
+@pytest.mark.parametrize("light", [True, False], ids=["light-tail", "old-tail"])
+def test_merged_node_frees_activations_in_backward(light, monkeypatch):
+    """Peak memory at most the separate nodes': y is gone before the down projection's backward (light tail: y is not
+    kept at all), h and act before the up projection's; a second backward through the node says why it cannot run
+    (retain_graph)."""
     import weakref
 
     monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
+    monkeypatch.setitem(ops.SETTINGS, "light_tail", light)
     p = _problem(torch.float32, torch.float32, seed=5)
     seen = {}
     real_combine, real_silu, real_silu_bwd = K.combine, K.silu_glu_fwd, K.silu_glu_bwd
@@ -124,6 +135,13 @@ def test_merged_node_frees_activations_in_backward(monkeypatch):
         return real_silu_bwd(h, d)
 
     monkeypatch.setattr(K, "silu_glu_bwd", silu_bwd)
+    real_gate_bwd = K.silu_glu_gate_bwd
+
+    def gate_bwd(h, d, *a):  # the light tail's GLU backward
+        alive["y at gate backward"] = seen["y"]() is not None
+        return real_gate_bwd(h, d, *a)
+
+    monkeypatch.setattr(K, "silu_glu_gate_bwd", gate_bwd)
     real_pb = ops.proj_backward
 
     def pb(dy, x, *a):
@@ -137,6 +155,7 @@ def test_merged_node_frees_activations_in_backward(monkeypatch):
     sei, ssi, offs = sort_tokens(p["idx"], E)
     l1 = (leaves[1].view(E, r, -1), leaves[2].view(-1, r, E).permute(2, 0, 1), 2.0)
     out = ops.glu_experts(leaves[0], p["W1"].transpose(1, 2), p["W2"].transpose(1, 2), k, sei, ssi, offs, l1, None, p["gates"])
+    assert (seen["y"]() is None) == light, "y kept for the backward only by the old tail"
     out.sum().backward(retain_graph=True)
     assert alive == {"y at gate backward": False, "h at up backward": False}, alive
     with pytest.raises(RuntimeError, match="SCATTERMOE_MERGED=0"):
