@@ -27,8 +27,10 @@ Measured on an H200 (Qwen3-30B-A3B block, T=4096): the fused launch takes ~0.63 
 h's two halves beside the accumulator: 128×128 tiles spill, 128×64 tiles need 175 registers per
 thread (one block per SM instead of two), so the GEMM runs at half the tile width and occupancy.
 Hence off by default; it saves three launches, ~0.4 GB of traffic and the ``[T*k, H]`` outputs'
-memory, and is the place to continue (a lighter epilogue: gate scaling and routing-weight gradient
-against the saved activation only, GLU backward left to its kernel).
+memory. The lighter version of this backward is the default experts node's light tail
+(``ops._GluExpertsFunction``: the dX launch fed ``dout`` gathered, keeping the rule's tiles, with the gate scaling
+and routing-weight gradient in the GLU backward kernel or, variant ``"gemm"``, in the dX epilogue against the saved
+activation; ``y`` not kept).
 """
 
 from __future__ import annotations

@@ -38,7 +38,10 @@ gathered rows keep pointer loads (cp.async), since Hopper's TMA has no row gathe
 ``clamped_glu_fwd``/``_bwd`` are gpt-oss's interleaved, clamped sigmoid-GLU (one pass each way instead of
 torch's ~7 elementwise kernels and their ~12 backward ones over ``[T·k, 2I]``).
 ``glu_down_dx`` is the down projection's dX with the SiLU-GLU backward, the routing-weight scaling
-and the routing-weight gradient in its epilogue (``GLU_BWD``; see ``fused.py``).
+and the routing-weight gradient in its epilogue (``GLU_BWD=1``; see ``fused.py``), or with the routing-weight scaling
+and gradient only (``glu=False``: ``GLU_BWD=2/3``, the merged node's ``"gemm"`` light tail). ``silu_glu_gate_bwd`` is
+the SiLU-GLU backward that applies the routing weight to ``d(act) / g`` and reduces the routing weight's gradient (the
+merged node's default ``"glu"`` light tail; see ``ops._GluExpertsFunction``).
 """
 
 from __future__ import annotations
