@@ -62,7 +62,7 @@ SETTINGS: dict = {
     # the merged node's light tail (see _GluExpertsFunction): "glu" (default; env SCATTERMOE_LIGHT_TAIL=1 or glu) gate
     # scaling and dgates in the SiLU-GLU backward kernel, "gemm" (env =gemm) in the down projection's dX epilogue,
     # "0" (env =0) the old backward (the combine backward as its own kernel over the kept expert outputs y)
-    "light_tail": {"1": "glu"}.get(os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"), os.environ.get("SCATTERMOE_LIGHT_TAIL")),
+    "light_tail": os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"),
     "backend": "auto",
 }
 

