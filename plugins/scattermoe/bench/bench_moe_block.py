@@ -16,6 +16,8 @@
 (b+oldtail) / (b+gemmtail) the same with the merged node's old backward (``SCATTERMOE_LIGHT_TAIL=0``: the combine
     backward as its own kernel over the kept expert outputs) / with the light tail's ``"gemm"`` variant (gate scaling
     and dgates in the dX epilogue instead of the GLU backward kernel)
+(b+before) the same with all three of the above off (torch sort, torch copies, old backward): main before the
+    2026-12-06 afternoon pass, for the whole pass's before/after in one run
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -246,12 +248,12 @@ def main():
                 K._PLANS.clear()
             from host_plugin_scattermoe import routing
 
-            routing.TRITON = impl != "scattermoe+torchsort" and os.environ.get("SCATTERMOE_TRITON_ROUTING", "1") == "1"
+            routing.TRITON = impl not in ("scattermoe+torchsort", "scattermoe+before") and os.environ.get("SCATTERMOE_TRITON_ROUTING", "1") == "1"
             from host_plugin_scattermoe import relayout
             # (b+torchcopy): the LoRA factors' re-layout by torch's copies (SCATTERMOE_TILED_RELAYOUT=0), same process
-            relayout.ENABLED = impl != "scattermoe+torchcopy" and os.environ.get("SCATTERMOE_TILED_RELAYOUT", "1") != "0"
+            relayout.ENABLED = impl not in ("scattermoe+torchcopy", "scattermoe+before") and os.environ.get("SCATTERMOE_TILED_RELAYOUT", "1") != "0"
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
-            ops.SETTINGS["light_tail"] = {"scattermoe+oldtail": "0", "scattermoe+gemmtail": "gemm"}.get(
+            ops.SETTINGS["light_tail"] = {"scattermoe+oldtail": "0", "scattermoe+before": "0", "scattermoe+gemmtail": "gemm"}.get(
                 impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             cfg._experts_implementation = impl.split("+")[0]
