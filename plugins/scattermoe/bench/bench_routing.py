@@ -22,17 +22,8 @@ import time
 
 import torch
 
-
-def host_us(fn, n=50, rounds=7):
-    best = float("inf")
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-        torch.cuda.synchronize()
-    return best
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_overhead import per_call_us  # noqa: E402
 
 
 def sync_us(fn, n=50):
@@ -107,7 +98,7 @@ def main():
         for name, fn in paths.items():
             fn()
             row = dict(N=T * args.k, E=E, path=name, variant="rule" if name == "triton" else "-",
-                       host=host_us(fn), gpu=gpu_us(fn), sync=sync_us(fn), launches=launches(fn),
+                       host=per_call_us(fn, n=50), gpu=gpu_us(fn), sync=sync_us(fn), launches=launches(fn),
                        equal=True if name == "torch" else ok)
             rows.append(row)
             print(json.dumps(row), flush=True)
