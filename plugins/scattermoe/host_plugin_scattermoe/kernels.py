@@ -923,19 +923,21 @@ def pick_tiles(kind: str, key: tuple, candidates, named_args: dict) -> dict:
 #: Launch plans (tile kwargs, constexpr flags, grid) per problem signature and picked tiles: everything in a launch
 #: that depends only on shapes and flags is worked out once, so a repeated launch (every training step) costs a
 #: dictionary lookup on the host. An entry is valid only while its tile pick is the one ``_PICKED`` holds (tuning
-#: and benchmark scripts clear ``_PICKED`` to see the rule's pick again).
+#: and benchmark scripts clear ``_PICKED`` to see the rule's pick again): callers treat an entry whose ``plan[0]`` is
+#: not the current pick as a miss. Stored through ``store_bounded``.
 _PLANS: dict = {}
 _MAX_PLANS = 4096
 
 
-def _store_plan(pkey: tuple, plan: tuple) -> tuple:
-    """Cache the launch plan ``(picked, ...)`` under ``pkey`` and return it. The callers look ``_PLANS`` up
-    themselves (a hit must cost one dictionary lookup) and treat an entry whose ``plan[0]`` is not the current pick
-    as a miss. Bounded: token counts that vary every step (no packing) would otherwise grow it without end."""
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[pkey] = plan
-    return plan
+def store_bounded(cache: dict, key, value, bound: int):
+    """``cache[key] = value``, the dict emptied first when it already holds ``bound`` entries; returns ``value``. For
+    the launch-plan caches here and in ``relayout`` / ``routing_kernels``: their keys hold token counts, which vary
+    every step without packing, so an unbounded cache would grow without end. Callers look the cache up themselves
+    (a hit must cost one dictionary lookup)."""
+    if len(cache) >= bound:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _dot_prec(dtype):
@@ -1119,7 +1121,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         plan = _PLANS.get(pkey)
         if plan is None or plan[0] is not picked:
             built = _s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu)
-            plan = _store_plan(pkey, (*built, {}))
+            plan = store_bounded(_PLANS, pkey, (*built, {}), _MAX_PLANS)
         _, kw, grid_, use_desc, ncol, slots = plan
     else:
         if not cuda:
@@ -1221,8 +1223,9 @@ def group_outer(
         pkey = ("outer", key, int64, compute_dtype)
         plan = _PLANS.get(pkey)
         if plan is None or plan[0] is not picked:
-            plan = _store_plan(pkey, (picked, {**_outer_meta(l_fan, r_fan, int64, compute_dtype), **picked},
-                                       (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"])), {}))
+            plan = store_bounded(_PLANS, pkey, (picked, {**_outer_meta(l_fan, r_fan, int64, compute_dtype), **picked},
+                                                (E, _cdiv(P, picked["BLOCK_P"]), _cdiv(Q, picked["BLOCK_Q"])), {}),
+                                 _MAX_PLANS)
         _, kw, grid_, slot = plan
         _launch(_group_outer_kernel, grid_, args, kw, slot)
         return out

@@ -102,10 +102,7 @@ def tiled_copy_(dst: torch.Tensor, src: torch.Tensor) -> bool:
     key = (src.shape, src.stride(), dst.shape, dst.stride(), src.dtype, dst.dtype)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _plan_copy(dst, src)
-        if len(_PLANS) >= 256:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        plan = K.store_bounded(_PLANS, key, _plan_copy(dst, src), 256)
     if plan is False or dst.device != src.device or not (dst.is_cuda or K.INTERPRET):
         return False
     if plan is True:  # nothing to copy

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from host_plugin_scattermoe.kernels import INT32_LIMIT, INTERPRET, _cdiv, _next_pow2
+from host_plugin_scattermoe.kernels import INT32_LIMIT, INTERPRET, _cdiv, _next_pow2, store_bounded
 from host_plugin_scattermoe.launch import launch as _launch
 
 #: ids of these dtypes take the Triton path (any other dtype: the torch path)
@@ -204,10 +204,7 @@ def route_sort(flat: torch.Tensor, num_experts: int, *, block: int | None = None
     key = (N, num_experts, block, scan, rank, int64)
     p = _PLANS.get(key)
     if p is None:
-        p = _make_plan(N, int(num_experts), block, scan, rank, int64)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = p
+        p = store_bounded(_PLANS, key, _make_plan(N, int(num_experts), block, scan, rank, int64), _MAX_PLANS)
     dev = flat.device
     sei = torch.empty(N, device=dev, dtype=torch.int64)
     ssi = torch.empty(N, device=dev, dtype=torch.int64)
