@@ -626,41 +626,29 @@ def _silu_glu_fwd_kernel(H, Out, I, s_hm, s_om, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _silu_glu_bwd_kernel(H, DO, DH, I, s_hm, s_dom, s_dhm, BLOCK: tl.constexpr):
-    m = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    cm = c < I
-    g = tl.load(H + m * s_hm + c, mask=cm, other=0.0).to(tl.float32)
-    u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
-    do = tl.load(DO + m * s_dom + c, mask=cm, other=0.0).to(tl.float32)
-    sg = tl.sigmoid(g)
-    dg = do * u * sg * (1.0 + g * (1.0 - sg))
-    du = do * g * sg
-    tl.store(DH + m * s_dhm + c, dg.to(DH.dtype.element_ty), mask=cm)
-    tl.store(DH + m * s_dhm + I + c, du.to(DH.dtype.element_ty), mask=cm)
-
-
-@triton.jit
-def _silu_glu_gate_bwd_kernel(
-    H, DO, DH, G, SSI, DGP, I, s_hm, s_dom, s_dhm, s_dgp, NEED_DG: tl.constexpr, BLOCK: tl.constexpr,
+def _silu_glu_bwd_kernel(
+    H, DO, DH, G, SSI, DGP, I, s_hm, s_dom, s_dhm, s_dgp,
+    GATE: tl.constexpr, NEED_DG: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The light tail's SiLU-GLU backward (``silu_glu_gate_bwd``): ``DO`` holds ``d(act) / g`` (the down projection's dX
-    fed the token gradient); per grouped row ``m`` (flat index ``f = ssi[m]``, routing weight ``g = G[f]``) the
-    routing weight's gradient ``<dout, y> = Σ act·DO`` (one fp32 partial per column block, ``act`` recomputed from
-    ``h`` and rounded as the forward stored it), then the SiLU-GLU backward of ``g·DO``."""
+    """SiLU-GLU backward of ``DO`` against ``h`` (``silu_glu_bwd``). ``GATE`` (the light tail, ``silu_glu_gate_bwd``):
+    ``DO`` holds ``d(act) / g`` (the down projection's dX fed the token gradient); per grouped row ``m`` (flat index
+    ``f = ssi[m]``, routing weight ``g = G[f]``) first, with ``NEED_DG``, the routing weight's gradient
+    ``<dout, y> = Σ act·DO`` (one fp32 partial per column block, ``act`` recomputed from ``h`` and rounded as the
+    forward stored it), then the backward of ``g·DO``. ``G``/``SSI``/``DGP`` are not read without ``GATE``."""
     m = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cm = c < I
-    f = tl.load(SSI + m).to(tl.int64)
-    gw = tl.load(G + f).to(tl.float32)
     g = tl.load(H + m * s_hm + c, mask=cm, other=0.0).to(tl.float32)
     u = tl.load(H + m * s_hm + I + c, mask=cm, other=0.0).to(tl.float32)
     do = tl.load(DO + m * s_dom + c, mask=cm, other=0.0).to(tl.float32)
     sg = tl.sigmoid(g)
-    if NEED_DG:
-        act = (g * sg * u).to(H.dtype.element_ty).to(tl.float32)  # as _silu_glu_fwd_kernel stored it
-        tl.store(DGP + tl.program_id(1) * s_dgp + f, tl.sum(act * do, 0))
-    do = do * gw
+    if GATE:
+        f = tl.load(SSI + m).to(tl.int64)
+        gw = tl.load(G + f).to(tl.float32)
+        if NEED_DG:
+            act = (g * sg * u).to(H.dtype.element_ty).to(tl.float32)  # as _silu_glu_fwd_kernel stored it
+            tl.store(DGP + tl.program_id(1) * s_dgp + f, tl.sum(act * do, 0))
+        do = do * gw
     dg = do * u * sg * (1.0 + g * (1.0 - sg))
     du = do * g * sg
     tl.store(DH + m * s_dhm + c, dg.to(DH.dtype.element_ty), mask=cm)
@@ -1327,7 +1315,8 @@ def silu_glu_bwd(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
         BLOCK = _glu_block(I)
         _launch_small(
             _silu_glu_bwd_kernel, (M, _cdiv(I, BLOCK), 1),
-            (h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0)), BLOCK=BLOCK,
+            (h, dout, dh, dh, dh, dh, I, h.stride(0), dout.stride(0), dh.stride(0), 0), GATE=False, NEED_DG=False,
+            BLOCK=BLOCK,
         )
     return dh
 
@@ -1352,9 +1341,9 @@ def silu_glu_gate_bwd(h: torch.Tensor, dacc: torch.Tensor, gates: torch.Tensor, 
     if M:
         dgb = dgp if dgp is not None else dh
         _launch_small(
-            _silu_glu_gate_bwd_kernel, (M, ncol, 1),
+            _silu_glu_bwd_kernel, (M, ncol, 1),
             (h, dacc, dh, gates, ssi, dgb, I, h.stride(0), dacc.stride(0), dh.stride(0), dgb.stride(0)),
-            NEED_DG=bool(need_dg), BLOCK=BLOCK,
+            GATE=True, NEED_DG=bool(need_dg), BLOCK=BLOCK,
         )
     dg = dgp.sum(0).view(gates.shape) if dgp is not None else None
     return dh, dg
