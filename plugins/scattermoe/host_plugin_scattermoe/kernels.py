@@ -387,17 +387,13 @@ def _s2s_tile(
             ).to(tl.float32)
         if WRITE_XA:
             if pid_n == 0:
-                if GLU_BWD >= 2:
-                    # dA of the down projection wants g·(dout·B): the row's routing weight goes on the rank side
-                    tl.store(
-                        XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa * gv[:, None],
-                        mask=m_mask[:, None] & r_mask[None, :],
-                    )
-                else:
-                    tl.store(
-                        XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa,
-                        mask=m_mask[:, None] & r_mask[None, :],
-                    )
+                xa_w = xa
+                if GLU_BWD >= 2:  # dA of the down projection wants g·(dout·B): the row's routing weight on the rank side
+                    xa_w = xa * gv[:, None]
+                tl.store(
+                    XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa_w,
+                    mask=m_mask[:, None] & r_mask[None, :],
+                )
         b = tl.load(
             Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br,
             mask=n_mask[:, None] & r_mask[None, :], other=0.0,
