@@ -13,6 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+# name: (plugins, extra config keys, environment). "scattermoe+before" turns off issue 16's second-session changes
+# (the Triton routing sort, the tiled LoRA re-layout, the light tail) for a same-machine before/after.
+RUNS = {
+    "grouped_mm+peft": ([], {}, {}),
+    "scattermoe": (["scattermoe"], {}, {}),
+    "scattermoe+graph": (["scattermoe"], {"scattermoe_cuda_graph": True}, {}),
+    "scattermoe+before": (["scattermoe"], {}, {"SCATTERMOE_TRITON_ROUTING": "0", "SCATTERMOE_TILED_RELAYOUT": "0",
+                                               "SCATTERMOE_LIGHT_TAIL": "0"}),
+}
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -20,6 +30,8 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--work", default=os.environ.get("OUT", "/tmp") + "/e2e")
+    ap.add_argument("--runs", nargs="*", default=["grouped_mm+peft", "scattermoe", "scattermoe+graph"],
+                    help=f"any of {', '.join(RUNS)}")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -46,9 +58,8 @@ def main():
         del model
     data = write_jsonl(work / "text.jsonl", [{"text": t} for t in texts * 8])
     results = {}
-    runs = (("grouped_mm+peft", [], {}), ("scattermoe", ["scattermoe"], {}),
-            ("scattermoe+graph", ["scattermoe"], {"scattermoe_cuda_graph": True}))
-    for name, plugins, extra in runs:
+    for name in args.runs:
+        plugins, extra, env = RUNS[name]
         out = work / f"out-{name}"
         cfg = {
             "base_model": str(model_dir), "plugins": plugins,
@@ -65,7 +76,8 @@ def main():
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         subprocess.run(["rm", "-rf", str(out)])
-        rc = subprocess.run([sys.executable, "-m", "host", "train", str(path)], capture_output=True, text=True)
+        rc = subprocess.run([sys.executable, "-m", "host", "train", str(path)], capture_output=True, text=True,
+                            env={**os.environ, **env})
         if rc.returncode != 0:
             print(name, "FAILED", rc.stdout[-2000:], rc.stderr[-3000:])
             results[name] = None
@@ -80,7 +92,7 @@ def main():
         if s:
             print(f"{name:<18}{s['tokens_per_s']:>12.0f}{s.get('steady_tokens_per_s') or 0:>14.0f}"
                   f"{s['first_train_loss']:>12.3f}{s['final_train_loss']:>12.3f}")
-    for name in ("scattermoe", "scattermoe+graph"):
+    for name in [r for r in args.runs if r != "grouped_mm+peft"]:
         b = results.get(name)
         if a and b:
             print(f"speed-up {name} ({key}) {b[key] / a[key]:.2f}x")
