@@ -23,6 +23,8 @@ step() {  # name, seconds (0 skips the step), command...
 step bench_moe_block "${BLOCK_S:-230}" python3 $B/bench_moe_block.py --iters 20 --impls grouped_mm scattermoe scattermoe+before \
   --json "$OUT/bench_moe_block.json"
 step profile "${PROFILE_S:-30}" python3 $B/profile_block.py Qwen3-30B-A3B
+step host_overhead "${HOST_S:-0}" python3 $B/host_overhead.py --json "$OUT/host_overhead.json"
+step cprofile "${HOST_S:-0}" python3 $B/diagnose_gap.py --impls scattermoe --iters 20 --cprofile
 suite() {  # name, seconds, pytest args...: runs in the background (one process per test file, see below)
   local name=$1 limit=$2; shift 2
   ( timeout "$limit" python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$@" > "$OUT/$name.log" 2>&1
