@@ -3,27 +3,15 @@ torch reference: output and the gradients of h, the LoRA factors and the routing
 split LoRA, no LoRA, experts without tokens, odd sizes, top_k 1/2/8, fp32 and fp16 (interpreter on CPU,
 native on CUDA)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from host_plugin_scattermoe import fused, reference
+from host_plugin_scattermoe import kernels as K
+from host_plugin_scattermoe.routing import sort_tokens
+from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, rel
 
-from host_plugin_scattermoe import fused, reference  # noqa: E402
-from host_plugin_scattermoe import kernels as K  # noqa: E402
-from host_plugin_scattermoe.routing import sort_tokens  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not (K.INTERPRET or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-DEV = "cuda" if torch.cuda.is_available() and not K.INTERPRET else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
 
 def ref_tail(h, W, k, sei, ssi, offs, A, B, s, gates):

@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from host_plugin_scattermoe import experts, graphs, lora, ops
+from host_plugin_scattermoe.testing import rel
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _model(model_type="qwen3_moe", lora_on=True):

@@ -10,29 +10,18 @@ idle experts, several row and column blocks, TMA descriptors, the int64 variant,
 native on CUDA); and where the old backward still runs (trainable down weight, no gradient into the up projection,
 an activation wider than ``y`` kept only for dgates)."""
 
-import os
 import weakref
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from host_plugin_scattermoe import kernels as K
+from host_plugin_scattermoe import ops, reference
+from host_plugin_scattermoe.routing import sort_tokens
+from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, rel
 
-from host_plugin_scattermoe import kernels as K  # noqa: E402
-from host_plugin_scattermoe import ops, reference  # noqa: E402
-from host_plugin_scattermoe.routing import sort_tokens  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not (K.INTERPRET or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-DEV = "cuda" if torch.cuda.is_available() and not K.INTERPRET else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 NAMES = ("x", "W1", "W2", "A1", "B1", "A2", "B2", "gates")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def problem(T, E, H, I, k, r, dtype, seed=0, idle=(1,)):

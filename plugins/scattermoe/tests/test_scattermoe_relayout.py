@@ -13,10 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from host_plugin_scattermoe import kernels as K
 from host_plugin_scattermoe import ops, relayout
 from host_plugin_scattermoe.routing import sort_tokens
+from host_plugin_scattermoe.testing import DEV, TRITON_RUNS
 
-pytestmark = pytest.mark.skipif(not K.INTERPRET and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")
+pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
-DEV = "cuda" if torch.cuda.is_available() and not K.INTERPRET else "cpu"
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 

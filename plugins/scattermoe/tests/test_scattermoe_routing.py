@@ -10,17 +10,11 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from host_plugin_scattermoe import routing
+from host_plugin_scattermoe import routing_kernels as RK
+from host_plugin_scattermoe.testing import DEV, TRITON_RUNS
 
-from host_plugin_scattermoe import kernels as K  # noqa: E402
-from host_plugin_scattermoe import routing  # noqa: E402
-from host_plugin_scattermoe import routing_kernels as RK  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not (K.INTERPRET or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-DEV = "cuda" if torch.cuda.is_available() and not K.INTERPRET else "cpu"
+pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 GPU = DEV == "cuda"
 
 
