@@ -16,6 +16,9 @@
 (b+oldtail) / (b+gemmtail) the same with the merged node's old backward (``SCATTERMOE_LIGHT_TAIL=0``: the combine
     backward as its own kernel over the kept expert outputs) / with the light tail's ``"gemm"`` variant (gate scaling
     and dgates in the dX epilogue instead of the GLU backward kernel)
+(b+unmerged) the same with the experts call as separate autograd nodes (``SCATTERMOE_MERGED=0``: up projection, gate,
+    down projection, combine, each its own node, the combine backward over the kept ``y``), for before/after of the
+    merged node in one process (gpt-oss: the merged node with its biases and clamped gate, 2026-12-06 third session)
 (b+before) the same with all three of the above off (torch sort, torch copies, old backward): main before the
     2026-12-06 afternoon pass, for the whole pass's before/after in one run
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
@@ -186,7 +189,7 @@ def isolated(args):
 def print_table(rows, dev, T, R):
     peak = device_peak()
     print(f"\ndevice: {dev}  peak bf16 {peak:.0f} TFLOP/s  date {datetime.date.today()}  T={T} r={R} bf16 fwd+bwd, ms")
-    print(f"{'shape':<16}{'impl':<16}{'ms':>7}{'min':>7}{'p90':>7}{'b2b':>7}{'gpu':>7}{'host':>7}{'cold s':>7}{'GiB':>6}"
+    print(f"{'shape':<16}{'impl':<20}{'ms':>7}{'min':>7}{'p90':>7}{'b2b':>7}{'gpu':>7}{'host':>7}{'cold s':>7}{'GiB':>6}"
           f"{'TFLOP/s':>8}{'vs (a)':>7}{'target':>7}{'relerr':>9}")
     base = {r["shape"]: r["ms"] for r in rows if r["impl"] == "grouped_mm"}
     for r in rows:
@@ -194,7 +197,7 @@ def print_table(rows, dev, T, R):
         sp = f"{base[r['shape']] / r['ms']:.1f}x" if r["shape"] in base else "-"
         tf = f"{r['tflops']:.0f}" if r["tflops"] else "-"
         err = f"{r['err']:.1e}" if r["err"] is not None else "-"
-        print(f"{r['shape']:<16}{r['impl']:<16}{r['ms']:>7.2f}{r['min']:>7.2f}{r['p90']:>7.2f}{r['b2b']:>7.2f}{r['gpu']:>7.2f}"
+        print(f"{r['shape']:<16}{r['impl']:<20}{r['ms']:>7.2f}{r['min']:>7.2f}{r['p90']:>7.2f}{r['b2b']:>7.2f}{r['gpu']:>7.2f}"
               f"{r['host']:>7.2f}{r['cold_s']:>7.1f}{r['gib']:>6.2f}{tf:>8}{sp:>7}{tgt:>7}{err:>9}")
 
 
@@ -229,7 +232,7 @@ def main():
         fl = flops(E, H, I, k, T, R)
         ref = None
         for impl in impls:
-            if impl in ("liger", "scattermoe+tail", "scattermoe+oldtail", "scattermoe+gemmtail") and family == "gpt_oss":
+            if impl in ("liger", "scattermoe+tail") and family == "gpt_oss":
                 continue
             torch.cuda.empty_cache()
             holder, cfg = build_block(family, E, H, I, k, R, lora=impl != "liger")
@@ -256,6 +259,7 @@ def main():
             ops.SETTINGS["light_tail"] = {"scattermoe+oldtail": "0", "scattermoe+before": "0", "scattermoe+gemmtail": "gemm"}.get(
                 impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
+            ops.SETTINGS["merged"] = impl != "scattermoe+unmerged" and os.environ.get("SCATTERMOE_MERGED", "1") == "1"
             cfg._experts_implementation = impl.split("+")[0]
             lparams = [p for p in holder.parameters() if p.requires_grad]
             torch.manual_seed(1)

@@ -45,9 +45,11 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
 
     sei, ssi, offs = sort_tokens(top_k_index, E)
     x = hidden_states if hidden_states.dtype == W1.dtype else hidden_states.to(W1.dtype)
-    if b1 is None and b2 is None and _merged_applies(self, x):
-        # the default SiLU-gated MLP as one autograd node: same kernels, fewer nodes (host time; ops.glu_experts)
-        out = ops.glu_experts(x, W1k, W2k, k, sei, ssi, offs, l1, l2, top_k_weights)
+    if _merged_applies(self, x):
+        # the GLU MLP (SiLU or gpt-oss's clamped gate, biases or not) as one autograd node: same kernels, fewer nodes
+        # (host time; ops.glu_experts)
+        clamp = None if _is_default_silu_gate(self) else (float(self.alpha), float(self.limit))
+        out = ops.glu_experts(x, W1k, W2k, k, sei, ssi, offs, l1, l2, top_k_weights, b1=b1, b2=b2, clamp=clamp)
         return out.to(hidden_states.dtype)
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
@@ -68,8 +70,9 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
 
 def _merged_applies(module, x: torch.Tensor) -> bool:
     """The experts call runs as one autograd node (``ops.glu_experts``): ``scattermoe_merged`` on (env
-    ``SCATTERMOE_MERGED=0`` turns it off), the Triton path, fused gates on, the default SiLU gate, no biases (the
-    caller checks), no post-expert norm, not the opt-in fused tail; and neither saved-tensor hooks (non-reentrant
+    ``SCATTERMOE_MERGED=0`` turns it off), the Triton path, fused gates on, a gate with a fused kernel (transformers'
+    default SiLU gate, or gpt-oss's clamped sigmoid-GLU; with or without the projections' biases), no post-expert
+    norm, not the opt-in fused tail; and neither saved-tensor hooks (non-reentrant
     checkpointing, offloading: the merged node holds its activations on ctx, out of the hooks' reach) nor a CUDA
     graph capture (graphs.py keeps every saved activation alive; the merged node frees them in its backward).
     Everything else keeps the separate nodes."""
@@ -81,7 +84,7 @@ def _merged_applies(module, x: torch.Tensor) -> bool:
         and not getattr(module, "has_post_expert_norm", False)
         and bool(getattr(module, "has_gate", True))
         and ops._use_triton(x, None)
-        and _is_default_silu_gate(module)
+        and (_is_default_silu_gate(module) or _is_clamped_glu_gate(module))
         and not graphs.capturing()
         and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         and not graphs._saved_tensor_hooks_active()

@@ -667,9 +667,15 @@ def _clamped_glu_fwd_kernel(H, Out, I, s_hm, s_om, alpha, limit, BLOCK: tl.const
 
 
 @triton.jit
-def _clamped_glu_bwd_kernel(H, DO, DH, I, s_hm, s_dom, s_dhm, alpha, limit, BLOCK: tl.constexpr):
+def _clamped_glu_bwd_kernel(
+    H, DO, DH, G, SSI, DGP, I, s_hm, s_dom, s_dhm, s_dgp, alpha, limit,
+    GATE: tl.constexpr, NEED_DG: tl.constexpr, BLOCK: tl.constexpr,
+):
     """Gradient of ``_clamped_glu_fwd_kernel``; clamps pass the gradient where ``min <= x <= max`` (torch's
-    rule). One contiguous store of the interleaved (gate, up) gradients."""
+    rule). One contiguous store of the interleaved (gate, up) gradients. ``GATE`` (the merged node's light tail,
+    ``clamped_glu_gate_bwd``) as in ``_silu_glu_bwd_kernel``: ``DO`` holds ``d(act) / g``; per grouped row ``m`` (flat
+    index ``f = ssi[m]``, routing weight ``G[f]``) first, with ``NEED_DG``, the fp32 partial ``Σ act·DO`` of this
+    column block (``act`` recomputed, rounded as the forward stored it), then the backward of ``g·DO``."""
     m = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cm = c < I
@@ -679,12 +685,44 @@ def _clamped_glu_bwd_kernel(H, DO, DH, I, s_hm, s_dom, s_dhm, alpha, limit, BLOC
     g = tl.minimum(hg, limit)
     u = tl.minimum(tl.maximum(hu, -limit), limit)
     sg = tl.sigmoid(alpha * g)
+    if GATE:
+        f = tl.load(SSI + m).to(tl.int64)
+        gw = tl.load(G + f).to(tl.float32)
+        if NEED_DG:
+            act = ((u + 1.0) * (g * sg)).to(H.dtype.element_ty).to(tl.float32)  # as _clamped_glu_fwd_kernel stored it
+            tl.store(DGP + tl.program_id(1) * s_dgp + f, tl.sum(act * do, 0))
+        do = do * gw
     dg = do * (u + 1.0) * sg * (1.0 + alpha * g * (1.0 - sg))
     dg = tl.where(hg <= limit, dg, 0.0)
     du = tl.where((hu >= -limit) & (hu <= limit), do * g * sg, 0.0)
     ty = DH.dtype.element_ty
     c2 = tl.program_id(1) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(DH + m * s_dhm + c2, tl.interleave(dg.to(ty), du.to(ty)), mask=c2 < 2 * I)
+
+
+@triton.jit
+def _bias_dg_kernel(
+    DO, Bias, EF, Out, T, Hd, E, s_dot, s_be, s_bh,
+    TOP_K: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``Out[t*k + j] = <DO[t], Bias[EF[t*k + j]]>`` in fp32 (``bias_dg``): per block of tokens the ``[BLOCK_T, E]``
+    products ``DO·Biasᵀ`` (each ``DO`` row read once), then each flat row's expert column picked."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    t64 = t.to(tl.int64)
+    e = tl.arange(0, E_POW2)
+    em = e < E
+    acc = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
+    for h0 in range(0, Hd, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        hm = hh < Hd
+        d = tl.load(DO + t64[:, None] * s_dot + hh[None, :], mask=tm[:, None] & hm[None, :], other=0.0)
+        b = tl.load(Bias + e[None, :] * s_be + hh[:, None] * s_bh, mask=em[None, :] & hm[:, None], other=0.0)
+        acc += tl.dot(d, b.to(d.dtype), input_precision=DOT_PREC)
+    for j in range(TOP_K):
+        f = t64 * TOP_K + j
+        ej = tl.load(EF + f, mask=tm, other=0)
+        tl.store(Out + f, tl.sum(tl.where(e[None, :] == ej[:, None], acc, 0.0), 1), mask=tm)
 
 
 if not INTERPRET:
@@ -1317,19 +1355,33 @@ def silu_glu_bwd(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     return dh
 
 
-def silu_glu_gate_bwd(h: torch.Tensor, dacc: torch.Tensor, gates: torch.Tensor, ssi: torch.Tensor, need_dg: bool = True):
+def silu_glu_gate_bwd(h: torch.Tensor, dacc: torch.Tensor, gates: torch.Tensor, ssi: torch.Tensor, need_dg: bool = True,
+                      dg_add: torch.Tensor | None = None):
     """Backward of ``combine(silu_glu(h) · W_e …, gates)`` between the down projection's dX and the up projection (the
     merged node's light tail): ``dacc [L, I]`` grouped is ``d(act) / g`` (the dX launch fed the token gradient, so the
     routing weight is applied here, in fp32), ``h [L, 2I]`` grouped, ``gates [T, k]`` contiguous, ``ssi`` the sorted
     rows' flat indices. Returns ``(dh [L, 2I], dgates [T, k] fp32 or None)``; ``dgates = Σ act·dacc`` per row (fp32
-    partials per column block, summed once: deterministic)."""
+    partials per column block, summed once: deterministic), plus ``dg_add`` (flat ``[T*k]`` fp32, e.g. the down
+    bias's term from :func:`bias_dg`) when given."""
+    return _glu_gate_bwd(_silu_glu_bwd_kernel, (), "silu_glu_gate_bwd", h, dacc, gates, ssi, need_dg, dg_add)
+
+
+def clamped_glu_gate_bwd(h: torch.Tensor, dacc: torch.Tensor, gates: torch.Tensor, ssi: torch.Tensor, alpha: float,
+                         limit: float, need_dg: bool = True, dg_add: torch.Tensor | None = None):
+    """:func:`silu_glu_gate_bwd` for gpt-oss's interleaved clamped sigmoid-GLU (``_clamped_glu_bwd_kernel`` with
+    ``GATE``): same arguments and returns, ``h [L, 2I]`` interleaved (gate ``2i``, up ``2i+1``)."""
+    return _glu_gate_bwd(_clamped_glu_bwd_kernel, (float(alpha), float(limit)), "clamped_glu_gate_bwd", h, dacc, gates,
+                         ssi, need_dg, dg_add)
+
+
+def _glu_gate_bwd(kernel, act_args, name, h, dacc, gates, ssi, need_dg, dg_add):
     M, I2 = h.shape
     I = I2 // 2
     if dacc.shape != (M, I) or h.stride(-1) != 1 or dacc.stride(-1) != 1:
-        raise ValueError(f"silu_glu_gate_bwd needs h [L, 2I] and dacc [L, I] with contiguous columns, got "
+        raise ValueError(f"{name} needs h [L, 2I] and dacc [L, I] with contiguous columns, got "
                          f"{tuple(h.shape)} and {tuple(dacc.shape)}")
     if gates.numel() != M or not gates.is_contiguous():
-        raise ValueError(f"silu_glu_gate_bwd needs contiguous gates of {M} routing weights, got {tuple(gates.shape)}")
+        raise ValueError(f"{name} needs contiguous gates of {M} routing weights, got {tuple(gates.shape)}")
     dh = torch.empty_like(h)
     BLOCK = _glu_block(I)
     ncol = _cdiv(I, BLOCK)
@@ -1337,12 +1389,42 @@ def silu_glu_gate_bwd(h: torch.Tensor, dacc: torch.Tensor, gates: torch.Tensor, 
     if M:
         dgb = dgp if dgp is not None else dh
         _launch_small(
-            _silu_glu_bwd_kernel, (M, ncol, 1),
-            (h, dacc, dh, gates, ssi, dgb, I, h.stride(0), dacc.stride(0), dh.stride(0), dgb.stride(0)),
+            kernel, (M, ncol, 1),
+            (h, dacc, dh, gates, ssi, dgb, I, h.stride(0), dacc.stride(0), dh.stride(0), dgb.stride(0), *act_args),
             GATE=True, NEED_DG=bool(need_dg), BLOCK=BLOCK,
         )
-    dg = dgp.sum(0).view(gates.shape) if dgp is not None else None
-    return dh, dg
+    if dgp is None:
+        return dh, None
+    dg = dgp.sum(0)
+    if dg_add is not None:
+        dg += dg_add
+    return dh, dg.view(gates.shape)
+
+
+def flat_experts(sei: torch.Tensor, ssi: torch.Tensor) -> torch.Tensor:
+    """Each flat row's expert (``top_k_index`` flattened) from the sorted routing: ``out[ssi[m]] = sei[m]``."""
+    return torch.empty_like(sei).index_copy_(0, ssi, sei)
+
+
+def bias_dg(dout: torch.Tensor, bias: torch.Tensor, ef: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The down bias's share of the routing weights' gradient: ``out[t*k + j] = <dout[t], bias[ef[t*k + j]]>`` (fp32
+    ``[T*k]``; ``dout [T, H]`` with contiguous columns, ``bias [E, H]``, ``ef`` each flat row's expert, see
+    :func:`flat_experts`). One small launch that reads ``dout`` once (the light tail keeps no ``y = act·W + b``)."""
+    T, Hd = dout.shape
+    E = bias.shape[0]
+    out = torch.empty(T * top_k, device=dout.device, dtype=torch.float32)
+    if dout.stride(-1) != 1:
+        raise ValueError("bias_dg needs dout with contiguous columns")
+    if T:
+        BLOCK_T = 16 if INTERPRET else 32
+        BLOCK_H = min(64, max(16, _next_pow2(Hd)))
+        _launch_small(
+            _bias_dg_kernel, (_cdiv(T, BLOCK_T), 1, 1),
+            (dout, bias, ef, out, T, Hd, E, dout.stride(0), bias.stride(0), bias.stride(1)),
+            TOP_K=int(top_k), E_POW2=max(16, _next_pow2(E)), DOT_PREC=_dot_prec(dout.dtype), BLOCK_T=BLOCK_T,
+            BLOCK_H=BLOCK_H,
+        )
+    return out
 
 
 def clamped_glu_fwd(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -1368,6 +1450,7 @@ def clamped_glu_bwd(h: torch.Tensor, dout: torch.Tensor, alpha: float, limit: fl
         BLOCK = _glu_block(I)
         _launch_small(
             _clamped_glu_bwd_kernel, (M, _cdiv(I, BLOCK), 1),
-            (h, dout, dh, I, h.stride(0), dout.stride(0), dh.stride(0), float(alpha), float(limit)), BLOCK=BLOCK,
+            (h, dout, dh, dh, dh, dh, I, h.stride(0), dout.stride(0), dh.stride(0), 0, float(alpha), float(limit)),
+            GATE=False, NEED_DG=False, BLOCK=BLOCK,
         )
     return dh

@@ -325,12 +325,14 @@ def _prepare_lora(A, B, s, dtype, tiled):
 
 
 class _GluExpertsFunction(torch.autograd.Function):
-    """The whole default experts MLP as ONE autograd node (host time, issue 16): up projection (gathered, grouped
-    out), SiLU-GLU, down projection (grouped in, flat out), combine; the LoRA factors' cast and re-layout
-    (``kernel_lora``) inside. The forward launches exactly the kernels of the separate nodes
-    (``ScatteredExpertsFunction`` ×2, ``_SiluGluFunction``, ``_CombineFunction``, ``relayout.LoraLayoutFunction``),
-    in the same order and with the same arguments, so its output is bitwise theirs; what goes is ~8 autograd
-    nodes forward and backward and their Python/engine overhead.
+    """The whole experts MLP as ONE autograd node (host time, issue 16): up projection (gathered, grouped
+    out, + bias ``b1``), the gate (SiLU-GLU, or gpt-oss's interleaved clamped sigmoid-GLU when ``clamp`` is
+    ``(alpha, limit)``), down projection (grouped in, flat out, + bias ``b2``), combine; the LoRA factors' cast and
+    re-layout (``kernel_lora``) inside. The forward launches exactly the kernels of the separate nodes
+    (``ScatteredExpertsFunction`` ×2 with the biases in their epilogues, ``_SiluGluFunction`` /
+    ``_ClampedGluFunction``, ``_CombineFunction``, ``relayout.LoraLayoutFunction``), in the same order and with the
+    same arguments, so its output is bitwise theirs; what goes is ~8 autograd nodes forward and backward and their
+    Python/engine overhead.
 
     Backward, light tail (``SETTINGS["light_tail"]``, default ``"glu"``; env ``SCATTERMOE_LIGHT_TAIL=0`` for the old
     one): the combine's backward is folded into the launches around it. The down projection's dX launch reads the
@@ -339,42 +341,50 @@ class _GluExpertsFunction(torch.autograd.Function):
     ``dg = <dout, y> = Σ act·(dout·W_eᵀ + s·(dout·B_e)·A_e)`` reduced (fp32 partials per column block, summed once:
     deterministic) either
 
-    * ``"glu"``: in the SiLU-GLU backward kernel (``kernels.silu_glu_gate_bwd``), which reads ``h`` anyway and
-      recomputes ``act`` from it; the dX launch is the separate nodes' own (same tiles, plain store), or
+    * ``"glu"``: in the gate's backward kernel (``kernels.silu_glu_gate_bwd`` / ``kernels.clamped_glu_gate_bwd``),
+      which reads ``h`` anyway and recomputes ``act`` from it; the dX launch is the separate nodes' own (same tiles,
+      plain store), or
     * ``"gemm"``: in the dX launch's epilogue (``kernels.glu_down_dx(glu=False)``) against the saved activation.
       At the rule's 128×256 TMA tile that epilogue needs 255 registers and spills (``bench/sm90_compile_check.py
       --light``), hence not the default.
+
+    With a down bias ``y = act·W2_e + b2_e (+ LoRA)``, so ``dg`` also takes ``<dout[t], b2[e]>`` per flat row
+    (``kernels.bias_dg``: one small launch, ``dout·b2ᵀ`` per token block in fp32, each row's expert picked; added to
+    the fp32 ``dg`` before its cast). The up bias's gradient is ``proj_backward``'s (the rows of ``dh``, which hold
+    ``g`` already).
 
     So the expert outputs ``y [T*k, H]`` are not kept from the forward (134 MB per layer at Qwen3-30B-A3B,
     T=4096), and ``dy [T*k, H]`` and the combine-backward kernel are gone. The LoRA gradients take ``g`` on the
     rank-sized side: ``dA2 = s·(g·dout·B)ᵀ·act``, ``dB2 = s·doutᵀ·(g·act·Aᵀ)``. Gradients equal the separate nodes'
     within rounding (``g`` is applied after the GEMM, in fp32, instead of to its bf16 input), not bitwise. The old
     backward (``K.combine_bwd`` over the kept ``y``, then the separate nodes' launches: bitwise theirs) still runs
-    where the light one would cost more: a trainable down-projection weight (``dW2`` wants ``g·dout`` rows), no
-    gradient into the up projection (then ``dg`` alone would need the whole dX GEMM), and, for ``"gemm"``, an
-    activation kept only for ``dg`` that is wider than ``y`` (``I > H`` without down-projection LoRA)."""
+    where the light one would cost more: a trainable down-projection weight or bias (``dW2``/``db2`` want ``g·dout``
+    rows), no gradient into the up projection (then ``dg`` alone would need the whole dX GEMM), and, for ``"gemm"``,
+    an activation kept only for ``dg`` that is wider than ``y`` (``I > H`` without down-projection LoRA)."""
 
     @staticmethod
-    def forward(ctx, x, W1, W2, A1, B1, A2, B2, gates, sei, ssi, offs, k, s1, s2, split1, split2):
+    def forward(ctx, x, W1, W2, A1, B1, A2, B2, gates, sei, ssi, offs, k, s1, s2, split1, split2, b1, b2, clamp):
         need = ctx.needs_input_grad
         dt = W1.dtype
         # the factors' cast and re-layout (kernel_lora's, without its autograd node: the backward below does its part)
         tiled = relayout.applies(x)
         ctx.tiled = tiled
         A1k, B1k, ctx.meta1 = _prepare_lora(A1, B1, s1, dt, tiled)
-        h, xa1 = lora_linear_fwd(x, W1, ssi, offs, k, A1k, B1k, s1, None, False, True, split1,
+        h, xa1 = lora_linear_fwd(x, W1, ssi, offs, k, A1k, B1k, s1, b1, False, True, split1,
                                  B1 is not None and (need[3] or need[4]))
         # the down projection's factors after the up projection's launch: the GPU starts the first GEMM sooner
         A2k, B2k, ctx.meta2 = _prepare_lora(A2, B2, s2, dt, tiled)
-        act = K.silu_glu_fwd(h)
-        y, xa2 = lora_linear_fwd(act, W2, ssi, offs, 1, A2k, B2k, s2, None, True, False, split2,
+        act = K.silu_glu_fwd(h) if clamp is None else K.clamped_glu_fwd(h, *clamp)
+        y, xa2 = lora_linear_fwd(act, W2, ssi, offs, 1, A2k, B2k, s2, b2, True, False, split2,
                                  B2 is not None and (need[5] or need[6]))
         out = K.combine(y, gates)
-        ctx.save_for_backward(x if (need[1] or need[3]) else None, gates, W1, W2, A1k, B1k, xa1, A2k, B2k, xa2, sei, ssi, offs)
-        up = need[0] or need[1] or need[3] or need[4]  # gradient flows into h
+        ctx.save_for_backward(x if (need[1] or need[3]) else None, gates, W1, W2, A1k, B1k, xa1, A2k, B2k, xa2, sei, ssi, offs,
+                              b2 if b2 is not None and need[7] else None)
+        up = need[0] or need[1] or need[3] or need[4] or need[16]  # gradient flows into h
         I, H = W2.shape[1], W2.shape[2]
         mode = _light_mode()
-        light = bool(mode and up and not need[2] and (mode == "glu" or need[5] or not need[7] or I <= H))
+        # a trainable down bias, like a trainable down weight, wants the g·dout rows: the old backward
+        light = bool(mode and up and not need[2] and not need[17] and (mode == "glu" or need[5] or not need[7] or I <= H))
         ctx.light = mode if light else None
         # The activations (kept as the separate nodes keep them: h for the gate, act for dA/dW (and, light, for the
         # routing weights' gradient), y for the combine unless light) are held on ctx, not saved, so the backward
@@ -383,14 +393,15 @@ class _GluExpertsFunction(torch.autograd.Function):
         # under saved-tensor hooks and CUDA graph capture (experts.py).
         keep_act = need[2] or need[5] or (ctx.light == "gemm" and need[7])
         ctx.acts = [h, act if keep_act else None, None if light else y]
-        ctx.k, ctx.s1, ctx.s2, ctx.split1, ctx.split2 = k, s1, s2, split1, split2
+        ctx.k, ctx.s1, ctx.s2, ctx.split1, ctx.split2, ctx.clamp = k, s1, s2, split1, split2, clamp
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         ctx.lora_dtypes = (A1.dtype if A1 is not None else None, B1.dtype if B1 is not None else None,
                            A2.dtype if A2 is not None else None, B2.dtype if B2 is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, gates, W1, W2, A1, B1, xa1, A2, B2, xa2, sei, ssi, offs = ctx.saved_tensors
+        x, gates, W1, W2, A1, B1, xa1, A2, B2, xa2, sei, ssi, offs, b2 = ctx.saved_tensors
         if ctx.acts is None:
             raise RuntimeError(
                 "scattermoe: the experts node (ops.glu_experts) frees its activations in its backward, which ran "
@@ -399,18 +410,26 @@ class _GluExpertsFunction(torch.autograd.Function):
         h, act, y = ctx.acts
         ctx.acts = None
         nx, nW1, nW2, nA1, nB1, nA2, nB2, ng = ctx.needs_input_grad[:8]
-        up = nx or nW1 or nA1 or nB1  # gradient flows into h
-        down = up or nW2 or nA2 or nB2  # ... into y
-        dW1 = dW2 = dA1 = dB1 = dA2 = dB2 = dx = dg = None
+        nb1 = ctx.has_b1 and ctx.needs_input_grad[16]
+        nb2 = ctx.has_b2 and ctx.needs_input_grad[17]
+        up = nx or nW1 or nA1 or nB1 or nb1  # gradient flows into h
+        down = up or nW2 or nA2 or nB2 or nb2  # ... into y
+        dW1 = dW2 = dA1 = dB1 = dA2 = dB2 = dx = dg = db1 = db2 = None
+        dg_bias = None  # the light tail's dg share of the down bias: <dout[t], b2[e]> per flat row
         if ctx.light:
-            dact, dA2, dB2, dg = _light_tail_backward(dout.contiguous(), act, gates, W2, A2, B2, xa2, ssi, offs, ctx.k,
+            dout = dout.contiguous()
+            if b2 is not None:
+                dg_bias = K.bias_dg(dout, b2, K.flat_experts(sei, ssi), ctx.k)
+            dact, dA2, dB2, dg = _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, ctx.k,
                                                       ctx.s2, ctx.split2, nA2, nB2, ng, ctx.light)
+            if dg is not None and dg_bias is not None:  # "gemm": dg [T, k] from the dX epilogue
+                dg = dg + dg_bias.view(dg.shape)
             del act, xa2
         elif down:
             dy, dg = K.combine_bwd(y, gates, dout, down, ng)
             del y  # each activation and gradient is dropped after its last use (peak memory as the separate nodes)
-            dact, dW2, _, dA2, dB2 = proj_backward(
-                dy, act, W2, A2, B2, xa2, sei, ssi, offs, 1, ctx.s2, True, False, ctx.split2, up, nW2, False, nA2, nB2
+            dact, dW2, db2, dA2, dB2 = proj_backward(
+                dy, act, W2, A2, B2, xa2, sei, ssi, offs, 1, ctx.s2, True, False, ctx.split2, up, nW2, nb2, nA2, nB2
             )
             del dy, act
         else:
@@ -419,12 +438,17 @@ class _GluExpertsFunction(torch.autograd.Function):
         if down:
             if up:
                 if ctx.light == "glu":  # dact is d(act) / g: the routing weight and dgates here (see the class doc)
-                    dh, dg = K.silu_glu_gate_bwd(h, dact, gates, ssi, ng)
-                else:
+                    if ctx.clamp is None:
+                        dh, dg = K.silu_glu_gate_bwd(h, dact, gates, ssi, ng, dg_bias)
+                    else:
+                        dh, dg = K.clamped_glu_gate_bwd(h, dact, gates, ssi, *ctx.clamp, ng, dg_bias)
+                elif ctx.clamp is None:
                     dh = K.silu_glu_bwd(h, dact)
+                else:
+                    dh = K.clamped_glu_bwd(h, dact, *ctx.clamp)
                 del h, dact
-                dx, dW1, _, dA1, dB1 = proj_backward(
-                    dh, x, W1, A1, B1, xa1, sei, ssi, offs, ctx.k, ctx.s1, False, True, ctx.split1, nx, nW1, False, nA1, nB1
+                dx, dW1, db1, dA1, dB1 = proj_backward(
+                    dh, x, W1, A1, B1, xa1, sei, ssi, offs, ctx.k, ctx.s1, False, True, ctx.split1, nx, nW1, nb1, nA1, nB1
                 )
         dg = dg.to(gates.dtype) if dg is not None else None
         if ctx.tiled:  # dA cast back, dB straight into the parameter's layout and dtype (relayout.grads)
@@ -439,7 +463,7 @@ class _GluExpertsFunction(torch.autograd.Function):
             dB1 = dB1.to(tB1) if dB1 is not None else None
             dA2 = dA2.to(tA2) if dA2 is not None else None
             dB2 = dB2.to(tB2) if dB2 is not None else None
-        return dx, dW1, dW2, dA1, dB1, dA2, dB2, dg, None, None, None, None, None, None, None, None
+        return dx, dW1, dW2, dA1, dB1, dA2, dB2, dg, None, None, None, None, None, None, None, None, db1, db2, None
 
 
 def _light_mode():
@@ -496,20 +520,31 @@ def _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, k, s, spl
     return dact, dA2, dB2, dg
 
 
-def glu_experts(x, W1, W2, k, sei, ssi, offs, lora1=None, lora2=None, gates=None, *, fused_lora=None,
-                split_threshold=None, split_max_experts=None) -> torch.Tensor:
-    """``combine(silu_glu(x·W1 (+LoRA)) · W2 (+LoRA), gates)`` as one autograd node (Triton path only; see
+def glu_experts(x, W1, W2, k, sei, ssi, offs, lora1=None, lora2=None, gates=None, *, b1=None, b2=None, clamp=None,
+                fused_lora=None, split_threshold=None, split_max_experts=None) -> torch.Tensor:
+    """``combine(glu(x·W1 + b1 (+LoRA)) · W2 + b2 (+LoRA), gates)`` as one autograd node (Triton path only; see
     :class:`_GluExpertsFunction`). ``W1 [E, H, 2I]``, ``W2 [E, I, H]`` kernel-layout views, ``lora1``/``lora2``
-    ``(A [E, r, in], B [E, out, r], scaling)`` or None, ``x`` ``[T, H]`` in the weights' dtype, ``gates [T, k]``."""
+    ``(A [E, r, in], B [E, out, r], scaling)`` or None, ``x`` ``[T, H]`` in the weights' dtype, ``gates [T, k]``;
+    ``b1 [E, 2I]``, ``b2 [E, H]`` the projections' biases or None (cast to the weights' dtype as
+    :func:`scattered_experts` does); ``clamp``: None for the SiLU-GLU of concatenated ``[gate | up]`` halves
+    (``silu_glu``), ``(alpha, limit)`` for gpt-oss's interleaved clamped sigmoid-GLU (``clamped_glu``)."""
     A1, B1, s1 = lora1 if lora1 is not None else (None, None, 0.0)
     A2, B2, s2 = lora2 if lora2 is not None else (None, None, 0.0)
     if not _lora_applies(A1, B1, s1):
         A1 = B1 = None
     if not _lora_applies(A2, B2, s2):
         A2 = B2 = None
+    dt = W1.dtype
+    if b1 is not None and b1.dtype != dt:
+        b1 = b1.to(dt)
+    if b2 is not None and b2.dtype != dt:
+        b2 = b2.to(dt)
+    if clamp is not None:
+        clamp = (float(clamp[0]), float(clamp[1]))
     E, H, I2 = W1.shape
     split1 = B1 is not None and use_split(E, H, I2, fused_lora, split_threshold, split_max_experts)
     split2 = B2 is not None and use_split(E, W2.shape[1], W2.shape[2], fused_lora, split_threshold, split_max_experts)
     return _GluExpertsFunction.apply(
-        x, W1, W2, A1, B1, A2, B2, gates.contiguous(), sei, ssi, offs, int(k), float(s1), float(s2), split1, split2
+        x, W1, W2, A1, B1, A2, B2, gates.contiguous(), sei, ssi, offs, int(k), float(s1), float(s2), split1, split2,
+        b1, b2, clamp,
     )

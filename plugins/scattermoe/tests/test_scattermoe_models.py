@@ -149,9 +149,9 @@ def test_family_triton_kernels_match(model_type, tail, monkeypatch):
     compare(pm, ids, 1e-4)
     if tail:
         assert calls, "the fused tail was not used"
-    # the default SiLU-gated MLP runs as one node (ops.glu_experts); gpt-oss (biases, its own gate) and the fused
-    # tail keep theirs
-    assert bool(merged) == (model_type == "qwen3_moe" and not tail), merged
+    # the GLU MLP runs as one node (ops.glu_experts): the SiLU-gated families and gpt-oss (biases, clamped gate);
+    # the fused tail keeps its own
+    assert bool(merged) == (not tail), merged
 
 
 def test_unattached_peft_proxy_path_matches(torch_backend):
