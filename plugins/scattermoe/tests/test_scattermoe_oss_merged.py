@@ -9,28 +9,17 @@ the light tail within rounding; against float64 torch (the reference's ops, auto
 and matches the separate nodes: loss, hidden-state, router, LoRA and (when trainable) bias gradients. CPU:
 ``TRITON_INTERPRET=1``, fp32 and fp16; CUDA: native."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from host_plugin_scattermoe import kernels as K
+from host_plugin_scattermoe import ops, reference
+from host_plugin_scattermoe.routing import sort_tokens
+from host_plugin_scattermoe.testing import DEV, TRITON_RUNS, rel
 
-from host_plugin_scattermoe import kernels as K  # noqa: E402
-from host_plugin_scattermoe import ops, reference  # noqa: E402
-from host_plugin_scattermoe.routing import sort_tokens  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    not (K.INTERPRET or torch.cuda.is_available()), reason="Triton needs CUDA or TRITON_INTERPRET=1"
-)
-DEV = "cuda" if torch.cuda.is_available() and not K.INTERPRET else "cpu"
+pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 ALPHA, LIMIT = 1.702, 7.0
 NAMES = ("x", "W1", "W2", "A1", "B1", "A2", "B2", "gates", "b1", "b2")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def problem(T, E, H, I, k, r, dtype, seed=0, h_scale=6.0):
