@@ -45,11 +45,11 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
 
     sei, ssi, offs = sort_tokens(top_k_index, E)
     x = hidden_states if hidden_states.dtype == W1.dtype else hidden_states.to(W1.dtype)
-    if _merged_applies(self, x):
+    merged = merged_kwargs(self, x, b1, b2)
+    if merged is not None:
         # the GLU MLP (SiLU or gpt-oss's clamped gate, biases or not) as one autograd node: same kernels, fewer nodes
         # (host time; ops.glu_experts)
-        clamp = None if _is_default_silu_gate(self) else (float(self.alpha), float(self.limit))
-        out = ops.glu_experts(x, W1k, W2k, k, sei, ssi, offs, l1, l2, top_k_weights, b1=b1, b2=b2, clamp=clamp)
+        out = ops.glu_experts(x, W1k, W2k, k, sei, ssi, offs, l1, l2, top_k_weights, **merged)
         return out.to(hidden_states.dtype)
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
@@ -66,6 +66,18 @@ def _experts_eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     # accumulated and returned in fp32, as transformers' grouped_mm path does by type promotion.
     out = ops.combine(y, top_k_weights)
     return out.to(hidden_states.dtype)
+
+
+def merged_kwargs(module, x: torch.Tensor, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None):
+    """The one dispatch of the merged experts node, for this plugin's experts forward and for plugins that build on it
+    (mxfp4): ``None`` when the call keeps the separate nodes (see :func:`_merged_applies`), else the keyword arguments
+    of ``ops.glu_experts`` for this module: ``{"b1": b1, "b2": b2, "clamp": None}`` for transformers' default SiLU
+    gate, ``clamp=(alpha, limit)`` for gpt-oss's clamped sigmoid-GLU. ``x`` the experts' input in the weights'
+    dtype, ``b1``/``b2`` the up / down projections' biases (``[E, 2I]`` / ``[E, H]``) or None."""
+    if not _merged_applies(module, x):
+        return None
+    clamp = None if _is_default_silu_gate(module) else (float(module.alpha), float(module.limit))
+    return {"b1": b1, "b2": b2, "clamp": clamp}
 
 
 def _merged_applies(module, x: torch.Tensor) -> bool:

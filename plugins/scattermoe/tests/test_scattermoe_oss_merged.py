@@ -366,3 +366,28 @@ def test_gpt_oss_model_takes_the_merged_node(train_bias, dtype, monkeypatch):
         tol = 1e-5 if dtype == torch.float32 else (5e-3 if ".mlp." in n else 2e-2)
         assert g_m[n].norm() > 0 or "lora_B" in n, n
         assert rel(g_m[n], g_s[n]) < tol, (n, rel(g_m[n], g_s[n]))
+
+
+def test_merged_kwargs_is_the_one_dispatch(monkeypatch):
+    """``experts.merged_kwargs`` (what mxfp4 calls): gpt-oss gets its clamp and biases, the SiLU-gated families
+    ``clamp=None``; None where the separate nodes run (merged off, the torch backend, the fused tail, fused gates off)."""
+    from host.testing import tiny_config
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from host_plugin_scattermoe import experts
+
+    monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
+    gpt = GptOssExperts(tiny_config("gpt_oss", 96, num_local_experts=4, intermediate_size=16,
+                                    layer_types=["sliding_attention", "full_attention"]))
+    qwen = Qwen3MoeExperts(tiny_config("qwen3_moe", 96))
+    x = torch.zeros(2, gpt.gate_up_proj.shape[1], device=DEV)
+    got = experts.merged_kwargs(gpt, x, gpt.gate_up_proj_bias, gpt.down_proj_bias)
+    assert got["clamp"] == (float(gpt.alpha), float(gpt.limit)) == (ALPHA, LIMIT)
+    assert got["b1"] is gpt.gate_up_proj_bias and got["b2"] is gpt.down_proj_bias
+    assert experts.merged_kwargs(qwen, x) == {"b1": None, "b2": None, "clamp": None}
+    for key, off in [("merged", False), ("backend", "torch"), ("fused_tail", True), ("fused_gates", False)]:
+        monkeypatch.setitem(ops.SETTINGS, key, off)
+        assert experts.merged_kwargs(gpt, x) is None and experts.merged_kwargs(qwen, x) is None, key
+        monkeypatch.undo()
+        monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
