@@ -1,10 +1,12 @@
 """Compile the scatter2scatter kernel for sm_90a on a machine without a GPU and report ptxas's registers,
 spills and the MMA instructions (wgmma = Hopper's async warpgroup MMA), per variant and tile.
 ``--glu``: also the fused tail's GLU-backward epilogue (``GLU_BWD=1``); ``--light``: the merged node's light tail
-(``GLU_BWD=2``: gate scaling + routing-weight gradient against the saved activation; ``3``: gate scaling only).
+(``GLU_BWD=2``: gate scaling + routing-weight gradient against the saved activation; ``3``: gate scaling only);
+``--glu-fwd``: the up projection with the SiLU-GLU in its epilogue (``GLU_FWD``: the tile's ``bn`` output columns are
+``bn/2`` gate and ``bn/2`` up columns, two W tiles / TMA boxes of ``bn/2`` per K step).
 
 A check that costs no device time: a variant that does not compile, spills, or falls back from
-wgmma shows here before a GPU run. Usage: python bench/sm90_compile_check.py [--glu] [--light] [--tma] [--tiles 128,128,64,8,3 ...]
+wgmma shows here before a GPU run. Usage: python bench/sm90_compile_check.py [--glu] [--light] [--glu-fwd] [--tma] [--tiles 128,128,64,8,3 ...]
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 
 
 def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False,
-                    persistent: bool = False, half_tail: bool = False):
+                    persistent: bool = False, half_tail: bool = False, glu_fwd: bool = False):
     fn = K._s2s_kernel
+    if glu_fwd:  # the kernel's BLOCK_N is the half tile (kernels._s2s_plan)
+        bn //= 2
     sig, const, attrs = {}, {}, {}
     unit = UNIT_DX if dx else UNIT
     for i, name in enumerate(fn.arg_names):
@@ -65,7 +69,7 @@ def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn
         X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
         E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=int(glu),
         W_DESC=(2 if dx else 1) if tma else 0, X_DESC=bool(tma and gin), PERSISTENT=persistent,
-        HALF_TAIL=half_tail,
+        HALF_TAIL=half_tail, GLU_FWD=glu_fwd,
     )
     for k2 in const:
         sig[k2] = "constexpr"
@@ -97,6 +101,7 @@ def main():
     ap.add_argument("--tma", action="store_true", help="the TMA-descriptor variants (W always, x when grouped)")
     ap.add_argument("--glu", action="store_true", help="also the GLU-backward epilogue variants")
     ap.add_argument("--light", action="store_true", help="also the light tail's gate/dgates epilogue variants")
+    ap.add_argument("--glu-fwd", action="store_true", help="also the up projection with the SiLU-GLU epilogue")
     ap.add_argument("--half-tail", action="store_true", help="an expert's last row block of <= BLOCK_M/2 rows as a half tile")
     ap.add_argument("--persistent", action="store_true", help="the persistent grid (one program per SM, flattened loop)")
     args = ap.parse_args()
@@ -114,11 +119,16 @@ def main():
         variants += [("dX down + gate/dg epilogue (light)", 2, 1, False, True, True),
                      ("dX down + gate/dg, split (light)", 2, 2, False, True, True),
                      ("dX down + gate only (light, no dg)", 3, 1, False, True, True)]
+    if args.glu_fwd:
+        variants += [("fwd up + SiLU-GLU (LoRA fused)", "fwd", 1, False, True, False),
+                     ("fwd up + SiLU-GLU (split epilogue)", "fwd", 2, False, True, False),
+                     ("fwd up + SiLU-GLU (no LoRA)", "fwd", 0, False, True, False)]
     for label, glu, lora, gin, gout, dx in variants:
         for t in args.tiles:
             bm, bn, bk, w, s = map(int, t.split(","))
             try:
-                r = compile_variant(glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma, args.persistent, args.half_tail)
+                r = compile_variant(0 if glu == "fwd" else glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma,
+                                    args.persistent, args.half_tail, glu_fwd=glu == "fwd")
                 print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}"
                       f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}")
             except Exception as e:  # noqa: BLE001

@@ -308,6 +308,25 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _w_tile(Wd, w_ptrs, e, w_width, col0, k0, K, k_mask, n_mask, W_DESC: tl.constexpr, EVEN_K: tl.constexpr,
+            EVEN_N: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` W tile of expert ``e`` at rows ``k0``, columns ``col0`` (``w_ptrs`` the same tile's
+    pointers for pointer loads; ``w_width`` W's columns per expert)."""
+    if W_DESC == 1:  # W_e stored [N, K] (K contiguous): box [BLOCK_N, BLOCK_K], used transposed
+        w = tl.trans(Wd.load([e * w_width + col0, k0]))
+    elif W_DESC == 2:  # W_e stored [K, N] (N contiguous)
+        w = Wd.load([e * K + k0, col0])
+    elif EVEN_K:
+        if EVEN_N:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    return w
+
+
+@triton.jit
 def _s2s_tile(
     pid_n, e, row0, end,
     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
@@ -322,10 +341,17 @@ def _s2s_tile(
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
-    W_DESC: tl.constexpr, X_DESC: tl.constexpr,
+    W_DESC: tl.constexpr, X_DESC: tl.constexpr, GLU_FWD: tl.constexpr,
 ):
     """One output tile of ``_s2s_kernel``: rows ``row0 .. min(row0 + BLOCK_M, end)`` of expert ``e``, column block
-    ``pid_n`` (the GEMM K loop, LoRA, bias and the epilogue store)."""
+    ``pid_n`` (the GEMM K loop, LoRA, bias and the epilogue store).
+
+    ``GLU_FWD`` (the up projection of a SiLU-gated MLP, ``scatter2scatter(act_out=...)``): W has ``2N`` columns (gate
+    ``[0, N)``, up ``[N, 2N)``) and the column block is the gate columns ``pid_n·BLOCK_N + [0, BLOCK_N)`` and the
+    same up columns ``N + …``: two W tiles per K step into two accumulators (the same registers as one tile twice
+    as wide), the LoRA epilogue split the same way. The epilogue stores both halves of ``h`` and
+    ``act = silu(g)·u`` (``Hin``, row stride ``s_hm``) from the rounded ``h`` values with
+    ``_silu_glu_fwd_kernel``'s fp32 formula, so ``h`` and ``act`` are bitwise the two separate launches'."""
     e64 = e.to(tl.int64)
     rows, m_mask, x_rows, y_rows = block_rows(row0, end, ssi_ptr, FAN_OUT, X_GROUPED, Y_GROUPED, INT64, BLOCK_M)
 
@@ -341,6 +367,10 @@ def _s2s_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n0 = pid_n * BLOCK_N
+    w_width = N  # W's columns per expert (the descriptor's row stride between experts for W_DESC == 1)
+    if GLU_FWD:
+        w_width = 2 * N
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up half: W columns N + n_offs
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + k_base) < K
         # Operand tiles: through a TMA descriptor (host-built, see _tma_descs) or pointer loads.
@@ -353,18 +383,11 @@ def _s2s_tile(
             x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if W_DESC == 1:  # W_e stored [N, K] (K contiguous): box [BLOCK_N, BLOCK_K], used transposed
-            w = tl.trans(Wd.load([e * N + n0, k0]))
-        elif W_DESC == 2:  # W_e stored [K, N] (N contiguous)
-            w = Wd.load([e * K + k0, n0])
-        elif EVEN_K:
-            if EVEN_N:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        w = _w_tile(Wd, w_ptrs, e, w_width, n0, k0, K, k_mask, n_mask, W_DESC, EVEN_K, EVEN_N)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
+        if GLU_FWD:
+            wu = _w_tile(Wd, w_ptrs + N * s_wn, e, w_width, N + n0, k0, K, k_mask, n_mask, W_DESC, EVEN_K, EVEN_N)
+            acc_u += tl.dot(x, wu.to(x.dtype), input_precision=DOT_PREC)
         if LORA == 1:
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
@@ -394,17 +417,22 @@ def _s2s_tile(
                     XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa_w,
                     mask=m_mask[:, None] & r_mask[None, :],
                 )
-        b = tl.load(
-            Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br,
-            mask=n_mask[:, None] & r_mask[None, :], other=0.0,
-        )
+        b_ptrs = Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br
+        b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         b = b.to(X.dtype.element_ty)
+        xs = (xa * scaling).to(X.dtype.element_ty)
         # Accumulate in place: a separate [BLOCK_M, BLOCK_N] product tile would double the
         # accumulator registers and push the tuner to small tiles.
-        acc = tl.dot((xa * scaling).to(X.dtype.element_ty), tl.trans(b), acc, input_precision=DOT_PREC)
+        acc = tl.dot(xs, tl.trans(b), acc, input_precision=DOT_PREC)
+        if GLU_FWD:
+            bu = tl.load(b_ptrs + N * s_bn, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            acc_u = tl.dot(xs, tl.trans(bu.to(X.dtype.element_ty)), acc_u, input_precision=DOT_PREC)
     if HAS_BIAS:
-        bias = tl.load(Bias + e64 * s_bias_e + n_offs * s_bias_n, mask=n_mask, other=0.0)
+        bias_ptrs = Bias + e64 * s_bias_e + n_offs * s_bias_n
+        bias = tl.load(bias_ptrs, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
+        if GLU_FWD:
+            acc_u += tl.load(bias_ptrs + N * s_bias_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if GLU_BWD == 1:
         # dX of the down projection fed the *token* gradient (x rows = dout[t]), so acc = d(act) / g.
         # Here, per row (sorted position, grouped h [L, 2N]): the routing weight g of the row, the
@@ -439,6 +467,18 @@ def _s2s_tile(
             (acc * gv[:, None]).to(Y.dtype.element_ty),
             mask=omask,
         )
+    elif GLU_FWD:
+        # h's two halves, then act = silu(g)·u from the values h holds (rounded to its dtype), in fp32 as
+        # _silu_glu_fwd_kernel computes it: the backward reads h, the down projection act.
+        omask = m_mask[:, None] & n_mask[None, :]
+        y_off = y_rows[:, None] * s_ym + n_offs[None, :] * s_yn
+        hg = acc.to(Y.dtype.element_ty)
+        hu = acc_u.to(Y.dtype.element_ty)
+        tl.store(Y + y_off, hg, mask=omask)
+        tl.store(Y + y_off + N * s_yn, hu, mask=omask)
+        g = hg.to(tl.float32)
+        act = g * tl.sigmoid(g) * hu.to(tl.float32)
+        tl.store(Hin + y_rows[:, None] * s_hm + n_offs[None, :], act.to(Hin.dtype.element_ty), mask=omask)
     else:
         tl.store(
             Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
@@ -464,7 +504,7 @@ def _s2s_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
     W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False, GLU_FWD: tl.constexpr = False,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
@@ -494,7 +534,7 @@ def _s2s_kernel(
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
                     scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD,
                 )
             else:
                 _s2s_tile(
@@ -503,7 +543,7 @@ def _s2s_kernel(
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
                     scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD,
                 )
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
@@ -518,7 +558,7 @@ def _s2s_kernel(
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
                     scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD,
                 )
             else:
                 _s2s_tile(
@@ -527,7 +567,7 @@ def _s2s_kernel(
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
                     scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD,
                 )
 
 
@@ -988,15 +1028,27 @@ def scatter2scatter(
     write_xa: bool = False,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    act_out: torch.Tensor | None = None,
 ):
     """``y = gather(x) W_e [+ s (x A_eᵀ) B_eᵀ] [+ b_e]`` scattered; returns ``(y, xa or None)``.
 
     ``A``+``B``: fused LoRA (``LORA=1``). ``xa_in``+``B``: split epilogue (``LORA=2``).
     ``write_xa`` also returns the grouped ``[L, r]`` fp32 rank intermediate.
+    ``act_out`` (``[L, N/2]``, contiguous columns): the up projection of a SiLU-gated MLP (``y = [gate | up]``); the
+    epilogue also writes ``act_out = silu(y[:, :N/2]) · y[:, N/2:]`` (rows ordered as ``y``'s), bitwise what
+    ``silu_glu_fwd(y)`` computes from ``y`` (``GLU_FWD``: each program computes ``BLOCK_N/2`` gate columns and the
+    matching up columns; see ``_s2s_tile``).
     """
+    glu = None
+    if act_out is not None:
+        L, N = sorted_scattered_idxs.numel(), W.shape[2]
+        if N % 2 or act_out.shape != (L, N // 2) or (L and act_out.stride(1) != 1):
+            raise ValueError(f"act_out must be [{L}, {N // 2}] with contiguous columns for W {tuple(W.shape)} "
+                             f"(an even output width: gate | up), got {tuple(act_out.shape)}")
+        glu = (None, act_out, 4)
     y, xa, _ = _s2s_launch(
         x, W, sorted_scattered_idxs, expert_offsets, fan_out, A, B, xa_in, scaling, bias,
-        grouped_in, grouped_out, write_xa, out, out_dtype, None,
+        grouped_in, grouped_out, write_xa, out, out_dtype, glu,
     )
     return y, xa
 
@@ -1067,19 +1119,27 @@ def _dummy(like: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, dtype, has_glu) -> dict:
     """The constexpr flags of one scatter2scatter launch (besides its tiles); ``has_glu`` the epilogue mode
-    (``GLU_BWD``: 0 plain store, 1 SiLU-GLU backward + gate + dg, 2 gate + dg against act, 3 gate only)."""
+    (``GLU_BWD``: 0 plain store, 1 SiLU-GLU backward + gate + dg, 2 gate + dg against act, 3 gate only; 4: the
+    forward SiLU-GLU, ``GLU_FWD``)."""
     return dict(
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(dtype),
-        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=int(has_glu),
+        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=int(has_glu) if has_glu != 4 else 0,
+        GLU_FWD=has_glu == 4,
     )
 
 
 def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu):
-    """``(cfg, kernel kwargs, grid, use TMA descriptors, column blocks)`` of a launch with tiles ``cfg``."""
+    """``(cfg, kernel kwargs, grid, use TMA descriptors, column blocks)`` of a launch with tiles ``cfg``.
+
+    The forward SiLU-GLU epilogue (``has_glu == 4``): ``N`` is the gate width (half of W's) and the kernel's
+    ``BLOCK_N`` half of the tile's (``cfg``'s ``BLOCK_N`` is the output columns one program computes, as for
+    every launch, so the rule and the pruning see the real tile)."""
     tiles = dict(cfg)
     want_tma = tiles.pop("TMA", False)
     persistent = bool(tiles.pop("PERSISTENT", False))
+    if has_glu == 4:
+        tiles["BLOCK_N"] //= 2
     kw = _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, x.dtype, has_glu)
     kw.update(tiles, EVEN_K=K % tiles["BLOCK_K"] == 0, EVEN_N=N % tiles["BLOCK_N"] == 0)
     ncol = _cdiv(N, tiles["BLOCK_N"])
@@ -1099,10 +1159,11 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
     gmode = 0 if glu is None else glu[2]  # the epilogue (_s2s_meta's has_glu)
     if gmode == 1:
         out = torch.empty(L, 2 * N, device=x.device, dtype=glu[1].dtype)
-    elif gmode:
+    elif gmode in (2, 3):
         out = torch.empty(L, N, device=x.device, dtype=x.dtype)
     elif out is None:
         out = torch.empty(L, N, device=x.device, dtype=out_dtype or x.dtype)
+    Nk = N // 2 if gmode == 4 else N  # the kernel's N: the gate width under the forward GLU epilogue
     lora = 0
     R = 0
     if B is not None:
@@ -1142,7 +1203,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         pkey = (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE)
         plan = _PLANS.get(pkey)
         if plan is None or plan[0] is not picked:
-            built = _s2s_plan(picked, x, L, E, K, N, R, lora, gi, go, write_xa, bias, int64, has_glu)
+            built = _s2s_plan(picked, x, L, E, K, Nk, R, lora, gi, go, write_xa, bias, int64, has_glu)
             plan = store_bounded(_PLANS, pkey, (*built, {}), _MAX_PLANS)
         _, kw, grid_, use_desc, ncol, slots = plan
     else:
@@ -1163,9 +1224,13 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
             kw, grid_, use_desc, ncol = None, None, False, 0
         else:
             _, kw, grid_, use_desc, ncol = _s2s_plan(
-                cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu
+                cfg, x, L, E, K, Nk, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu
             )
-    if has_glu:
+    if has_glu == 4:  # the forward SiLU-GLU: act written through Hin
+        dgp = None
+        gb = dgb = dummy
+        hb, s_hm, s_dgp = glu[1], glu[1].stride(0), 0
+    elif has_glu:
         gates, h = glu[0], glu[1]
         dgp = torch.empty(ncol, L, device=x.device, dtype=torch.float32) if has_glu != 3 else None
         gb, hb, dgb = gates, h if h is not None else dummy, dgp if dgp is not None else dummy
@@ -1176,7 +1241,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         s_hm = s_dgp = 0
     args = (
         x, W, out, Am, Bm, xab, xab, bb, ssi, expert_offsets,
-        K, N, R, E, fan_out, m_bucket(L),
+        K, Nk, R, E, fan_out, m_bucket(L),
         *x.stride(), *W.stride(), *out.stride(),  # x, out, xab, bias 2-D; W, A, B 3-D (one call each: host time)
         *Am.stride(), *Bm.stride(), *xab.stride(), *bb.stride(),
         float(scaling), gb, hb, dgb, s_hm, s_dgp,

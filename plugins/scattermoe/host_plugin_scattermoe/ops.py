@@ -63,6 +63,9 @@ SETTINGS: dict = {
     # scaling and dgates in the SiLU-GLU backward kernel, "gemm" (env =gemm) in the down projection's dX epilogue,
     # "0" (env =0) the old backward (the combine backward as its own kernel over the kept expert outputs y)
     "light_tail": os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"),
+    # the merged node's SiLU-GLU in the up projection's epilogue (kernels.scatter2scatter(act_out=...): h and act from
+    # one launch, bitwise the separate launches'); env SCATTERMOE_GLU_EPILOGUE=0: the up projection, then silu_glu_fwd
+    "glu_epilogue": os.environ.get("SCATTERMOE_GLU_EPILOGUE", "1") == "1",
     "backend": "auto",
 }
 
@@ -96,20 +99,23 @@ def _rank_xa(x, A, ssi, offs, fan, grouped_in):
     return xa
 
 
-def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, want_xa):
-    """Forward launcher shared with the backward's dX (which passes transposed views)."""
+def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, want_xa, act_out=None):
+    """Forward launcher shared with the backward's dX (which passes transposed views). ``act_out``: the SiLU-GLU of
+    the output, written by the (main) launch's epilogue (see ``kernels.scatter2scatter``)."""
     if B is None:
-        y, _ = K.scatter2scatter(x, W, ssi, offs, k, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out)
+        y, _ = K.scatter2scatter(x, W, ssi, offs, k, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out,
+                                 act_out=act_out)
         return y, None
     if split:
         xa = _rank_xa(x, A, ssi, offs, k, grouped_in)
         y, _ = K.scatter2scatter(
-            x, W, ssi, offs, k, B=B, xa_in=xa, scaling=scaling, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out
+            x, W, ssi, offs, k, B=B, xa_in=xa, scaling=scaling, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out,
+            act_out=act_out,
         )
         return y, xa
     return K.scatter2scatter(
         x, W, ssi, offs, k, A=A, B=B, scaling=scaling, bias=bias,
-        grouped_in=grouped_in, grouped_out=grouped_out, write_xa=want_xa,
+        grouped_in=grouped_in, grouped_out=grouped_out, write_xa=want_xa, act_out=act_out,
     )
 
 
@@ -370,11 +376,15 @@ class _GluExpertsFunction(torch.autograd.Function):
         tiled = relayout.applies(x)
         ctx.tiled = tiled
         A1k, B1k, ctx.meta1 = _prepare_lora(A1, B1, s1, dt, tiled)
+        # SETTINGS["glu_epilogue"] (the SiLU gate): act = silu_glu(h) from the up projection's epilogue (bitwise
+        # silu_glu_fwd's)
+        act = x.new_empty(ssi.numel(), W1.shape[2] // 2) if SETTINGS["glu_epilogue"] and clamp is None else None
         h, xa1 = lora_linear_fwd(x, W1, ssi, offs, k, A1k, B1k, s1, b1, False, True, split1,
-                                 B1 is not None and (need[3] or need[4]))
+                                 B1 is not None and (need[3] or need[4]), act_out=act)
         # the down projection's factors after the up projection's launch: the GPU starts the first GEMM sooner
         A2k, B2k, ctx.meta2 = _prepare_lora(A2, B2, s2, dt, tiled)
-        act = K.silu_glu_fwd(h) if clamp is None else K.clamped_glu_fwd(h, *clamp)
+        if act is None:
+            act = K.silu_glu_fwd(h) if clamp is None else K.clamped_glu_fwd(h, *clamp)
         y, xa2 = lora_linear_fwd(act, W2, ssi, offs, 1, A2k, B2k, s2, b2, True, False, split2,
                                  B2 is not None and (need[5] or need[6]))
         out = K.combine(y, gates)

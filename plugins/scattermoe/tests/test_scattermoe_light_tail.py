@@ -221,7 +221,7 @@ def test_where_the_light_tail_applies_and_what_it_keeps(grads, H, I, r, applies,
     reference either way."""
     p = problem(10, 5, H, I, 2, r, torch.float32, seed=8)
     seen = {}
-    real = K.combine, K.silu_glu_fwd
+    real = K.combine, K.silu_glu_fwd, ops.lora_linear_fwd
     K.combine = lambda y, g, *a: seen.setdefault("y", weakref.ref(y)) and real[0](y, g, *a)
 
     def silu_fwd(h):
@@ -229,7 +229,12 @@ def test_where_the_light_tail_applies_and_what_it_keeps(grads, H, I, r, applies,
         seen["act"] = weakref.ref(act)
         return act
 
-    K.silu_glu_fwd = silu_fwd
+    def up(*a, act_out=None):  # the up projection with the SiLU-GLU in its epilogue (ops.SETTINGS["glu_epilogue"])
+        if act_out is not None:
+            seen["act"] = weakref.ref(act_out)
+        return real[2](*a, act_out=act_out)
+
+    K.silu_glu_fwd, ops.lora_linear_fwd = silu_fwd, up
     try:
         leaves = {n: (p[n].detach().clone().requires_grad_(n in grads) if p[n] is not None else None) for n in NAMES}
         sei, ssi, offs = p["routing"]
@@ -246,7 +251,7 @@ def test_where_the_light_tail_applies_and_what_it_keeps(grads, H, I, r, applies,
             ops.SETTINGS.clear()
             ops.SETTINGS.update(old)
     finally:
-        K.combine, K.silu_glu_fwd = real
+        K.combine, K.silu_glu_fwd, ops.lora_linear_fwd = real
     _, g_ref = run_reference(p, grads)
     for n in grads:
         assert rel(leaves[n].grad, g_ref[n]) < 1e-4, n
