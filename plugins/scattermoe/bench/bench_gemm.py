@@ -10,7 +10,11 @@ are timed (median ms, ``triton.testing.do_bench``) and reported in TFLOP/s of th
 ``gather+tma``: x gathered into sorted order first (``index_select``, timed with it), then a TMA
 launch. ``cuBLAS`` is a dense ``torch.mm`` of the same FLOPs (the ceiling at this size).
 
-Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final]
+``--glu``: only the SiLU-gated shapes' up projection as the merged node runs it, the rule's tiles: ``up + silu_glu``
+(the launch, then ``silu_glu_fwd``: ``SCATTERMOE_GLU_EPILOGUE=0``), ``up+glu epilogue`` (one launch writing h and act,
+the default) and ``up alone`` (the launch without the GLU: what the epilogue adds to it).
+
+Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final] [--glu]
        [--part i/n --compile-only]  (compile a share of the variants, to fill Triton's cache in parallel)
 """
 
@@ -89,6 +93,51 @@ def launches(name, T, r, dev, dt):
     ]
 
 
+def glu_rows(name, T, r, dev, dt):
+    """``--glu``: the up projection of the merged node (gathered x -> grouped h, LoRA as the block runs it) without
+    and with the SiLU-GLU epilogue, rule tiles; rows for the table."""
+    from host_plugin_scattermoe import kernels as K
+    from host_plugin_scattermoe import ops
+    from host_plugin_scattermoe.routing import sort_tokens
+
+    family, E, H, I, k = SHAPES[name]
+    if family != "qwen3":
+        return []
+    g = torch.Generator(device=dev).manual_seed(0)
+    sei, ssi, offs = sort_tokens(torch.randn(T, E, device=dev, generator=g).topk(k, -1).indices, E)
+    L = T * k
+
+    def rnd(*shape, scale=0.02):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).to(dt)
+
+    W1 = rnd(E, 2 * I, H).transpose(1, 2)
+    A1, B1 = ops.kernel_strides(rnd(E, r, H), rnd(E, 2 * I, r))
+    x = rnd(T, H, scale=1)
+    split = ops.use_split(E, H, 2 * I)
+    act = torch.empty(L, I, device=dev, dtype=dt)
+
+    def up(act_out):
+        return ops.lora_linear_fwd(x, W1, ssi, offs, k, A1, B1, 2.0, None, False, True, split, True, act_out=act_out)
+
+    variants = [("up + silu_glu", lambda: K.silu_glu_fwd(up(None)[0])), ("up+glu epilogue", lambda: up(act)),
+                ("up alone", lambda: up(None)), ("silu_glu alone", lambda: K.silu_glu_fwd(h0))]
+    K.FORCE.clear()
+    h0 = up(None)[0]
+    h1, _ = up(act)
+    same = bool(torch.equal(h0, h1) and torch.equal(act, K.silu_glu_fwd(h0)))
+    flops = 2 * L * H * 2 * I
+    rows = []
+    for vname, fn in variants:
+        fn()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(fn, warmup=10, rep=40)
+        rows.append({"shape": name, "launch": "up fwd", "variant": vname, "split": split, "ms": ms,
+                     "tflops": flops / ms / 1e9, "bitwise": same,
+                     "cfg": {str(k_): v for k_, v in K._PICKED.items() if k_[1][1] == 2 * I}})
+        print(f"{name:<16}{'up fwd':<9}{vname:<30}{ms:>8.3f}{flops / ms / 1e9:>8.0f}  bitwise={same}", flush=True)
+    return rows
+
+
 def grouped_mm_ms(name, launch, T, dev, dt):
     """``torch._grouped_mm`` (torch's CUTLASS grouped GEMM) on the launch's base GEMM: rows already grouped, weights
     as the model stores them, no LoRA, no gather/scatter (a lower bound for a grouped_mm-based path)."""
@@ -121,6 +170,7 @@ def main():
     ap.add_argument("--part", default="0/1")
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--final", action="store_true", help="only the rule before TMA vs the current rule")
+    ap.add_argument("--glu", action="store_true", help="the up projection with and without the SiLU-GLU epilogue")
     ap.add_argument("--persist", action="store_true",
                     help="the current rule vs the persistent grid at PERSIST_TILES, and torch._grouped_mm (no LoRA)")
     args = ap.parse_args()
@@ -128,6 +178,20 @@ def main():
 
     part, nparts = map(int, args.part.split("/"))
     dev, dt = "cuda", torch.bfloat16
+    if args.glu:
+        rows = [r_ for name in args.shapes for r_ in glu_rows(name, args.tokens, args.rank, dev, dt)]
+        print(f"\n{torch.cuda.get_device_name()}  T={args.tokens} r={args.rank} bf16; up projection (rule tiles)")
+        print(f"{'shape':<16}{'up + silu_glu':>14}{'epilogue':>10}{'up alone':>10}{'glu alone':>10}  bitwise")
+        for name in args.shapes:
+            got = {r_["variant"]: r_ for r_ in rows if r_["shape"] == name}
+            if got:
+                print(f"{name:<16}{got['up + silu_glu']['ms']:>14.3f}{got['up+glu epilogue']['ms']:>10.3f}"
+                      f"{got['up alone']['ms']:>10.3f}{got['silu_glu alone']['ms']:>10.3f}  {got['up alone']['bitwise']}")
+        out = args.json or os.path.join(os.environ.get("OUT", "."), "bench_gemm_glu.json")
+        with open(out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "rank": args.rank, "rows": rows}, f,
+                      indent=1)
+        return
     rows, idx = [], 0
     for name in args.shapes:
         L, specs = launches(name, args.tokens, args.rank, dev, dt)

@@ -19,8 +19,11 @@
 (b+unmerged) the same with the experts call as separate autograd nodes (``SCATTERMOE_MERGED=0``: up projection, gate,
     down projection, combine, each its own node, the combine backward over the kept ``y``), for before/after of the
     merged node in one process (gpt-oss: the merged node with its biases and clamped gate, 2026-12-06 third session)
-(b+before) the same with all three of the above off (torch sort, torch copies, old backward): main before the
+(b+before) the same with all three of the above off (torch sort, torch copies, old backward; and the SiLU-GLU as its
+    own kernel, below): main before the
     2026-12-06 afternoon pass, for the whole pass's before/after in one run
+(b+gluepi0) the same with the SiLU-GLU as its own kernel after the up projection (``SCATTERMOE_GLU_EPILOGUE=0``)
+    instead of in the up projection's epilogue, for before/after in one run
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -232,7 +235,7 @@ def main():
         fl = flops(E, H, I, k, T, R)
         ref = None
         for impl in impls:
-            if impl in ("liger", "scattermoe+tail") and family == "gpt_oss":
+            if impl in ("liger", "scattermoe+tail", "scattermoe+gluepi0") and family == "gpt_oss":
                 continue
             torch.cuda.empty_cache()
             holder, cfg = build_block(family, E, H, I, k, R, lora=impl != "liger")
@@ -260,6 +263,8 @@ def main():
                 impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             ops.SETTINGS["merged"] = impl != "scattermoe+unmerged" and os.environ.get("SCATTERMOE_MERGED", "1") == "1"
+            ops.SETTINGS["glu_epilogue"] = impl not in ("scattermoe+gluepi0", "scattermoe+before") and os.environ.get(
+                "SCATTERMOE_GLU_EPILOGUE", "1") == "1"
             cfg._experts_implementation = impl.split("+")[0]
             lparams = [p for p in holder.parameters() if p.requires_grad]
             torch.manual_seed(1)
