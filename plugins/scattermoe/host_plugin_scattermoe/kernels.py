@@ -16,8 +16,10 @@ kernel layout of :mod:`host_plugin_scattermoe.reference` (``W [E, K, N]``, ``A [
 
   adds the per-expert bias and scatters the rows straight to their destination in the epilogue
   (grouped order, or the flat ``t*k+j`` order). ``WRITE_XA`` stores the rank-``r`` intermediate
-  (grouped, fp32) for the backward pass. The backward ``dX = dY Wᵀ + s (dY B) A`` is this same
-  kernel on transposed views (``W → Wᵀ``, ``A → Bᵀ``, ``B → Aᵀ``), LoRA fused, writing ``dY·B``.
+  (grouped, fp32) for the backward pass. ``GLU_FWD`` (``act_out=``): the up projection of a SiLU-gated
+  MLP also writes ``act = silu(h_gate)·h_up`` (each program: half a tile of gate columns and the
+  matching up columns). The backward ``dX = dY Wᵀ + s (dY B) A`` is this same kernel on
+  transposed views (``W → Wᵀ``, ``A → Bᵀ``, ``B → Aᵀ``), LoRA fused, writing ``dY·B``.
 * ``group_outer``: per expert, ``out_e = scaling · Σ_rows L[row]ᵀ R[row]`` with either operand
   gathered through ``ssi``; grid ``(E, P/BLOCK_P, Q/BLOCK_Q)``, each program walks its expert's
   rows from the device-side offsets. ``dA = s·(dY B)ᵀ X``, ``dB = s·dYᵀ (X Aᵀ)`` and the

@@ -116,15 +116,24 @@ def test_epilogue_is_bitwise_the_two_launches(monkeypatch, tiles, lora, dtype):
     assert ((act.double() - want).norm() / want.norm()).item() < tol
 
 
+@pytest.mark.parametrize("w_layout", ["stored [2I, H]", "stored [H, 2I]"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_epilogue_other_layouts_and_bias(dtype):
+def test_epilogue_other_layouts_and_bias(monkeypatch, dtype, w_layout):
     """The epilogue in every grouped/scattered layout, with a bias (not a SiLU family's, but the kernel takes one),
-    fused LoRA: bitwise the two launches."""
-    T, E, H, I, k, r = 13, 6, 35, 24, 2, 16
+    fused LoRA, W through TMA descriptors in both storage layouts (the up half's box at expert row ``e·2I + I + n0``,
+    or column ``I + n0``): bitwise the two launches."""
+    monkeypatch.setattr(K, "TMA_MODE", "1")
+    T, E, H, I, k, r = 13, 6, 40, 24, 2, 16  # H: rows of 16-byte multiples (a descriptor's rule), not of BLOCK_K
     x, W, A, B, b, sei, ssi, offs = _problem(T, E, H, I, k, r, dtype, seed=5, bias=True)
+    if w_layout == "stored [H, 2I]":
+        W = W.contiguous()
+    taken = []
+    real = K._tma_descs
+    monkeypatch.setattr(K, "_tma_descs", lambda *a: taken.append(real(*a)) or taken[-1])
     for gin, gout in [(False, True), (True, False), (False, False), (True, True)]:
         (h, act, xa), (h2, act2, xa2) = _both(x, W, A, B, b, ssi, offs, k, "fused", gin, gout)
         assert _same(h, h2) and _same(act, act2) and torch.equal(xa, xa2), (gin, gout)
+    assert {t[0] for t in taken} == {1 if w_layout == "stored [2I, H]" else 2}
 
 
 def test_act_out_is_checked():
