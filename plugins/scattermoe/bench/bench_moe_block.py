@@ -22,8 +22,8 @@
 (b+before) the same with all three of the above off (torch sort, torch copies, old backward; and the SiLU-GLU as its
     own kernel, below): main before the
     2026-12-06 afternoon pass, for the whole pass's before/after in one run
-(b+gluepi0) the same with the SiLU-GLU as its own kernel after the up projection (``SCATTERMOE_GLU_EPILOGUE=0``)
-    instead of in the up projection's epilogue, for before/after in one run
+(b+gluepi0) / (b+gluepi1) the same with the SiLU-GLU as its own kernel after the up projection
+    (``SCATTERMOE_GLU_EPILOGUE=0``) / in the up projection's epilogue (``=1``), for before/after in one run
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -219,7 +219,9 @@ def main():
         return isolated(args)
 
     from host_plugin_scattermoe import experts, lora
+    from host_plugin_scattermoe import ops as _ops
 
+    glu_default = _ops.SETTINGS["glu_epilogue"]  # the plugin's default (env SCATTERMOE_GLU_EPILOGUE)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import liger_peer
 
@@ -263,8 +265,8 @@ def main():
                 impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
             ops.SETTINGS["merged"] = impl != "scattermoe+unmerged" and os.environ.get("SCATTERMOE_MERGED", "1") == "1"
-            ops.SETTINGS["glu_epilogue"] = impl not in ("scattermoe+gluepi0", "scattermoe+before") and os.environ.get(
-                "SCATTERMOE_GLU_EPILOGUE", "1") == "1"
+            ops.SETTINGS["glu_epilogue"] = {"scattermoe+gluepi0": False, "scattermoe+gluepi1": True,
+                                             "scattermoe+before": False}.get(impl, glu_default)
             cfg._experts_implementation = impl.split("+")[0]
             lparams = [p for p in holder.parameters() if p.requires_grad]
             torch.manual_seed(1)

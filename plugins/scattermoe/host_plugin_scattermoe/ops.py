@@ -64,8 +64,9 @@ SETTINGS: dict = {
     # "0" (env =0) the old backward (the combine backward as its own kernel over the kept expert outputs y)
     "light_tail": os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"),
     # the merged node's SiLU-GLU in the up projection's epilogue (kernels.scatter2scatter(act_out=...): h and act from
-    # one launch, bitwise the separate launches'); env SCATTERMOE_GLU_EPILOGUE=0: the up projection, then silu_glu_fwd
-    "glu_epilogue": os.environ.get("SCATTERMOE_GLU_EPILOGUE", "1") == "1",
+    # one launch, bitwise the separate launches'); env SCATTERMOE_GLU_EPILOGUE=1 turns it on, 0: the up projection,
+    # then silu_glu_fwd. Off by default until a GPU run (triton 3.6, sm_90) has checked and timed it.
+    "glu_epilogue": os.environ.get("SCATTERMOE_GLU_EPILOGUE", "0") == "1",
     "backend": "auto",
 }
 
