@@ -137,14 +137,16 @@ def test_act_out_is_checked():
         K.scatter2scatter(x, W[:, :, 1:], ssi, offs, k, grouped_out=True, act_out=torch.empty(T * k, I, device=DEV))
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "biases"])
 @pytest.mark.parametrize("split", [False, True], ids=["fused-lora", "split-lora"])
 @pytest.mark.parametrize("dtype", [
     pytest.param(torch.float32, marks=pytest.mark.skipif(K.INTERPRET, reason="OpenBLAS's fp32 rounding (module doc)")),
     torch.float16,
 ], ids=["fp32", "fp16"])
-def test_merged_node_bitwise_with_and_without_epilogue(monkeypatch, dtype, split):
+def test_merged_node_bitwise_with_and_without_epilogue(monkeypatch, dtype, split, bias):
     """``ops.glu_experts`` (the default light tail) with ``SETTINGS["glu_epilogue"]`` on and off: the same output and
-    gradients, bit for bit (act and h are bitwise the same, so is everything downstream)."""
+    gradients, bit for bit (act and h are bitwise the same, so is everything downstream); with trainable biases on
+    both projections (the SiLU gate with ``b1``: the epilogue adds it to both halves)."""
     monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
     monkeypatch.setitem(ops.SETTINGS, "fused_lora", not split)
     T, E, H, I, k, r = 11, 4, 32, 20, 2, 4
@@ -160,12 +162,16 @@ def test_merged_node_bitwise_with_and_without_epilogue(monkeypatch, dtype, split
     wts, idx = rn(T, E).softmax(-1).topk(k, dim=1)
     sei, ssi, offs = sort_tokens(idx, E)
     dout = rn(T, H).to(dtype)
+    b1, b2 = rn(E, 2 * I, scale=0.1).to(dtype), rn(E, H, scale=0.1).to(dtype)
     res = []
     for on in (True, False):
         monkeypatch.setitem(ops.SETTINGS, "glu_epilogue", on)
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, wa1, wb1, wa2, wb2, wts)]
+        if bias:
+            leaves += [t.detach().clone().requires_grad_(True) for t in (b1, b2)]
         out = ops.glu_experts(leaves[0], W1.transpose(1, 2), W2.transpose(1, 2), k, sei, ssi, offs,
-                              (leaves[1], leaves[2], 2.0), (leaves[3], leaves[4], 0.5), leaves[5])
+                              (leaves[1], leaves[2], 2.0), (leaves[3], leaves[4], 0.5), leaves[5],
+                              b1=leaves[6] if bias else None, b2=leaves[7] if bias else None)
         out.backward(dout)
         res.append((out.detach(), [t.grad for t in leaves]))
     (o1, g1), (o2, g2) = res
