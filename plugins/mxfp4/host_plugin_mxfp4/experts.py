@@ -2,9 +2,10 @@
 
 * ``selective`` (A): the experts this batch routes to are gathered from the packed container,
   dequantized to the activation dtype (a ``[a, N, K]`` buffer, ``a`` = active experts), the routing
-  is remapped to ``0..a-1``, and scattermoe's bf16 path (``host_plugin_scattermoe.ops``, and its
-  fused GLU/down/combine tail when that is on) runs on them: bit-identical to scattermoe
-  on the dequantized weights. With at least ``DENSE_ROUTES_PER_EXPERT`` routed rows per expert
+  is remapped to ``0..a-1``, and scattermoe's bf16 path runs on them (in training its merged experts
+  node with the light tail, ``host_plugin_scattermoe.experts.merged_kwargs``, where scattermoe takes it;
+  else its separate nodes, and its fused GLU/down/combine tail when that is on): bit-identical to
+  scattermoe on the dequantized weights. With at least ``DENSE_ROUTES_PER_EXPERT`` routed rows per expert
   (T·k ≥ 4E: every expert is almost surely routed) all experts are dequantized in place of the
   selection: no ``torch.unique`` (a host synchronisation that stalls the step), no remap, no gather
   copy of the packed bytes. (Decoding the down projection on a side stream during the up GEMM
@@ -84,6 +85,7 @@ def _dense_routing(self, top_k_index) -> bool:
 def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     """Strategy A (see module doc)."""
     from host_plugin_scattermoe import fused, ops
+    from host_plugin_scattermoe.experts import merged_kwargs
     from host_plugin_scattermoe.routing import sort_tokens
 
     up_name, (l1, b1), (l2, b2) = _layer_params(self)
@@ -115,11 +117,23 @@ def selective_forward(self, hidden_states, top_k_index, top_k_weights):
     W1 = w1.dequantize(dt, k_major=k_major).transpose(1, 2)
     sei, ssi, offs = sort_tokens(idx, a)
     x = hidden_states.to(dt)
+    W2 = None
+    if torch.is_grad_enabled():
+        # Training: the backward keeps both decoded weights anyway, so this is scattermoe's own experts call (its
+        # merged node and light tail where they apply, merged_kwargs), bit-identical to scattermoe on the decoded
+        # weights. Without gradients the two projections run one after the other (below): one decoded weight at a time.
+        w2, l2, b2 = select("down_proj", l2, b2)
+        W2 = w2.dequantize(dt, k_major=k_major).transpose(1, 2)
+        merged = merged_kwargs(self, x, b1, b2)
+        if merged is not None:
+            out = ops.glu_experts(x, W1, W2, k, sei, ssi, offs, l1, l2, top_k_weights, **merged)
+            return out.to(hidden_states.dtype)
     A1, B1, s1 = l1 if l1 is not None else (None, None, 0.0)
     h = ops.scattered_experts(x, W1, k, sei, ssi, offs, A1, B1, s1, b1, grouped_in=False, grouped_out=True)
     del W1  # freed here in no-grad forwards (autograd keeps it otherwise): the two decoded weights never coexist then
-    w2, l2, b2 = select("down_proj", l2, b2)
-    W2 = w2.dequantize(dt, k_major=k_major).transpose(1, 2)
+    if W2 is None:
+        w2, l2, b2 = select("down_proj", l2, b2)
+        W2 = w2.dequantize(dt, k_major=k_major).transpose(1, 2)
     A2, B2, s2 = l2 if l2 is not None else (None, None, 0.0)
     if fused.applies(self, b2):  # the same fused tail as scattermoe's experts forward (bit-identical to it)
         return fused.glu_down_combine(h, W2, k, sei, ssi, offs, A2, B2, s2, top_k_weights).to(hidden_states.dtype)

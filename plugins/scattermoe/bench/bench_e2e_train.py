@@ -20,7 +20,12 @@ RUNS = {
     "scattermoe": (["scattermoe"], {}, {}),
     "scattermoe+graph": (["scattermoe"], {"scattermoe_cuda_graph": True}, {}),
     "scattermoe+before": (["scattermoe"], {}, {"SCATTERMOE_TRITON_ROUTING": "0", "SCATTERMOE_TILED_RELAYOUT": "0",
-                                               "SCATTERMOE_LIGHT_TAIL": "0"}),
+                                               "SCATTERMOE_LIGHT_TAIL": "0", "SCATTERMOE_GLU_EPILOGUE": "0"}),
+    # one switch off at a time (which change moves the step)
+    "scattermoe-sort": (["scattermoe"], {}, {"SCATTERMOE_TRITON_ROUTING": "0"}),
+    "scattermoe-relayout": (["scattermoe"], {}, {"SCATTERMOE_TILED_RELAYOUT": "0"}),
+    "scattermoe-light": (["scattermoe"], {}, {"SCATTERMOE_LIGHT_TAIL": "0"}),
+    "scattermoe+gluepi": (["scattermoe"], {}, {"SCATTERMOE_GLU_EPILOGUE": "1"}),
 }
 
 
