@@ -22,8 +22,8 @@ suite() {  # name, seconds, pytest args...: runs in the background (one process 
   ( timeout "$limit" python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$@" > "$OUT/$name.log" 2>&1
     echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/$name.log" | tail -1)" >> "$OUT/summary.txt" ) &
 }
-# Every test file of the two kernel plugins (on a GPU they run the compiled kernels), one process each, all at once: a cold start is
-# Triton compiles (CPU-bound, one core per process), so they overlap on the machine's 16 cores.
+# Every test file of the two kernel plugins (on a GPU they run the compiled kernels), one process each, all at once:
+# a cold start is Triton compiles (CPU-bound, one core per process), so they overlap on the machine's 16 cores.
 if [ "${TESTS_S:-240}" != 0 ]; then
   for f in plugins/scattermoe/tests/test_*.py plugins/mxfp4/tests/test_*.py; do
     suite "$(basename "$f" .py)" "${TESTS_S:-240}" "$f"
@@ -32,6 +32,8 @@ if [ "${TESTS_S:-240}" != 0 ]; then
 fi
 step bench_moe_block "${BLOCK_S:-230}" python3 $B/bench_moe_block.py --iters 20 \
   --impls ${BLOCK_IMPLS:-grouped_mm scattermoe scattermoe+before} --json "$OUT/bench_moe_block.json"
+step bench_moe_block2 "${BLOCK2_S:-0}" python3 $B/bench_moe_block.py --iters 20 --shapes ${BLOCK2_SHAPES:-gpt-oss-20b} \
+  --impls ${BLOCK2_IMPLS:-scattermoe scattermoe+unmerged} --json "$OUT/bench_moe_block2.json"
 step profile "${PROFILE_S:-30}" python3 $B/profile_block.py Qwen3-30B-A3B
 step host_overhead "${HOST_S:-0}" python3 $B/host_overhead.py --json "$OUT/host_overhead.json"
 step cprofile "${HOST_S:-0}" python3 $B/diagnose_gap.py --impls scattermoe --iters 20 --cprofile
@@ -43,6 +45,7 @@ step bench_gemm_glu "${GEMM_S:-0}" python3 $B/bench_gemm.py --glu --shapes Qwen3
   --json "$OUT/bench_gemm_glu.json"
 cat "$OUT/device.txt"
 grep -A 24 "^device" "$OUT/bench_moe_block.log" | cut -c1-128
+grep -A 6 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
 grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
 grep -E "total|_s2s|outer|silu|combine|sort|copy|topk" "$OUT/profile.log" | head -14 | cut -c1-110
 grep -A 9 "^run" "$OUT/e2e.log" | cut -c1-100; grep "^speed-up" "$OUT/e2e.log"
