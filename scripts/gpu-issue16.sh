@@ -19,7 +19,7 @@ step() {  # name, seconds (0 skips the step), command...
 }
 suite() {  # name, seconds, pytest args...: runs in the background (one process per test file, see below)
   local name=$1 limit=$2; shift 2
-  ( timeout "$limit" python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$@" > "$OUT/$name.log" 2>&1
+  ( timeout "$limit" env ${TESTS_ENV:-} python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$@" > "$OUT/$name.log" 2>&1
     echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/$name.log" | tail -1)" >> "$OUT/summary.txt" ) &
 }
 # Every test file of the two kernel plugins (on a GPU they run the compiled kernels), one process each, all at once:
