@@ -10,7 +10,7 @@ are timed (median ms, ``triton.testing.do_bench``) and reported in TFLOP/s of th
 ``gather+tma``: x gathered into sorted order first (``index_select``, timed with it), then a TMA
 launch. ``cuBLAS`` is a dense ``torch.mm`` of the same FLOPs (the ceiling at this size).
 
-``--glu``: only the SiLU-gated shapes' up projection as the merged node runs it, the rule's tiles: ``up + silu_glu``
+``--glu``: the up projection as the merged node runs it (gpt-oss: its bias and clamped GLU), rule tiles: ``up + silu_glu``
 (the launch, then ``silu_glu_fwd``: ``SCATTERMOE_GLU_EPILOGUE=0``), ``up+glu epilogue`` (one launch writing h and act,
 the default) and ``up alone`` (the launch without the GLU: what the epilogue adds to it).
 
@@ -95,14 +95,15 @@ def launches(name, T, r, dev, dt):
 
 def glu_rows(name, T, r, dev, dt):
     """``--glu``: the up projection of the merged node (gathered x -> grouped h, LoRA as the block runs it) without
-    and with the SiLU-GLU epilogue, rule tiles; rows for the table."""
+    and with the GLU epilogue (SiLU of [gate | up]; gpt-oss: its bias, interleaved columns and clamped GLU), rule
+    tiles; rows for the table."""
     from host_plugin_scattermoe import kernels as K
     from host_plugin_scattermoe import ops
     from host_plugin_scattermoe.routing import sort_tokens
 
     family, E, H, I, k = SHAPES[name]
-    if family != "qwen3":
-        return []
+    gpt = family == "gpt_oss"
+    clamp = (1.702, 7.0) if gpt else None
     g = torch.Generator(device=dev).manual_seed(0)
     sei, ssi, offs = sort_tokens(torch.randn(T, E, device=dev, generator=g).topk(k, -1).indices, E)
     L = T * k
@@ -110,21 +111,26 @@ def glu_rows(name, T, r, dev, dt):
     def rnd(*shape, scale=0.02):
         return (torch.randn(*shape, device=dev, generator=g) * scale).to(dt)
 
-    W1 = rnd(E, 2 * I, H).transpose(1, 2)
+    W1 = rnd(E, H, 2 * I) if gpt else rnd(E, 2 * I, H).transpose(1, 2)  # as bench's launches(): gpt-oss stores [E, K, N]
+    b1 = rnd(E, 2 * I) if gpt else None
     A1, B1 = ops.kernel_strides(rnd(E, r, H), rnd(E, 2 * I, r))
     x = rnd(T, H, scale=1)
     split = ops.use_split(E, H, 2 * I)
     act = torch.empty(L, I, device=dev, dtype=dt)
 
     def up(act_out):
-        return ops.lora_linear_fwd(x, W1, ssi, offs, k, A1, B1, 2.0, None, False, True, split, True, act_out=act_out)
+        return ops.lora_linear_fwd(x, W1, ssi, offs, k, A1, B1, 2.0, b1, False, True, split, True, act_out=act_out,
+                                   act_clamp=clamp)
 
-    variants = [("up + silu_glu", lambda: K.silu_glu_fwd(up(None)[0])), ("up+glu epilogue", lambda: up(act)),
-                ("up alone", lambda: up(None)), ("silu_glu alone", lambda: K.silu_glu_fwd(h0))]
+    def gate(h):
+        return K.silu_glu_fwd(h) if clamp is None else K.clamped_glu_fwd(h, *clamp)
+
+    variants = [("up + silu_glu", lambda: gate(up(None)[0])), ("up+glu epilogue", lambda: up(act)),
+                ("up alone", lambda: up(None)), ("silu_glu alone", lambda: gate(h0))]
     K.FORCE.clear()
     h0 = up(None)[0]
     h1, _ = up(act)
-    same = bool(torch.equal(h0, h1) and torch.equal(act, K.silu_glu_fwd(h0)))
+    same = bool(torch.equal(h0, h1) and torch.equal(act, gate(h0)))
     flops = 2 * L * H * 2 * I
     rows = []
     for vname, fn in variants:

@@ -26,6 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from host_plugin_scattermoe import kernels as K  # noqa: E402
 
 PTRS = ["X", "W", "Y", "A", "Bm", "XA_in", "XA_out", "Bias", "ssi_ptr", "offsets_ptr", "Gates", "Hin", "DGP"]
+FP32_ARGS = {"scaling", "glu_alpha", "glu_limit"}
 PTR_T = {"XA_in": "*fp32", "XA_out": "*fp32", "ssi_ptr": "*i64", "offsets_ptr": "*i64", "Gates": "*fp32", "DGP": "*fp32"}
 
 
@@ -37,9 +38,9 @@ UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 
 
 def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False,
-                    persistent: bool = False, half_tail: bool = False, glu_fwd: bool = False):
+                    persistent: bool = False, half_tail: bool = False, glu_fwd: int = 0):
     fn = K._s2s_kernel
-    if glu_fwd:  # the kernel's BLOCK_N is the half tile (kernels._s2s_plan)
+    if glu_fwd == 1:  # the kernel's BLOCK_N is the half tile (kernels._s2s_plan)
         bn //= 2
     sig, const, attrs = {}, {}, {}
     unit = UNIT_DX if dx else UNIT
@@ -59,11 +60,11 @@ def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn
             continue
         if name in PTRS:
             sig[name] = PTR_T.get(name, "*bf16")
-        elif name == "scaling":
+        elif name in FP32_ARGS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-        if name != "scaling" and name not in ("FAN_OUT", "R"):
+        if name not in FP32_ARGS and name not in ("FAN_OUT", "R"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     const.update(
         X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
@@ -122,13 +123,15 @@ def main():
     if args.glu_fwd:
         variants += [("fwd up + SiLU-GLU (LoRA fused)", "fwd", 1, False, True, False),
                      ("fwd up + SiLU-GLU (split epilogue)", "fwd", 2, False, True, False),
-                     ("fwd up + SiLU-GLU (no LoRA)", "fwd", 0, False, True, False)]
+                     ("fwd up + SiLU-GLU (no LoRA)", "fwd", 0, False, True, False),
+                     # gpt-oss stores W1 [E, H, 2I] (N contiguous: the dX launches' W layout and unit strides)
+                     ("fwd up + clamped GLU (gpt-oss, LoRA)", "oss", 1, False, True, True)]
     for label, glu, lora, gin, gout, dx in variants:
         for t in args.tiles:
             bm, bn, bk, w, s = map(int, t.split(","))
             try:
-                r = compile_variant(0 if glu == "fwd" else glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma,
-                                    args.persistent, args.half_tail, glu_fwd=glu == "fwd")
+                r = compile_variant(0 if glu in ("fwd", "oss") else glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma,
+                                    args.persistent, args.half_tail, glu_fwd={"fwd": 1, "oss": 2}.get(glu, 0))
                 print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}"
                       f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}")
             except Exception as e:  # noqa: BLE001

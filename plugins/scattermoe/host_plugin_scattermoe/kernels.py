@@ -338,7 +338,7 @@ def _s2s_tile(
     s_xam, s_xar, s_bias_e, s_bias_n,
     scaling,
     Gates, Hin, DGP, s_hm, s_dgp,
-    Wd, Xd,
+    Wd, Xd, glu_alpha, glu_limit,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -348,12 +348,15 @@ def _s2s_tile(
     """One output tile of ``_s2s_kernel``: rows ``row0 .. min(row0 + BLOCK_M, end)`` of expert ``e``, column block
     ``pid_n`` (the GEMM K loop, LoRA, bias and the epilogue store).
 
-    ``GLU_FWD`` (the up projection of a SiLU-gated MLP, ``scatter2scatter(act_out=...)``): W has ``2N`` columns (gate
+    ``GLU_FWD == 1`` (the up projection of a SiLU-gated MLP, ``scatter2scatter(act_out=...)``): W has ``2N`` columns (gate
     ``[0, N)``, up ``[N, 2N)``) and the column block is the gate columns ``pid_n·BLOCK_N + [0, BLOCK_N)`` and the
     same up columns ``N + …``: two W tiles per K step into two accumulators (the same registers as one tile twice
     as wide), the LoRA epilogue split the same way. The epilogue stores both halves of ``h`` and
     ``act = silu(g)·u`` (``Hin``, row stride ``s_hm``) from the rounded ``h`` values with
-    ``_silu_glu_fwd_kernel``'s fp32 formula, so ``h`` and ``act`` are bitwise the two separate launches'."""
+    ``_silu_glu_fwd_kernel``'s fp32 formula, so ``h`` and ``act`` are bitwise the two separate launches'.
+    ``GLU_FWD == 2`` (gpt-oss, ``act_clamp=(alpha, limit)``): interleaved gate/up columns in the one plain tile; the
+    epilogue splits the rounded tile's column pairs and writes ``_clamped_glu_fwd_kernel``'s ``act`` (``glu_alpha``,
+    ``glu_limit``; unused otherwise)."""
     e64 = e.to(tl.int64)
     rows, m_mask, x_rows, y_rows = block_rows(row0, end, ssi_ptr, FAN_OUT, X_GROUPED, Y_GROUPED, INT64, BLOCK_M)
 
@@ -370,7 +373,7 @@ def _s2s_tile(
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n0 = pid_n * BLOCK_N
     w_width = N  # W's columns per expert (the descriptor's row stride between experts for W_DESC == 1)
-    if GLU_FWD:
+    if GLU_FWD == 1:
         w_width = 2 * N
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up half: W columns N + n_offs
     for k0 in range(0, K, BLOCK_K):
@@ -387,7 +390,7 @@ def _s2s_tile(
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = _w_tile(Wd, w_ptrs, e, w_width, n0, k0, K, k_mask, n_mask, W_DESC, EVEN_K, EVEN_N)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
-        if GLU_FWD:
+        if GLU_FWD == 1:
             wu = _w_tile(Wd, w_ptrs + N * s_wn, e, w_width, N + n0, k0, K, k_mask, n_mask, W_DESC, EVEN_K, EVEN_N)
             acc_u += tl.dot(x, wu.to(x.dtype), input_precision=DOT_PREC)
         if LORA == 1:
@@ -426,14 +429,14 @@ def _s2s_tile(
         # Accumulate in place: a separate [BLOCK_M, BLOCK_N] product tile would double the
         # accumulator registers and push the tuner to small tiles.
         acc = tl.dot(xs, tl.trans(b), acc, input_precision=DOT_PREC)
-        if GLU_FWD:
+        if GLU_FWD == 1:
             bu = tl.load(b_ptrs + N * s_bn, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             acc_u = tl.dot(xs, tl.trans(bu.to(X.dtype.element_ty)), acc_u, input_precision=DOT_PREC)
     if HAS_BIAS:
         bias_ptrs = Bias + e64 * s_bias_e + n_offs * s_bias_n
         bias = tl.load(bias_ptrs, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-        if GLU_FWD:
+        if GLU_FWD == 1:
             acc_u += tl.load(bias_ptrs + N * s_bias_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if GLU_BWD == 1:
         # dX of the down projection fed the *token* gradient (x rows = dout[t]), so acc = d(act) / g.
@@ -469,7 +472,7 @@ def _s2s_tile(
             (acc * gv[:, None]).to(Y.dtype.element_ty),
             mask=omask,
         )
-    elif GLU_FWD:
+    elif GLU_FWD == 1:
         # h's two halves, then act = silu(g)·u from the values h holds (rounded to its dtype), in fp32 as
         # _silu_glu_fwd_kernel computes it: the backward reads h, the down projection act.
         omask = m_mask[:, None] & n_mask[None, :]
@@ -481,6 +484,19 @@ def _s2s_tile(
         g = hg.to(tl.float32)
         act = g * tl.sigmoid(g) * hu.to(tl.float32)
         tl.store(Hin + y_rows[:, None] * s_hm + n_offs[None, :], act.to(Hin.dtype.element_ty), mask=omask)
+    elif GLU_FWD == 2:
+        # gpt-oss: interleaved columns (gate 2i, up 2i+1) in one tile. h as the plain launch stores it, then the pairs
+        # of the rounded tile split apart and act computed as _clamped_glu_fwd_kernel does (act column i = pair i).
+        omask = m_mask[:, None] & n_mask[None, :]
+        hv = acc.to(Y.dtype.element_ty)
+        tl.store(Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn, hv, mask=omask)
+        g, u = tl.split(tl.reshape(hv, (BLOCK_M, BLOCK_N // 2, 2)))
+        g = tl.minimum(g.to(tl.float32), glu_limit)
+        u = tl.minimum(tl.maximum(u.to(tl.float32), -glu_limit), glu_limit)
+        act = (u + 1.0) * (g * tl.sigmoid(glu_alpha * g))
+        c_offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(Hin + y_rows[:, None] * s_hm + c_offs[None, :], act.to(Hin.dtype.element_ty),
+                 mask=m_mask[:, None] & (c_offs < N // 2)[None, :])
     else:
         tl.store(
             Y + y_rows[:, None] * s_ym + n_offs[None, :] * s_yn,
@@ -500,13 +516,13 @@ def _s2s_kernel(
     s_xam, s_xar, s_bias_e, s_bias_n,
     scaling,
     Gates, Hin, DGP, s_hm, s_dgp,
-    Wd, Xd,
+    Wd, Xd, glu_alpha, glu_limit,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
     W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False, GLU_FWD: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False, GLU_FWD: tl.constexpr = 0,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
@@ -534,7 +550,7 @@ def _s2s_kernel(
                     pid_n, e, row0, end,
                     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
                     GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD,
                 )
@@ -543,7 +559,7 @@ def _s2s_kernel(
                     pid_n, e, row0, end,
                     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
                     GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD,
                 )
@@ -558,7 +574,7 @@ def _s2s_kernel(
                     pid_n, e, row0, end,
                     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
                     GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD,
                 )
@@ -567,7 +583,7 @@ def _s2s_kernel(
                     pid_n, e, row0, end,
                     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
                     GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD,
                 )
@@ -1031,6 +1047,7 @@ def scatter2scatter(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     act_out: torch.Tensor | None = None,
+    act_clamp: tuple[float, float] | None = None,
 ):
     """``y = gather(x) W_e [+ s (x A_eᵀ) B_eᵀ] [+ b_e]`` scattered; returns ``(y, xa or None)``.
 
@@ -1039,7 +1056,9 @@ def scatter2scatter(
     ``act_out`` (``[L, N/2]``, contiguous columns): the up projection of a SiLU-gated MLP (``y = [gate | up]``); the
     epilogue also writes ``act_out = silu(y[:, :N/2]) · y[:, N/2:]`` (rows ordered as ``y``'s), bitwise what
     ``silu_glu_fwd(y)`` computes from ``y`` (``GLU_FWD``: each program computes ``BLOCK_N/2`` gate columns and the
-    matching up columns; see ``_s2s_tile``).
+    matching up columns; see ``_s2s_tile``). With ``act_clamp = (alpha, limit)``: gpt-oss's interleaved layout (gate
+    column ``2i``, up ``2i+1``) and clamped sigmoid-GLU instead, bitwise ``clamped_glu_fwd(y, alpha, limit)``
+    (``GLU_FWD == 2``: the plain tiles, the epilogue splits each tile's column pairs).
     """
     glu = None
     if act_out is not None:
@@ -1047,7 +1066,7 @@ def scatter2scatter(
         if N % 2 or act_out.shape != (L, N // 2) or (L and act_out.stride(1) != 1):
             raise ValueError(f"act_out must be [{L}, {N // 2}] with contiguous columns for W {tuple(W.shape)} "
                              f"(an even output width: gate | up), got {tuple(act_out.shape)}")
-        glu = (None, act_out, 4)
+        glu = (None, act_out, 4) if act_clamp is None else ((float(act_clamp[0]), float(act_clamp[1])), act_out, 5)
     y, xa, _ = _s2s_launch(
         x, W, sorted_scattered_idxs, expert_offsets, fan_out, A, B, xa_in, scaling, bias,
         grouped_in, grouped_out, write_xa, out, out_dtype, glu,
@@ -1122,12 +1141,12 @@ def _dummy(like: torch.Tensor, ndim: int) -> torch.Tensor:
 def _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, dtype, has_glu) -> dict:
     """The constexpr flags of one scatter2scatter launch (besides its tiles); ``has_glu`` the epilogue mode
     (``GLU_BWD``: 0 plain store, 1 SiLU-GLU backward + gate + dg, 2 gate + dg against act, 3 gate only; 4: the
-    forward SiLU-GLU, ``GLU_FWD``)."""
+    forward SiLU-GLU of [gate | up] halves, ``GLU_FWD=1``; 5: gpt-oss's interleaved clamped GLU, ``GLU_FWD=2``)."""
     return dict(
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(dtype),
-        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=int(has_glu) if has_glu != 4 else 0,
-        GLU_FWD=has_glu == 4,
+        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=int(has_glu) if has_glu < 4 else 0,
+        GLU_FWD={4: 1, 5: 2}.get(has_glu, 0),
     )
 
 
@@ -1228,10 +1247,13 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
             _, kw, grid_, use_desc, ncol = _s2s_plan(
                 cfg, x, L, E, K, Nk, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu
             )
-    if has_glu == 4:  # the forward SiLU-GLU: act written through Hin
+    glu_al = (0.0, 0.0)  # the clamped GLU's alpha and limit (GLU_FWD == 2 only)
+    if has_glu >= 4:  # the forward GLU epilogue: act written through Hin
         dgp = None
         gb = dgb = dummy
         hb, s_hm, s_dgp = glu[1], glu[1].stride(0), 0
+        if has_glu == 5:
+            glu_al = glu[0]
     elif has_glu:
         gates, h = glu[0], glu[1]
         dgp = torch.empty(ncol, L, device=x.device, dtype=torch.float32) if has_glu != 3 else None
@@ -1254,19 +1276,19 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         def grid(META):
             return (_cdiv(N, META["BLOCK_N"]) * (_cdiv(L, META["BLOCK_M"]) + E),)
 
-        _s2s_tuned[grid](*args, dummy, dummy, **meta)
+        _s2s_tuned[grid](*args, dummy, dummy, *glu_al, **meta)
     else:
         w_desc, wd, x_desc, xd = 0, dummy, False, dummy
         if use_desc:
             w_desc, wd, x_desc, xd = _tma_descs(x, W, kw, grouped_in)
         if slots is None:
-            _s2s_kernel[grid_](*args, wd, xd, **kw, W_DESC=w_desc, X_DESC=x_desc)
+            _s2s_kernel[grid_](*args, wd, xd, *glu_al, **kw, W_DESC=w_desc, X_DESC=x_desc)
         else:
             # repeated launches of a cached plan skip Triton's argument binding (launch.py)
             got = slots.get((w_desc, x_desc))
             if got is None:
                 got = slots[(w_desc, x_desc)] = ({**kw, "W_DESC": w_desc, "X_DESC": x_desc}, {})
-            _launch(_s2s_kernel, grid_, (*args, wd, xd), got[0], got[1])
+            _launch(_s2s_kernel, grid_, (*args, wd, xd, *glu_al), got[0], got[1])
     return out, xa_out, dgp
 
 

@@ -100,23 +100,25 @@ def _rank_xa(x, A, ssi, offs, fan, grouped_in):
     return xa
 
 
-def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, want_xa, act_out=None):
-    """Forward launcher shared with the backward's dX (which passes transposed views). ``act_out``: the SiLU-GLU of
-    the output, written by the (main) launch's epilogue (see ``kernels.scatter2scatter``)."""
+def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, want_xa, act_out=None,
+                    act_clamp=None):
+    """Forward launcher shared with the backward's dX (which passes transposed views). ``act_out``: the GLU of the
+    output (SiLU of ``[gate | up]``, or with ``act_clamp`` gpt-oss's clamped one of interleaved columns), written by the
+    (main) launch's epilogue (see ``kernels.scatter2scatter``)."""
     if B is None:
         y, _ = K.scatter2scatter(x, W, ssi, offs, k, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out,
-                                 act_out=act_out)
+                                 act_out=act_out, act_clamp=act_clamp)
         return y, None
     if split:
         xa = _rank_xa(x, A, ssi, offs, k, grouped_in)
         y, _ = K.scatter2scatter(
             x, W, ssi, offs, k, B=B, xa_in=xa, scaling=scaling, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out,
-            act_out=act_out,
+            act_out=act_out, act_clamp=act_clamp,
         )
         return y, xa
     return K.scatter2scatter(
         x, W, ssi, offs, k, A=A, B=B, scaling=scaling, bias=bias,
-        grouped_in=grouped_in, grouped_out=grouped_out, write_xa=want_xa, act_out=act_out,
+        grouped_in=grouped_in, grouped_out=grouped_out, write_xa=want_xa, act_out=act_out, act_clamp=act_clamp,
     )
 
 
@@ -377,11 +379,11 @@ class _GluExpertsFunction(torch.autograd.Function):
         tiled = relayout.applies(x)
         ctx.tiled = tiled
         A1k, B1k, ctx.meta1 = _prepare_lora(A1, B1, s1, dt, tiled)
-        # SETTINGS["glu_epilogue"] (the SiLU gate): act = silu_glu(h) from the up projection's epilogue (bitwise
-        # silu_glu_fwd's)
-        act = x.new_empty(ssi.numel(), W1.shape[2] // 2) if SETTINGS["glu_epilogue"] and clamp is None else None
+        # SETTINGS["glu_epilogue"]: act = the gate of h from the up projection's epilogue (bitwise silu_glu_fwd's /
+        # clamped_glu_fwd's)
+        act = x.new_empty(ssi.numel(), W1.shape[2] // 2) if SETTINGS["glu_epilogue"] else None
         h, xa1 = lora_linear_fwd(x, W1, ssi, offs, k, A1k, B1k, s1, b1, False, True, split1,
-                                 B1 is not None and (need[3] or need[4]), act_out=act)
+                                 B1 is not None and (need[3] or need[4]), act_out=act, act_clamp=clamp)
         # the down projection's factors after the up projection's launch: the GPU starts the first GEMM sooner
         A2k, B2k, ctx.meta2 = _prepare_lora(A2, B2, s2, dt, tiled)
         if act is None:

@@ -178,3 +178,76 @@ def test_merged_node_bitwise_with_and_without_epilogue(monkeypatch, dtype, split
     assert torch.equal(o1, o2)
     for a, b in zip(g1, g2):
         assert a is not None and torch.equal(a, b)
+
+
+ALPHA, LIMIT = 1.702, 7.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lora", ["fused", "split", "none"])
+@pytest.mark.parametrize("tiles", ["ptr", "tma", "tma+half-tail"])
+@pytest.mark.parametrize("w_layout", ["stored [H, 2I]", "stored [2I, H]"])
+def test_clamped_epilogue_is_bitwise_the_two_launches(monkeypatch, w_layout, tiles, lora, dtype):
+    """gpt-oss (``act_clamp``): interleaved gate/up columns, the clamped sigmoid-GLU from the plain tile's column pairs;
+    bitwise the plain launch + ``clamped_glu_fwd`` (the same tiles, so fp32 too), with a bias, values crossing the
+    clamp, I = 19 (the last tile's pairs partly past 2I), W in both storage layouts (gpt-oss's is ``[H, 2I]``)."""
+    cfg, tma = TILES[tiles]
+    if K.INTERPRET:
+        monkeypatch.setattr(K, "INTERP_S2S", cfg)
+    else:
+        monkeypatch.setattr(K, "FORCE", {"s2s": {**K._cfg(64, 64, 32, 3, 4, 3), **{k: v for k, v in cfg.items()
+                                                                                  if k == "HALF_TAIL"}}})
+    monkeypatch.setattr(K, "TMA_MODE", tma)
+    T, E, H, I, k, r = 29, 5, 40, 19, 2, 8
+    x, W, A, B, b, sei, ssi, offs = _problem(T, E, H, I, k, r, dtype, seed=4, bias=True)
+    W = W * 6.0  # h's spread crosses ±LIMIT
+    if w_layout == "stored [H, 2I]":
+        W = W.contiguous()
+    L = ssi.numel()
+    res = []
+    for fused in (True, False):
+        act = torch.empty(L, I, device=DEV, dtype=dtype) if fused else None
+        la, lb = (A, B) if lora != "none" else (None, None)
+        h, xa = ops.lora_linear_fwd(x, W, ssi, offs, k, la, lb, 0.7, b, False, True, lora == "split", lora != "none",
+                                    act_out=act, act_clamp=(ALPHA, LIMIT) if fused else None)
+        res.append((h, act if fused else K.clamped_glu_fwd(h, ALPHA, LIMIT), xa))
+    (h, act, xa), (h2, act2, xa2) = res
+    assert torch.equal(h, h2) and torch.equal(act, act2), ((h - h2).abs().max(), (act - act2).abs().max())
+    assert xa is None or torch.equal(xa, xa2)
+    hf = h.float()
+    assert (hf[:, 0::2] > LIMIT).any() and (hf[:, 1::2].abs() > LIMIT).any(), "values cross the clamp"
+    want = reference.gpt_oss_glu(h.double(), ALPHA, LIMIT)
+    assert rel(act, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_merged_gpt_oss_node_bitwise_with_and_without_epilogue(monkeypatch, dtype):
+    """``ops.glu_experts`` with ``clamp`` (gpt-oss: interleaved W1 ``[E, H, 2I]``, biases, LoRA, the light tail), the
+    epilogue on and off: the same output and gradients, bit for bit."""
+    monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
+    T, E, H, I, k, r = 11, 4, 32, 20, 2, 4
+    g = torch.Generator().manual_seed(10)
+
+    def rn(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(DEV)
+
+    W1, W2 = rn(E, H, 2 * I, scale=6 * H**-0.5).to(dtype), rn(E, I, H, scale=I**-0.5).to(dtype)
+    wa1, wb1 = rn(E, r, H, scale=H**-0.5), rn(E, 2 * I, r, scale=0.5)
+    wa2, wb2 = rn(E, r, I, scale=I**-0.5), rn(E, H, r, scale=0.5)
+    b1, b2 = rn(E, 2 * I, scale=0.1).to(dtype), rn(E, H, scale=0.1).to(dtype)
+    x = rn(T, H).to(dtype)
+    wts, idx = rn(T, E).softmax(-1).topk(k, dim=1)
+    sei, ssi, offs = sort_tokens(idx, E)
+    dout = rn(T, H).to(dtype)
+    res = []
+    for on in (True, False):
+        monkeypatch.setitem(ops.SETTINGS, "glu_epilogue", on)
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, wa1, wb1, wa2, wb2, wts, b1, b2)]
+        out = ops.glu_experts(leaves[0], W1, W2, k, sei, ssi, offs, (leaves[1], leaves[2], 2.0),
+                              (leaves[3], leaves[4], 0.5), leaves[5], b1=leaves[6], b2=leaves[7], clamp=(ALPHA, LIMIT))
+        out.backward(dout)
+        res.append((out.detach(), [t.grad for t in leaves]))
+    (o1, g1), (o2, g2) = res
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert a is not None and torch.equal(a, b)

@@ -229,10 +229,10 @@ def test_where_the_light_tail_applies_and_what_it_keeps(grads, H, I, r, applies,
         seen["act"] = weakref.ref(act)
         return act
 
-    def up(*a, act_out=None):  # the up projection with the SiLU-GLU in its epilogue (ops.SETTINGS["glu_epilogue"])
+    def up(*a, act_out=None, **kw):  # the up projection with the GLU in its epilogue (ops.SETTINGS["glu_epilogue"])
         if act_out is not None:
             seen["act"] = weakref.ref(act_out)
-        return real[2](*a, act_out=act_out)
+        return real[2](*a, act_out=act_out, **kw)
 
     K.silu_glu_fwd, ops.lora_linear_fwd = silu_fwd, up
     try:

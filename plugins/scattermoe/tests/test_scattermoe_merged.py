@@ -134,8 +134,8 @@ def test_merged_node_frees_activations_in_backward(light, epilogue, monkeypatch)
     monkeypatch.setattr(K, "silu_glu_fwd", lambda h: seen.setdefault("h", weakref.ref(h)) and real_silu(h))
     real_up = ops.lora_linear_fwd
 
-    def up(*a, act_out=None):  # the up projection with the SiLU-GLU in its epilogue: h is its output
-        h, xa = real_up(*a, act_out=act_out)
+    def up(*a, act_out=None, **kw):  # the up projection with the SiLU-GLU in its epilogue: h is its output
+        h, xa = real_up(*a, act_out=act_out, **kw)
         if act_out is not None:
             seen.setdefault("h", weakref.ref(h))
         return h, xa
