@@ -25,7 +25,7 @@ suite() {  # name, seconds, pytest args...: runs in the background (one process 
 # Every test file of the two kernel plugins (on a GPU they run the compiled kernels), one process each, all at once:
 # a cold start is Triton compiles (CPU-bound, one core per process), so they overlap on the machine's 16 cores.
 if [ "${TESTS_S:-240}" != 0 ]; then
-  for f in plugins/scattermoe/tests/test_*.py plugins/mxfp4/tests/test_*.py; do
+  for f in ${TEST_FILES:-plugins/scattermoe/tests/test_*.py plugins/mxfp4/tests/test_*.py}; do
     suite "$(basename "$f" .py)" "${TESTS_S:-240}" "$f"
   done
   wait

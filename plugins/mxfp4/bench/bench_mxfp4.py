@@ -252,17 +252,22 @@ def correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=("sele
     W2 = dense.down_proj if tr else dense.down_proj.transpose(1, 2)
     b1 = getattr(dense, "gate_up_proj_bias", None) if getattr(dense, "has_bias", False) else None
     b2 = getattr(dense, "down_proj_bias", None) if getattr(dense, "has_bias", False) else None
-    h = ops.scattered_experts(x, W1, k, sei, ssi, offs, *lor["gate_up_proj"][:2], lor["gate_up_proj"][2], b1, False, True)
     from host_plugin_scattermoe import fused
+    from host_plugin_scattermoe.experts import _is_default_silu_gate, merged_kwargs
 
-    if fused.applies(dense, b2):  # scattermoe's experts forward takes its fused tail
-        ref = fused.glu_down_combine(h, W2, k, sei, ssi, offs, *lor["down_proj"][:2], lor["down_proj"][2], w)
-    else:  # the activation as scattermoe's experts forward runs it
-        from host_plugin_scattermoe.experts import _is_default_silu_gate
-
-        h = ops.silu_glu(h) if _is_default_silu_gate(dense) else dense._apply_gate(h)
-        y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, *lor["down_proj"][:2], lor["down_proj"][2], b2, True, False)
-        ref = ops.combine(y, w.to(y.dtype))
+    merged = merged_kwargs(dense, x, b1, b2)
+    if merged is not None:  # scattermoe's experts forward takes its merged node (and light tail)
+        ref = ops.glu_experts(x, W1, W2, k, sei, ssi, offs, lor["gate_up_proj"], lor["down_proj"], w, **merged)
+    else:
+        A1, B1, s1 = lor["gate_up_proj"]
+        A2, B2, s2 = lor["down_proj"]
+        h = ops.scattered_experts(x, W1, k, sei, ssi, offs, A1, B1, s1, b1, False, True)
+        if fused.applies(dense, b2):  # scattermoe's experts forward takes its fused tail
+            ref = fused.glu_down_combine(h, W2, k, sei, ssi, offs, A2, B2, s2, w)
+        else:  # the activation as scattermoe's experts forward runs it
+            h = ops.silu_glu(h) if _is_default_silu_gate(dense) else dense._apply_gate(h)
+            y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, A2, B2, s2, b2, True, False)
+            ref = ops.combine(y, w.to(y.dtype))
     ref.backward(dy)
     ref_vals = {"out": ref.detach().float(), "dX": x.grad.float()}
     for pname, (A, B, _) in lor.items():

@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--work", default=os.environ.get("OUT", "/tmp") + "/e2e")
     ap.add_argument("--runs", nargs="*", default=["grouped_mm+peft", "scattermoe", "scattermoe+graph"],
-                    help=f"any of {', '.join(RUNS)}")
+                    help=f"any of {', '.join(RUNS)}; name#2 repeats one")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,8 +63,8 @@ def main():
         del model
     data = write_jsonl(work / "text.jsonl", [{"text": t} for t in texts * 8])
     results = {}
-    for name in args.runs:
-        plugins, extra, env = RUNS[name]
+    for name in args.runs:  # "name#2": the same run again (interleave repeats to see the run-to-run spread)
+        plugins, extra, env = RUNS[name.split("#")[0]]
         out = work / f"out-{name}"
         cfg = {
             "base_model": str(model_dir), "plugins": plugins,
