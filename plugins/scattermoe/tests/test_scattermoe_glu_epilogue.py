@@ -64,6 +64,42 @@ def _both(x, W, A, B, b, ssi, offs, k, lora, gin, gout):
     return out
 
 
+# (name, E, H, I, T, top_k, gpt-oss): the rule's tiles there (TMA 128x256 with half tails at >= 160 rows per expert,
+# 128x128 pointer loads at Qwen3.5's 128)
+REAL = [
+    ("qwen3-30b-a3b", 128, 2048, 768, 4096, 8, False),
+    ("qwen3.5-35b-a3b", 256, 2048, 512, 4096, 8, False),
+    ("gpt-oss-20b (bias, clamped)", 32, 2880, 2880, 2048, 4, True),
+]
+
+
+@pytest.mark.skipif(K.INTERPRET, reason="bf16 at real shapes: GPU only")
+@pytest.mark.parametrize("shape", REAL, ids=[r[0] for r in REAL])
+def test_bf16_real_shapes_bitwise(shape):
+    """First in this file (a time-boxed GPU run reaches it): bf16, the rule's tiles, LoRA r = 16 fused as the block
+    runs it: h and act bitwise the plain launch + the GLU kernel."""
+    name, E, H, I, T, k, gpt = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+
+    def rnd(*shape_, scale=1.0):
+        return (torch.randn(*shape_, device="cuda", generator=g) * scale).to(dt)
+
+    W = rnd(E, H, 2 * I, scale=4 * H**-0.5) if gpt else rnd(E, 2 * I, H, scale=H**-0.5).transpose(1, 2)
+    b = rnd(E, 2 * I, scale=0.1) if gpt else None
+    A, B = ops.kernel_strides(rnd(E, 16, H, scale=H**-0.5), rnd(E, 2 * I, 16, scale=0.3))
+    x = rnd(T, H)
+    sei, ssi, offs = sort_tokens(torch.randn(T, E, device="cuda", generator=g).topk(k, dim=1).indices, E)
+    clamp = (1.702, 7.0) if gpt else None
+    act = torch.empty(T * k, I, device="cuda", dtype=dt)
+    h, xa = ops.lora_linear_fwd(x, W, ssi, offs, k, A, B, 2.0, b, False, True, False, True, act_out=act, act_clamp=clamp)
+    h2, xa2 = ops.lora_linear_fwd(x, W, ssi, offs, k, A, B, 2.0, b, False, True, False, True)
+    act2 = K.silu_glu_fwd(h2) if clamp is None else K.clamped_glu_fwd(h2, *clamp)
+    assert torch.equal(h, h2), (name, (h.float() - h2.float()).abs().max())
+    assert torch.equal(act, act2), (name, (act.float() - act2.float()).abs().max())
+    assert torch.equal(xa, xa2)
+
+
 TILES = {  # interpreter tiles (BLOCK_N is the tile's output width: 16 gate + 16 up columns under the epilogue)
     "ptr": ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3}, "0"),
     "tma": ({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3}, "1"),
