@@ -139,10 +139,11 @@ def test_light_tail_matches_separate_nodes_and_reference(case, dtype, light):
     p = problem(T, E, H, I, k, r, dtype, seed=T + k)
     grads = LORA_GRADS if r else ("x", "gates")
     spy, hs = [], []
-    out, g = run(p, grads, light, fused_lora=mode != "split", spy=spy, seen_h=hs)
+    out, g = run(p, grads, light, fused_lora=mode != "split", spy=spy)
     assert sorted(spy) == sorted(["bias", "clamped" if light == "glu" else "gemm"]), spy
+    # h seen in the separate nodes' gate (the merged node's may come from the up projection's epilogue)
+    out_s, g_s = run(p, grads, light, merged=False, fused_lora=mode != "split", seen_h=hs)
     assert _crosses_clamp(hs), "the test's values should cross the clamp on both sides"
-    out_s, g_s = run(p, grads, light, merged=False, fused_lora=mode != "split")
     assert torch.equal(out, out_s)  # same forward kernels, same order
     tol = 1e-5 if dtype == torch.float32 else 5e-3
     for n in grads:
@@ -182,7 +183,7 @@ def test_bias_gradients(grads, path, dtype):
     for n in grads:
         assert g[n] is not None and g[n].dtype == p[n].dtype, n
         if path == "old":
-            assert torch.equal(g[n], g_s[n]), (n, (g[n] - g_s[n]).abs().max())
+            _bitwise_but_bias_on_cuda(n, g[n], g_s[n])
         else:
             assert rel(g[n], g_s[n]) < (1e-5 if dtype == torch.float32 else 5e-3), (n, rel(g[n], g_s[n]))
     if dtype == torch.float32:
@@ -200,7 +201,16 @@ def test_old_backward_is_bitwise_the_separate_nodes(dtype):
     out_s, g_s = run(p, grads, "0", merged=False)
     assert torch.equal(out, out_s)
     for n in grads:
-        assert torch.equal(g[n], g_s[n]), n
+        _bitwise_but_bias_on_cuda(n, g[n], g_s[n])
+
+
+def _bitwise_but_bias_on_cuda(name, got, want):
+    """Bitwise, except a bias gradient on CUDA: ``proj_backward``'s ``index_add_`` (both paths) sums rows with fp32
+    atomics there, in no fixed order (on the CPU, and for every other gradient, the order is fixed)."""
+    if name in ("b1", "b2") and got.is_cuda:
+        assert rel(got, want) < (1e-6 if got.dtype == torch.float32 else 1e-3), (name, rel(got, want))
+    else:
+        assert torch.equal(got, want), (name, (got - want).abs().max())
 
 
 def test_light_tail_several_row_and_column_blocks(monkeypatch):
@@ -351,8 +361,8 @@ def test_gpt_oss_model_takes_the_merged_node(train_bias, dtype, monkeypatch):
             if name.endswith("_bias") and "experts" in name:
                 prm.requires_grad_(True)
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1)).to(DEV)
-    l_m, g_m, nodes_m, hs = _model_step(pm, ids, True, monkeypatch)
-    l_s, g_s, nodes_s, _ = _model_step(pm, ids, False, monkeypatch)
+    l_m, g_m, nodes_m, _ = _model_step(pm, ids, True, monkeypatch)
+    l_s, g_s, nodes_s, hs = _model_step(pm, ids, False, monkeypatch)  # h from the separate nodes' gate kernel
     assert nodes_m == ["_GluExpertsFunctionBackward"] * 2, nodes_m
     assert nodes_s == ["_CombineFunctionBackward"] * 2, nodes_s
     assert _crosses_clamp(hs)
