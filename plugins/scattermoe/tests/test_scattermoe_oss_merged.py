@@ -69,6 +69,14 @@ def run(p, grads, light, merged=True, s1=0.7, s2=1.3, fused_lora=True, spy=None,
     ops.SETTINGS.update(light_tail=light, backend="triton", fused_lora=fused_lora, glu_epilogue=False)
     names = ("glu_down_dx", "clamped_glu_gate_bwd", "combine_bwd", "bias_dg", "clamped_glu_fwd", "silu_glu_gate_bwd")
     real = {n: getattr(K, n) for n in names}
+    real_up = ops.lora_linear_fwd
+
+    def up(*a, act_out=None, **kw):  # with SCATTERMOE_GLU_EPILOGUE=1 the up projection's epilogue writes act (no gate call)
+        h, xa = real_up(*a, act_out=act_out, **kw)
+        if act_out is not None:
+            seen_h.append(h.detach().clone())
+        return h, xa
+
     try:
         if spy is not None:
             K.glu_down_dx = lambda *a, **kw: spy.append("gemm" if not kw.get("glu", True) else "?") or real["glu_down_dx"](*a, **kw)
@@ -78,6 +86,7 @@ def run(p, grads, light, merged=True, s1=0.7, s2=1.3, fused_lora=True, spy=None,
             K.bias_dg = lambda *a, **kw: spy.append("bias") or real["bias_dg"](*a, **kw)
         if seen_h is not None:
             K.clamped_glu_fwd = lambda h, *a: seen_h.append(h.detach().clone()) or real["clamped_glu_fwd"](h, *a)
+            ops.lora_linear_fwd = up
         if merged:
             out = ops.glu_experts(lv["x"], lv["W1"], lv["W2"], p["k"], sei, ssi, offs, l1, l2, lv["gates"],
                                   b1=lv["b1"], b2=lv["b2"], clamp=(ALPHA, LIMIT))
@@ -92,6 +101,7 @@ def run(p, grads, light, merged=True, s1=0.7, s2=1.3, fused_lora=True, spy=None,
     finally:
         for n, f in real.items():
             setattr(K, n, f)
+        ops.lora_linear_fwd = real_up
         ops.SETTINGS.clear()
         ops.SETTINGS.update(old)
     return out.detach(), {n: lv[n].grad for n in grads}
@@ -331,8 +341,16 @@ def _model_step(pm, ids, merged, monkeypatch):
     nodes, hs = [], []
     hooks = [m.register_forward_hook(lambda mod, a, out: nodes.append(type(out.grad_fn).__name__))
              for m in _experts_modules(pm)]
-    real = K.clamped_glu_fwd
+    real, real_up = K.clamped_glu_fwd, ops.lora_linear_fwd
     monkeypatch.setattr(K, "clamped_glu_fwd", lambda h, *a: hs.append(h.detach().clone()) or real(h, *a))
+
+    def up(*a, act_out=None, **kw):  # SCATTERMOE_GLU_EPILOGUE=1: the up projection's epilogue writes act
+        h, xa = real_up(*a, act_out=act_out, **kw)
+        if act_out is not None:
+            hs.append(h.detach().clone())
+        return h, xa
+
+    monkeypatch.setattr(ops, "lora_linear_fwd", up)
     try:
         pm.zero_grad(set_to_none=True)
         loss = pm(input_ids=ids, labels=ids).loss
