@@ -218,8 +218,11 @@ def proj_backward(dy, x, W, A, B, xa, sei, ssi, offs, k, s, gin, gout, split, ne
     if need_W:
         dW = K.group_outer(x, dy, ssi, offs, l_fan=x_fan, r_fan=dy_fan, out_dtype=W.dtype, compute_dtype=dy.dtype)
     if need_b:
-        dy_g = dy if gout else dy.index_select(0, ssi)
-        db = torch.zeros(E, N, device=dy.device, dtype=torch.float32).index_add_(0, sei, dy_g.float())
+        # each expert's row sum of dy as a grouped product with a ones column (fp32 accumulation, a fixed order: torch's
+        # index_add_ sums with atomics on CUDA, so the bias gradient changed in the last bits from run to run)
+        ones = torch.ones(dy.shape[0], 1, device=dy.device, dtype=dy.dtype)
+        db = K.group_outer(ones, dy, ssi, offs, l_fan=0, r_fan=dy_fan, out_dtype=torch.float32,
+                           compute_dtype=dy.dtype).view(E, N)
     return dx, dW, db, dA, dB
 
 
