@@ -199,15 +199,21 @@ def test_merged_node_bitwise_with_and_without_epilogue(monkeypatch, dtype, split
     sei, ssi, offs = sort_tokens(idx, E)
     dout = rn(T, H).to(dtype)
     b1, b2 = rn(E, 2 * I, scale=0.1).to(dtype), rn(E, H, scale=0.1).to(dtype)
+    _assert_epilogue_invisible(
+        monkeypatch, (x, wa1, wb1, wa2, wb2, wts) + ((b1, b2) if bias else ()), dout,
+        lambda lv: ops.glu_experts(lv[0], W1.transpose(1, 2), W2.transpose(1, 2), k, sei, ssi, offs,
+                                   (lv[1], lv[2], 2.0), (lv[3], lv[4], 0.5), lv[5],
+                                   b1=lv[6] if bias else None, b2=lv[7] if bias else None),
+    )
+
+
+def _assert_epilogue_invisible(monkeypatch, tensors, dout, call):
+    """``call(leaves)`` (the merged node) with the GLU epilogue on, then off: output and gradients bitwise equal."""
     res = []
     for on in (True, False):
         monkeypatch.setitem(ops.SETTINGS, "glu_epilogue", on)
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, wa1, wb1, wa2, wb2, wts)]
-        if bias:
-            leaves += [t.detach().clone().requires_grad_(True) for t in (b1, b2)]
-        out = ops.glu_experts(leaves[0], W1.transpose(1, 2), W2.transpose(1, 2), k, sei, ssi, offs,
-                              (leaves[1], leaves[2], 2.0), (leaves[3], leaves[4], 0.5), leaves[5],
-                              b1=leaves[6] if bias else None, b2=leaves[7] if bias else None)
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        out = call(leaves)
         out.backward(dout)
         res.append((out.detach(), [t.grad for t in leaves]))
     (o1, g1), (o2, g2) = res
@@ -275,15 +281,8 @@ def test_merged_gpt_oss_node_bitwise_with_and_without_epilogue(monkeypatch, dtyp
     wts, idx = rn(T, E).softmax(-1).topk(k, dim=1)
     sei, ssi, offs = sort_tokens(idx, E)
     dout = rn(T, H).to(dtype)
-    res = []
-    for on in (True, False):
-        monkeypatch.setitem(ops.SETTINGS, "glu_epilogue", on)
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, wa1, wb1, wa2, wb2, wts, b1, b2)]
-        out = ops.glu_experts(leaves[0], W1, W2, k, sei, ssi, offs, (leaves[1], leaves[2], 2.0),
-                              (leaves[3], leaves[4], 0.5), leaves[5], b1=leaves[6], b2=leaves[7], clamp=(ALPHA, LIMIT))
-        out.backward(dout)
-        res.append((out.detach(), [t.grad for t in leaves]))
-    (o1, g1), (o2, g2) = res
-    assert torch.equal(o1, o2)
-    for a, b in zip(g1, g2):
-        assert a is not None and torch.equal(a, b)
+    _assert_epilogue_invisible(
+        monkeypatch, (x, wa1, wb1, wa2, wb2, wts, b1, b2), dout,
+        lambda lv: ops.glu_experts(lv[0], W1, W2, k, sei, ssi, offs, (lv[1], lv[2], 2.0), (lv[3], lv[4], 0.5), lv[5],
+                                   b1=lv[6], b2=lv[7], clamp=(ALPHA, LIMIT)),
+    )
