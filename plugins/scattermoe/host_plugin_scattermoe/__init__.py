@@ -43,6 +43,14 @@ class ScatterMoEConfig(StrictModel):
         "GEMM launch (GLU backward, routing-weight gradient and gate scaling in its epilogue): 3 fewer launches and no "
         "[T*k, H] temporaries, but on an H200 that launch's heavier epilogue makes it slower than the separate kernels.",
     )
+    scattermoe_light_tail: Literal["glu", "gemm", "off"] | None = Field(
+        None,
+        description="The one-node experts call's backward. glu: the combine backward folded into the launches around "
+        "it, the [T*k, H] expert outputs not kept (0.12 GiB less per Qwen3-30B-A3B block, 0.2 ms less GPU time on an "
+        "H100); off: the combine backward over the kept outputs (an end-to-end A/B on 2026-12-06 was inconclusive: "
+        "set off to compare on your model); gemm: glu's work in the dX launch's epilogue (spills on sm_90). "
+        "Unset: env SCATTERMOE_LIGHT_TAIL, else glu.",
+    )
     scattermoe_cuda_graph: bool = Field(
         False,
         description="Replay each experts call (forward and backward) as a CUDA graph captured once per token count: "
@@ -101,6 +109,8 @@ def pre_model_load(cfg):
         cuda_graph=cfg.scattermoe_cuda_graph,
         backend=cfg.scattermoe_backend,
     )
+    if cfg.scattermoe_light_tail is not None:
+        ops.SETTINGS["light_tail"] = "0" if cfg.scattermoe_light_tail == "off" else cfg.scattermoe_light_tail
     experts.register()
     if cfg.experts_implementation is None:
         cfg.experts_implementation = experts.NAME

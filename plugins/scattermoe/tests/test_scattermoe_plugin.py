@@ -17,7 +17,7 @@ def test_config_keys_have_defaults(make_plugin_manager, tmp_path):
     cfg = validate(_cfg(tmp_path), make_plugin_manager(["scattermoe"]))
     assert cfg.scattermoe_fused_lora is True
     assert cfg.scattermoe_split_threshold == 20_000_000 and cfg.scattermoe_backend == "auto"
-    assert cfg.scattermoe_fused_tail is False
+    assert cfg.scattermoe_fused_tail is False and cfg.scattermoe_light_tail is None
 
 
 def test_other_experts_implementation_is_an_error(make_plugin_manager, tmp_path):
@@ -50,6 +50,22 @@ def test_pre_model_load_registers_and_selects(make_plugin_manager, tmp_path):
     assert cfg.experts_implementation == "scattermoe"
     assert ALL_EXPERTS_FUNCTIONS["scattermoe"] is experts.experts_forward
     assert ops.SETTINGS["fused_lora"] is False and ops.SETTINGS["fused_tail"] is True
+    ops.SETTINGS.update(fused_lora=True, fused_tail=False)
+
+
+@pytest.mark.parametrize("value,setting", [("off", None), ("gemm", "gemm"), ("glu", "glu")])
+def test_light_tail_key_sets_the_backward(make_plugin_manager, tmp_path, monkeypatch, value, setting):
+    """``scattermoe_light_tail`` picks the merged node's backward; unset, the env / built-in default stays."""
+    from host_plugin_scattermoe import ops
+
+    monkeypatch.setitem(ops.SETTINGS, "light_tail", "glu")
+    pm = make_plugin_manager(["scattermoe"])
+    pm.hook.pre_model_load(cfg=validate(_cfg(tmp_path), pm))
+    assert ops._light_mode() == "glu"
+    pm.hook.pre_model_load(cfg=validate(_cfg(tmp_path, scattermoe_light_tail=value), pm))
+    assert ops._light_mode() == setting
+    with pytest.raises(ConfigError, match="scattermoe_light_tail"):
+        validate(_cfg(tmp_path, scattermoe_light_tail="on"), pm)
     ops.SETTINGS.update(fused_lora=True, fused_tail=False)
 
 
