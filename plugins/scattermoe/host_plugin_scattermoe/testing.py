@@ -20,3 +20,19 @@ TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """``‖a − b‖ / ‖b‖`` in float64 (0/0 reads as 0)."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def record_tma_descriptors(monkeypatch, small_tiles: bool = True) -> list:
+    """Force TMA descriptors wherever an operand's layout allows (``TMA_MODE = "1"``) and return the list that every
+    launch's ``_tma_descs`` result (``(w_desc, ...)``) is appended to, so a test can check the path it took.
+    ``small_tiles``: under the interpreter one small tile, on a GPU the rule's cached-plan path from the first row."""
+    if small_tiles:
+        if K.INTERPRET:
+            monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3})
+        else:
+            monkeypatch.setattr(K, "AUTOTUNE_MIN_ROWS", 1)
+    monkeypatch.setattr(K, "TMA_MODE", "1")
+    taken: list = []
+    real = K._tma_descs
+    monkeypatch.setattr(K, "_tma_descs", lambda *a: taken.append(real(*a)) or taken[-1])
+    return taken

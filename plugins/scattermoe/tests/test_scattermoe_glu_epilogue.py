@@ -15,7 +15,7 @@ import torch
 from host_plugin_scattermoe import kernels as K
 from host_plugin_scattermoe import ops, reference
 from host_plugin_scattermoe.routing import sort_tokens
-from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, rel
+from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, record_tma_descriptors, rel
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
@@ -150,14 +150,11 @@ def test_epilogue_other_layouts_and_bias(monkeypatch, dtype, w_layout):
     """The epilogue in every grouped/scattered layout, with a bias (not a SiLU family's, but the kernel takes one),
     fused LoRA, W through TMA descriptors in both storage layouts (the up half's box at expert row ``e·2I + I + n0``,
     or column ``I + n0``): bitwise the two launches."""
-    monkeypatch.setattr(K, "TMA_MODE", "1")
+    taken = record_tma_descriptors(monkeypatch, small_tiles=False)
     T, E, H, I, k, r = 13, 6, 40, 24, 2, 16  # H: rows of 16-byte multiples (a descriptor's rule), not of BLOCK_K
     x, W, A, B, b, sei, ssi, offs = _problem(T, E, H, I, k, r, dtype, seed=5, bias=True)
     if w_layout == "stored [H, 2I]":
         W = W.contiguous()
-    taken = []
-    real = K._tma_descs
-    monkeypatch.setattr(K, "_tma_descs", lambda *a: taken.append(real(*a)) or taken[-1])
     for gin, gout in [(False, True), (True, False), (False, False), (True, True)]:
         (h, act, xa), (h2, act2, xa2) = _both(x, W, A, B, b, ssi, offs, k, "fused", gin, gout)
         assert _same(h, h2) and _same(act, act2) and torch.equal(xa, xa2), (gin, gout)

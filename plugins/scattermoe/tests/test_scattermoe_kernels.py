@@ -12,7 +12,7 @@ import torch
 from host_plugin_scattermoe import kernels as K
 from host_plugin_scattermoe import ops, reference
 from host_plugin_scattermoe.routing import sort_tokens
-from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, rel
+from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, record_tma_descriptors, rel
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
@@ -226,14 +226,7 @@ def test_tma_descriptor_path_matches_reference(monkeypatch, dtype, w_layout):
     """TMA descriptors for W (both storage layouts) and grouped x, forward and backward (dX uses the
     transposed W, the other descriptor layout), fused and split LoRA, K and N not multiples of the tile:
     a box past an expert's rows or past K must not leak into the result."""
-    if K.INTERPRET:
-        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3})
-    else:
-        monkeypatch.setattr(K, "AUTOTUNE_MIN_ROWS", 1)
-    monkeypatch.setattr(K, "TMA_MODE", "1")
-    taken = []
-    real = K._tma_descs
-    monkeypatch.setattr(K, "_tma_descs", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = record_tma_descriptors(monkeypatch)
     T, E, Kd, N, k, r = 24, 5, 72, 40, 2, 8
     x, W, A, B, _ = make(T, E, Kd, N, k, r, dtype, seed=11)
     if w_layout == "stored [N, K]":

@@ -18,7 +18,7 @@ import torch
 from host_plugin_scattermoe import kernels as K
 from host_plugin_scattermoe import ops, reference
 from host_plugin_scattermoe.routing import sort_tokens
-from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, rel
+from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, record_tma_descriptors, rel
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 NAMES = ("x", "W1", "W2", "A1", "B1", "A2", "B2", "gates")
@@ -46,7 +46,7 @@ def problem(T, E, H, I, k, r, dtype, seed=0, idle=(1,)):
         gates=torch.rand(T, k, generator=g).to(DEV),
     )
     p["dout"] = rn(T, H)
-    p["routing"] = sort_tokens(idx, E)
+    p["idx"], p["routing"] = idx, sort_tokens(idx, E)
     p["k"] = k
     return p
 
@@ -81,16 +81,13 @@ def run(p, grads, light, s1=0.7, s2=1.3, fused_lora=True, spy=None):
 
 
 def run_reference(p, grads, s1=0.7, s2=1.3):
-    """The same in float64 through the torch reference (separate ops, autograd)."""
+    """The same in float64 through the torch reference (``reference.experts_forward``: separate ops, autograd)."""
     d = torch.float64
     leaves = {n: (p[n].detach().to(d).requires_grad_(n in grads) if p[n] is not None else None) for n in NAMES}
-    sei, ssi, offs = p["routing"]
-    k = p["k"]
-    h = reference.scattered_linear(leaves["x"], leaves["W1"], k, sei, ssi, offs, leaves["A1"], leaves["B1"],
-                                   s1 if leaves["A1"] is not None else 0.0, None, False, True)
-    y = reference.scattered_linear(reference.glu(h), leaves["W2"], 1, sei, ssi, offs, leaves["A2"], leaves["B2"],
-                                   s2 if leaves["A2"] is not None else 0.0, None, True, False)
-    out = reference.combine(y, leaves["gates"])
+    lora1 = (leaves["A1"], leaves["B1"], s1) if leaves["A1"] is not None else None
+    lora2 = (leaves["A2"], leaves["B2"], s2) if leaves["A2"] is not None else None
+    out = reference.experts_forward(leaves["x"], p["idx"], leaves["gates"], leaves["W1"], leaves["W2"], transposed=True,
+                                    gate_up_lora=lora1, down_lora=lora2)
     out.backward(p["dout"].to(d))
     return out.detach(), {n: leaves[n].grad for n in grads}
 
@@ -172,14 +169,7 @@ def test_light_tail_tma_descriptors(monkeypatch, light):
     """TMA descriptors wherever the layout allows (the light launch reads W_down through one; dout is gathered)."""
     if not K.INTERPRET and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9):
         pytest.skip("needs the interpreter or a Hopper-class GPU")
-    if K.INTERPRET:
-        monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3})
-    else:
-        monkeypatch.setattr(K, "AUTOTUNE_MIN_ROWS", 1)
-    monkeypatch.setattr(K, "TMA_MODE", "1")
-    taken = []
-    real = K._tma_descs
-    monkeypatch.setattr(K, "_tma_descs", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = record_tma_descriptors(monkeypatch)
     p = problem(24, 5, 72, 40, 2, 8, torch.float32, seed=11)
     _, g = run(p, LORA_GRADS, light)
     _, g_ref = run_reference(p, LORA_GRADS)

@@ -46,7 +46,7 @@ def problem(T, E, H, I, k, r, dtype, seed=0, h_scale=6.0):
         b2=rn(E, H, scale=1.0),
     )
     p["dout"] = rn(T, H)
-    p["routing"] = sort_tokens(idx, E)
+    p["idx"], p["routing"] = idx, sort_tokens(idx, E)
     p["k"] = k
     return p
 
@@ -108,16 +108,13 @@ def run(p, grads, light, merged=True, s1=0.7, s2=1.3, fused_lora=True, spy=None,
 
 
 def run_reference(p, grads, s1=0.7, s2=1.3):
-    """float64 through the reference's ops (separate, autograd)."""
+    """float64 through the reference's ops (``reference.experts_forward``: separate, autograd)."""
     lv = leaves_of(p, grads, torch.float64)
-    sei, ssi, offs = p["routing"]
-    k = p["k"]
-    h = reference.scattered_linear(lv["x"], lv["W1"], k, sei, ssi, offs, lv["A1"], lv["B1"],
-                                   s1 if lv["A1"] is not None else 0.0, lv["b1"], False, True)
-    a = reference.gpt_oss_glu(h, ALPHA, LIMIT)
-    y = reference.scattered_linear(a, lv["W2"], 1, sei, ssi, offs, lv["A2"], lv["B2"],
-                                   s2 if lv["A2"] is not None else 0.0, lv["b2"], True, False)
-    out = reference.combine(y, lv["gates"])
+    lora1 = (lv["A1"], lv["B1"], s1) if lv["A1"] is not None else None
+    lora2 = (lv["A2"], lv["B2"], s2) if lv["A2"] is not None else None
+    out = reference.experts_forward(lv["x"], p["idx"], lv["gates"], lv["W1"], lv["W2"], transposed=True,
+                                    gate_up_bias=lv["b1"], down_bias=lv["b2"], gate_up_lora=lora1, down_lora=lora2,
+                                    apply_gate=lambda h: reference.gpt_oss_glu(h, ALPHA, LIMIT))
     out.backward(p["dout"].double())
     return out.detach(), {n: lv[n].grad for n in grads}
 
