@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from host import hookimpl
 from host.config import StrictModel
@@ -49,8 +49,9 @@ class ScatterMoEConfig(StrictModel):
         "it, the [T*k, H] expert outputs not kept (0.12 GiB less per Qwen3-30B-A3B block, 0.2 ms less GPU time on an "
         "H100); off: the combine backward over the kept outputs (an end-to-end A/B on 2026-12-06 was inconclusive: "
         "set off to compare on your model); gemm: glu's work in the dX launch's epilogue (spills on sm_90). "
-        "Unset: env SCATTERMOE_LIGHT_TAIL, else glu.",
+        "YAML's unquoted off/false and on/true read as off and glu. Unset: env SCATTERMOE_LIGHT_TAIL, else glu.",
     )
+
     scattermoe_cuda_graph: bool = Field(
         False,
         description="Replay each experts call (forward and backward) as a CUDA graph captured once per token count: "
@@ -61,6 +62,12 @@ class ScatterMoEConfig(StrictModel):
     scattermoe_backend: Literal["auto", "triton", "torch"] = Field(
         "auto", description="auto: Triton on CUDA, torch reference on CPU."
     )
+
+    @field_validator("scattermoe_light_tail", mode="before")
+    @classmethod
+    def _light_tail_from_yaml_bool(cls, v):
+        """YAML reads an unquoted ``off`` (or ``false``) as False and ``on``/``true`` as True: off and glu."""
+        return ("glu" if v else "off") if isinstance(v, bool) else v
 
 
 @hookimpl

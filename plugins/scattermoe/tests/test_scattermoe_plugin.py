@@ -53,9 +53,10 @@ def test_pre_model_load_registers_and_selects(make_plugin_manager, tmp_path):
     ops.SETTINGS.update(fused_lora=True, fused_tail=False)
 
 
-@pytest.mark.parametrize("value,setting", [("off", None), ("gemm", "gemm"), ("glu", "glu")])
+@pytest.mark.parametrize("value,setting", [("off", None), ("gemm", "gemm"), ("glu", "glu"), (False, None), (True, "glu")])
 def test_light_tail_key_sets_the_backward(make_plugin_manager, tmp_path, monkeypatch, value, setting):
-    """``scattermoe_light_tail`` picks the merged node's backward; unset, the env / built-in default stays."""
+    """``scattermoe_light_tail`` picks the merged node's backward (YAML's unquoted ``off`` arrives as False); unset, the
+    env / built-in default stays."""
     from host_plugin_scattermoe import ops
 
     monkeypatch.setitem(ops.SETTINGS, "light_tail", "glu")
@@ -65,7 +66,7 @@ def test_light_tail_key_sets_the_backward(make_plugin_manager, tmp_path, monkeyp
     pm.hook.pre_model_load(cfg=validate(_cfg(tmp_path, scattermoe_light_tail=value), pm))
     assert ops._light_mode() == setting
     with pytest.raises(ConfigError, match="scattermoe_light_tail"):
-        validate(_cfg(tmp_path, scattermoe_light_tail="on"), pm)
+        validate(_cfg(tmp_path, scattermoe_light_tail="fast"), pm)
     ops.SETTINGS.update(fused_lora=True, fused_tail=False)
 
 
