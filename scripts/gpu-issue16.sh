@@ -22,14 +22,29 @@ suite() {  # name, seconds, pytest args...: runs in the background (one process 
   ( timeout "$limit" env ${TESTS_ENV:-} python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$@" > "$OUT/$name.log" 2>&1
     echo "$name rc=$? $(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/$name.log" | tail -1)" >> "$OUT/summary.txt" ) &
 }
+# Extra diagnostics (DIAG="cmd1;cmd2", each a shell command run in the background beside the tests).
+if [ -n "${DIAG:-}" ]; then
+  n=0; IFS=';' read -ra cmds <<< "$DIAG"
+  for c in "${cmds[@]}"; do n=$((n + 1)); ( timeout "${DIAG_S:-240}" bash -c "$c" > "$OUT/diag$n.log" 2>&1; echo "diag$n rc=$?" >> "$OUT/summary.txt" ) & done
+fi
 # Every test file of the two kernel plugins (on a GPU they run the compiled kernels), one process each, all at once:
 # a cold start is Triton compiles (CPU-bound, one core per process), so they overlap on the machine's 16 cores.
+# SHARDS=n splits each file's tests over n processes (a long file's cold compiles then spread over cores, and a CUDA
+# error that poisons a process's context only fails its own shard).
 if [ "${TESTS_S:-240}" != 0 ]; then
   for f in ${TEST_FILES:-plugins/scattermoe/tests/test_*.py plugins/mxfp4/tests/test_*.py}; do
-    suite "$(basename "$f" .py)" "${TESTS_S:-240}" "$f"
+    if [ "${SHARDS:-1}" -gt 1 ]; then
+      python3 -m pytest -q -p no:cacheprovider --import-mode=importlib --collect-only "$f" 2>/dev/null | grep '::' > "$OUT/ids"
+      for i in $(seq 0 $((SHARDS - 1))); do
+        mapfile -t ids < <(awk -v n="$SHARDS" -v i="$i" 'NR % n == i' "$OUT/ids")
+        [ ${#ids[@]} -gt 0 ] && suite "$(basename "$f" .py).$i" "${TESTS_S:-240}" "${ids[@]}"
+      done
+    else
+      suite "$(basename "$f" .py)" "${TESTS_S:-240}" "$f"
+    fi
   done
-  wait
 fi
+wait
 step bench_moe_block "${BLOCK_S:-230}" python3 $B/bench_moe_block.py --iters 20 \
   --impls ${BLOCK_IMPLS:-grouped_mm scattermoe scattermoe+before} --json "$OUT/bench_moe_block.json"
 step bench_moe_block2 "${BLOCK2_S:-0}" python3 $B/bench_moe_block.py --iters 20 --shapes ${BLOCK2_SHAPES:-gpt-oss-20b} \
