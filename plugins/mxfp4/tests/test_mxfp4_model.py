@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from host.config import validate
+from host.config import validate, validate_with_warnings
 from host.errors import ConfigError, HostError
 from host.testing import base_config
 
@@ -207,6 +207,22 @@ def test_config_errors(tiny_model, make_plugin_manager, tmp_path):
         validate(data, pm)
     data["quantize_moe_experts"] = False  # axolotl's "off": the same as unset
     assert validate(data, pm).quantize_moe_experts is None
+
+
+@pytest.mark.parametrize("strategy,checkpointing,warned", [
+    ("auto", False, True), ("selective", False, True), ("auto", True, False), ("fused", False, False),
+])
+def test_decoded_experts_memory_warning(tiny_model, make_plugin_manager, tmp_path, strategy, checkpointing, warned):
+    """A's decoded experts live from each layer's forward to its backward: without gradient checkpointing
+    the user is told what that costs and the two ways out."""
+    data = base_config(tiny_model("qwen3_moe"), tmp_path / "x.jsonl", tmp_path / "o", plugins=["scattermoe", "mxfp4"],
+                       quantize_moe_experts="mxfp4", mxfp4_strategy=strategy, gradient_checkpointing=checkpointing,
+                       lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    _, warnings = validate_with_warnings(data, make_plugin_manager(data["plugins"]))
+    hits = [w for w in warnings if "gradient_checkpointing: true" in w]
+    assert bool(hits) == warned, warnings
+    if warned:
+        assert f"mxfp4_strategy {strategy}" in hits[0] and "mxfp4_strategy: fused" in hits[0]
 
 
 def test_dense_model_is_a_clear_error(tiny_model, make_plugin_manager, tmp_path):
