@@ -1177,7 +1177,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
     E, K, N = W.shape
     if x.dim() != 2 or x.shape[-1] != K:
         raise ValueError(f"x must be [rows, {K}] for W {tuple(W.shape)}, got {tuple(x.shape)}")
-    gmode = 0 if glu is None else glu[2]  # the epilogue (_s2s_meta's has_glu)
+    gmode = 0 if glu is None else glu[2]  # the epilogue mode (_s2s_meta's has_glu)
     if gmode == 1:
         out = torch.empty(L, 2 * N, device=x.device, dtype=glu[1].dtype)
     elif gmode in (2, 3):
@@ -1209,22 +1209,21 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         return out, xa_out, dgp
     int64 = needs_int64(x, out, xab, glu[1] if gmode else None)
     cuda = x.is_cuda and not INTERPRET
-    has_glu = gmode
     if cuda and "s2s" not in FORCE and L >= AUTOTUNE_MIN_ROWS and TILE_MODE != "autotune":
         # the default GPU path: rule tiles, launch plan cached per problem signature
-        tma = has_glu != 1 and not int64 and use_tma(True, x)
+        tma = gmode != 1 and not int64 and use_tma(True, x)
         gi, go = bool(grouped_in), bool(grouped_out)
-        key = (K, N, lora, gi, go, m_bucket(L), E, has_glu, tma)
+        key = (K, N, lora, gi, go, m_bucket(L), E, gmode, tma)
         picked = _PICKED.get(("s2s", key))  # pick_tiles' own lookup, without building its arguments (host time)
         if picked is None:
             picked = pick_tiles(
-                "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, has_glu == 1, tma),
+                "s2s", key, lambda: s2s_rule(L, E, K, N, lora, gi, go, gmode == 1, tma),
                 {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
             )
         pkey = (key, L, R, bool(write_xa), bias is not None, int64, x.dtype, TMA_MODE)
         plan = _PLANS.get(pkey)
         if plan is None or plan[0] is not picked:
-            built = _s2s_plan(picked, x, L, E, K, Nk, R, lora, gi, go, write_xa, bias, int64, has_glu)
+            built = _s2s_plan(picked, x, L, E, K, Nk, R, lora, gi, go, write_xa, bias, int64, gmode)
             plan = store_bounded(_PLANS, pkey, (*built, {}), _MAX_PLANS)
         _, kw, grid_, use_desc, ncol, slots = plan
     else:
@@ -1235,9 +1234,9 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         elif L < AUTOTUNE_MIN_ROWS:
             cfg = _SMALL_S2S
         else:  # TILE_MODE == "autotune"
-            cfg = None if not has_glu else pick_tiles(
-                "s2s", (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, has_glu, False),
-                lambda: s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, has_glu == 1, False),
+            cfg = None if not gmode else pick_tiles(
+                "s2s", (K, N, lora, bool(grouped_in), bool(grouped_out), m_bucket(L), E, gmode, False),
+                lambda: s2s_rule(L, E, K, N, lora, grouped_in, grouped_out, gmode == 1, False),
                 {"X": x, "N": N, "LORA": lora, "BLOCK_R": rank_block(R)},
             )
         slots = None
@@ -1245,18 +1244,18 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
             kw, grid_, use_desc, ncol = None, None, False, 0
         else:
             _, kw, grid_, use_desc, ncol = _s2s_plan(
-                cfg, x, L, E, K, Nk, R, lora, grouped_in, grouped_out, write_xa, bias, int64, has_glu
+                cfg, x, L, E, K, Nk, R, lora, grouped_in, grouped_out, write_xa, bias, int64, gmode
             )
     glu_al = (0.0, 0.0)  # the clamped GLU's alpha and limit (GLU_FWD == 2 only)
-    if has_glu >= 4:  # the forward GLU epilogue: act written through Hin
+    if gmode >= 4:  # the forward GLU epilogue: act written through Hin
         dgp = None
         gb = dgb = dummy
         hb, s_hm, s_dgp = glu[1], glu[1].stride(0), 0
-        if has_glu == 5:
+        if gmode == 5:
             glu_al = glu[0]
-    elif has_glu:
+    elif gmode:
         gates, h = glu[0], glu[1]
-        dgp = torch.empty(ncol, L, device=x.device, dtype=torch.float32) if has_glu != 3 else None
+        dgp = torch.empty(ncol, L, device=x.device, dtype=torch.float32) if gmode != 3 else None
         gb, hb, dgb = gates, h if h is not None else dummy, dgp if dgp is not None else dummy
         s_hm, s_dgp = (h.stride(0) if h is not None else 0), (dgp.stride(0) if dgp is not None else 0)
     else:
@@ -1271,7 +1270,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         float(scaling), gb, hb, dgb, s_hm, s_dgp,
     )
     if kw is None:
-        meta = _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, x.dtype, has_glu)
+        meta = _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, x.dtype, gmode)
 
         def grid(META):
             return (_cdiv(N, META["BLOCK_N"]) * (_cdiv(L, META["BLOCK_M"]) + E),)
