@@ -253,7 +253,7 @@ def correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=("sele
     b1 = getattr(dense, "gate_up_proj_bias", None) if getattr(dense, "has_bias", False) else None
     b2 = getattr(dense, "down_proj_bias", None) if getattr(dense, "has_bias", False) else None
     from host_plugin_scattermoe import fused
-    from host_plugin_scattermoe.experts import _is_default_silu_gate, merged_kwargs
+    from host_plugin_scattermoe.experts import apply_gate, merged_kwargs
 
     merged = merged_kwargs(dense, x, b1, b2)
     if merged is not None:  # scattermoe's experts forward takes its merged node (and light tail)
@@ -264,8 +264,8 @@ def correctness(name, spec, block, ex, x0, dy, routes, checks, strategies=("sele
         h = ops.scattered_experts(x, W1, k, sei, ssi, offs, A1, B1, s1, b1, False, True)
         if fused.applies(dense, b2):  # scattermoe's experts forward takes its fused tail
             ref = fused.glu_down_combine(h, W2, k, sei, ssi, offs, A2, B2, s2, w)
-        else:  # the activation as scattermoe's experts forward runs it
-            h = ops.silu_glu(h) if _is_default_silu_gate(dense) else dense._apply_gate(h)
+        else:  # the activation as scattermoe's experts forward runs it (its fused gate kernels where they apply)
+            h = apply_gate(dense, h)
             y = ops.scattered_experts(h, W2, 1, sei, ssi, offs, A2, B2, s2, b2, True, False)
             ref = ops.combine(y, w.to(y.dtype))
     ref.backward(dy)

@@ -45,16 +45,18 @@ def main(family):
 
     ops.glu_experts = traced("glu_experts", ops.glu_experts)
     ops.scattered_experts = traced("scattered_experts", ops.scattered_experts)
-    spec = dict(family=family, E=32, H=1024, I=512, k=4)
-    B.T_TOKENS = 1024
+    small = B.DEV == "cpu"  # CPU (TRITON_INTERPRET=1): a small shape, same code path
+    E, H, I, k, T = (8, 64, 64, 2, 32) if small else (32, 1024, 512, 4, 1024)
+    spec = dict(family=family, E=E, H=H, I=I, k=k)
+    B.T_TOKENS = T
     ex = B.make_experts(**spec)
     blk = B.add_lora(B.Block(ex))
     loading.quantize_module(ex, "mxfp4")
     fx.install(blk)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    x0 = torch.randn(1024, 1024, generator=g, device="cuda").bfloat16()
-    dy = torch.randn(1024, 1024, generator=g, device="cuda").bfloat16()
-    routes = {kind: B.routing(1024, 32, 4, kind) for kind in ("balanced", "skewed")}
+    g = torch.Generator(device=B.DEV).manual_seed(3)
+    x0 = torch.randn(T, H, generator=g, device=B.DEV).to(B.DTYPE)
+    dy = torch.randn(T, H, generator=g, device=B.DEV).to(B.DTYPE)
+    routes = {kind: B.routing(T, E, k, kind) for kind in ("balanced", "skewed")}
     checks = []
     B.correctness("diag", spec, blk, ex, x0, dy, routes, checks, strategies=("selective",))
     print("SUMMARY", family, "bitwise" if all(c["bitwise"] for c in checks) else "DIFFERS",
