@@ -259,7 +259,8 @@ def test_persistent_grid_and_half_tail_match_reference(monkeypatch, dtype, tma, 
     monkeypatch.setattr(K, "TMA_MODE", "1" if tma else "0")
     real = K._s2s_plan
     monkeypatch.setattr(K, "_s2s_plan", lambda *a: persistent.append(real(*a)) or persistent[-1])
-    monkeypatch.setattr(K, "INTERP_PROGRAMS", 3)
+    # 3 programs on the GPU too (there the grid is one per SM, more than this problem has tiles): each walks several
+    monkeypatch.setattr(K, "num_programs_persistent", lambda x: 3)
     T, E, Kd, N, k, r = 37, 5, 72, 40, 2, 8
     x, W, A, B, b = make(T, E, Kd, N, k, r, dtype, seed=13, bias=True)
     sei, ssi, offs = sort_tokens(routing(T, E, k, seed=12), E)  # rows per expert 23, 0, 20, 11, 20
