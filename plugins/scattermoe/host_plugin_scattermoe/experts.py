@@ -149,11 +149,13 @@ _CLAMPED_GLU_CLASSES: dict = {}
 def _is_clamped_glu_gate(module) -> bool:
     """The module's ``_apply_gate`` is gpt-oss's interleaved clamped sigmoid-GLU with its ``alpha``/``limit``:
     decided once per class by running it on values spanning the clamp (not by name, so a changed gate in a
-    later transformers release falls back to the module's own code)."""
+    later transformers release falls back to the module's own code). Inherited gates count: plugins subclass
+    the experts module (mxfp4's ``FP4GptOssExperts``), and a check of the class's own ``__dict__`` sent those to
+    the torch gate and the separate nodes."""
     from host_plugin_scattermoe import reference
 
     cls = type(module)
-    if not (hasattr(module, "alpha") and hasattr(module, "limit") and "_apply_gate" in cls.__dict__):
+    if not (hasattr(module, "alpha") and hasattr(module, "limit") and callable(getattr(module, "_apply_gate", None))):
         return False
     key = (cls, float(module.alpha), float(module.limit))
     ok = _CLAMPED_GLU_CLASSES.get(key)

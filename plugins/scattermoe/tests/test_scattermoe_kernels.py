@@ -428,6 +428,10 @@ def test_gate_dispatch_is_checked_numerically():
 
     gpt = experts_of("gpt_oss", num_local_experts=4, intermediate_size=16, layer_types=["sliding_attention", "full_attention"])
     assert experts._is_clamped_glu_gate(gpt)
+    plain = type(gpt)
+    gpt.__class__ = type("PluginSubclass", (plain,), {})  # as another plugin wraps the module (mxfp4): gate inherited
+    assert experts._is_clamped_glu_gate(gpt)
+    gpt.__class__ = plain
     qwen = experts_of("qwen3_moe")
     assert experts._is_default_silu_gate(qwen) and not experts._is_clamped_glu_gate(qwen)
 
