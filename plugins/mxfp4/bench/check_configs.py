@@ -45,7 +45,7 @@ def one(mode, cfg_idx, E=128, N=2048, K=768, T=4096, k=8, r=16, dtype=torch.bflo
         *Am.stride(), *Bm.stride(), xa.stride(0), xa.stride(1), 0, 0, 2.0,
     )
     meta = dict(RED_IS_K=red_k, SCALE_KIND=0, FP4_BLOCK=32, X_GROUPED=gin, Y_GROUPED=not gin, LORA=1, WRITE_XA=True,
-                HAS_BIAS=False, INT64=False, DOT_PREC="tf32", E_POW2=triton.next_power_of_2(E), BLOCK_R=Kn.rank_block(r))
+                HAS_BIAS=False, INT64=False, DOT_PREC="tf32", E_POW2=Kn.expert_block(E), BLOCK_R=Kn.rank_block(r))
     grid = (triton.cdiv(J, cfg.kwargs["BLOCK_J"]), triton.cdiv(L, cfg.kwargs["BLOCK_M"]) + E)
     Kn._fp4_s2s_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     torch.cuda.synchronize()

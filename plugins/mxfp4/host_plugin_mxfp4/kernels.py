@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from host_plugin_scattermoe.kernels import block_rows, device_limits, fits_device, locate_block, m_bucket, needs_int64, rank_block
+from host_plugin_scattermoe.kernels import (
+    block_rows, device_limits, expert_block, fits_device, locate_block, m_bucket, needs_int64, rank_block,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -344,7 +346,7 @@ def fp4_scatter2scatter(
         RED_IS_K=bool(reduce_k), SCALE_KIND=kind, FP4_BLOCK=w.block_size,
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=int(lora), WRITE_XA=bool(write_xa and lora),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
-        E_POW2=triton.next_power_of_2(E), BLOCK_R=rank_block(R),
+        E_POW2=expert_block(E), BLOCK_R=rank_block(R),
     )
 
     def grid(META):

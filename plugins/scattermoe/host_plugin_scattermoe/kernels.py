@@ -108,6 +108,12 @@ def rank_block(r: int) -> int:
     return max(16, _next_pow2(max(int(r), 1)))
 
 
+def expert_block(E: int) -> int:
+    """``E_POW2`` of :func:`locate_block`: the expert-vector width, E's next power of two but at least 64 (the width
+    every launch of this plugin has used on the GPU since its first GPU tests; narrower ones were never run there)."""
+    return max(64, _next_pow2(E))
+
+
 # ------------------------------------------------------------------------------------------------
 # device-aware autotune pruning
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +251,7 @@ def _bench(fn, quantiles=None):
 
 @triton.jit
 def locate_block(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """Map a program's M index to (expert, first sorted row, expert's end row)."""
+    """Map a program's M index to (expert, first sorted row, expert's end row); ``E_POW2`` = :func:`expert_block`."""
     eidx = tl.arange(0, E_POW2)
     emask = eidx < E
     ends = tl.load(offsets_ptr + eidx, mask=emask, other=0).to(tl.int32)
@@ -1145,7 +1151,7 @@ def _s2s_meta(L, E, R, lora, grouped_in, grouped_out, write_xa, bias, int64, dty
     return dict(
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=lora, WRITE_XA=bool(write_xa and lora == 1),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(dtype),
-        E_POW2=max(64, _next_pow2(E)), BLOCK_R=rank_block(R), GLU_BWD=int(has_glu) if has_glu < 4 else 0,
+        E_POW2=expert_block(E), BLOCK_R=rank_block(R), GLU_BWD=int(has_glu) if has_glu < 4 else 0,
         GLU_FWD={4: 1, 5: 2}.get(has_glu, 0),
     )
 
