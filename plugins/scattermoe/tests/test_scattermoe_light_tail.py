@@ -18,7 +18,7 @@ import torch
 from host_plugin_scattermoe import kernels as K
 from host_plugin_scattermoe import ops, reference
 from host_plugin_scattermoe.routing import sort_tokens
-from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, record_tma_descriptors, rel
+from host_plugin_scattermoe.testing import DEV, TOL, TRITON_RUNS, float64_experts_reference, record_tma_descriptors, rel
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 NAMES = ("x", "W1", "W2", "A1", "B1", "A2", "B2", "gates")
@@ -80,16 +80,9 @@ def run(p, grads, light, s1=0.7, s2=1.3, fused_lora=True, spy=None):
     return out.detach(), {n: leaves[n].grad for n in grads}
 
 
-def run_reference(p, grads, s1=0.7, s2=1.3):
-    """The same in float64 through the torch reference (``reference.experts_forward``: separate ops, autograd)."""
-    d = torch.float64
-    leaves = {n: (p[n].detach().to(d).requires_grad_(n in grads) if p[n] is not None else None) for n in NAMES}
-    lora1 = (leaves["A1"], leaves["B1"], s1) if leaves["A1"] is not None else None
-    lora2 = (leaves["A2"], leaves["B2"], s2) if leaves["A2"] is not None else None
-    out = reference.experts_forward(leaves["x"], p["idx"], leaves["gates"], leaves["W1"], leaves["W2"], transposed=True,
-                                    gate_up_lora=lora1, down_lora=lora2)
-    out.backward(p["dout"].to(d))
-    return out.detach(), {n: leaves[n].grad for n in grads}
+def run_reference(p, grads):
+    """The same in float64 through the torch reference (separate ops, autograd)."""
+    return float64_experts_reference(p, NAMES, grads)
 
 
 LORA_GRADS = ("x", "A1", "B1", "A2", "B2", "gates")

@@ -15,7 +15,7 @@ import torch
 from host_plugin_scattermoe import kernels as K
 from host_plugin_scattermoe import ops, reference
 from host_plugin_scattermoe.routing import sort_tokens
-from host_plugin_scattermoe.testing import DEV, TRITON_RUNS, rel
+from host_plugin_scattermoe.testing import DEV, TRITON_RUNS, float64_experts_reference, rel
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 ALPHA, LIMIT = 1.702, 7.0
@@ -107,16 +107,9 @@ def run(p, grads, light, merged=True, s1=0.7, s2=1.3, fused_lora=True, spy=None,
     return out.detach(), {n: lv[n].grad for n in grads}
 
 
-def run_reference(p, grads, s1=0.7, s2=1.3):
-    """float64 through the reference's ops (``reference.experts_forward``: separate, autograd)."""
-    lv = leaves_of(p, grads, torch.float64)
-    lora1 = (lv["A1"], lv["B1"], s1) if lv["A1"] is not None else None
-    lora2 = (lv["A2"], lv["B2"], s2) if lv["A2"] is not None else None
-    out = reference.experts_forward(lv["x"], p["idx"], lv["gates"], lv["W1"], lv["W2"], transposed=True,
-                                    gate_up_bias=lv["b1"], down_bias=lv["b2"], gate_up_lora=lora1, down_lora=lora2,
-                                    apply_gate=lambda h: reference.gpt_oss_glu(h, ALPHA, LIMIT))
-    out.backward(p["dout"].double())
-    return out.detach(), {n: lv[n].grad for n in grads}
+def run_reference(p, grads):
+    """float64 through the reference's ops (separate, autograd), gpt-oss's clamped gate."""
+    return float64_experts_reference(p, NAMES, grads, apply_gate=lambda h: reference.gpt_oss_glu(h, ALPHA, LIMIT))
 
 
 LORA_GRADS = ("x", "A1", "B1", "A2", "B2", "gates")
