@@ -74,7 +74,8 @@ def one(mode, cfg_idx, E=128, N=2048, K=768, T=4096, k=8, r=16, dtype=torch.bflo
 
 if __name__ == "__main__":
     if len(sys.argv) > 2:
-        shape = dict(zip("E N K T k r".split(), map(int, os.environ["CHECK_SHAPE"].split(",")))) if os.environ.get("CHECK_SHAPE") else {}
+        sizes = os.environ.get("CHECK_SHAPE")
+        shape = dict(zip("E N K T k r".split(), map(int, sizes.split(",")))) if sizes else {}
         one(sys.argv[1], int(sys.argv[2]), **shape, dtype=getattr(torch, os.environ.get("CHECK_DTYPE", "bfloat16")))
         sys.exit(0)
     from host_plugin_mxfp4 import kernels as Kn

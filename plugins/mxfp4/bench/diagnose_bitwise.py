@@ -1,4 +1,5 @@
-"""GPU: why strategy A is not bitwise scattermoe-on-dequantized for a family (test_mxfp4_gpu's check).
+"""Why strategy A is not bitwise scattermoe-on-dequantized for a family (test_mxfp4_gpu's check), on the GPU or on
+the CPU (TRITON_INTERPRET=1, a small shape; set scattermoe's backend to triton to take the GPU's dispatch).
 
 Runs ``bench_mxfp4.correctness`` at the test's shape and prints, for every scattermoe experts call
 (``ops.glu_experts`` / ``ops.scattered_experts``) made by A and by the reference, each tensor argument's

@@ -81,10 +81,10 @@ def validate_config(cfg):
         )
     if cfg.mxfp4_strategy != "fused" and not cfg.gradient_checkpointing:
         warnings.append(
-            f"mxfp4: mxfp4_strategy {cfg.mxfp4_strategy} trains on decoded experts (in the training dtype), which each layer keeps from "
-            "its forward until its backward, so without gradient checkpointing the step's peak holds every layer's "
-            "decoded experts, as bf16 experts would (Qwen3-30B-A3B: ~1.1 GiB per layer, 48 layers). Set "
-            "gradient_checkpointing: true (one layer's at a time) or mxfp4_strategy: fused (none, slower)."
+            f"mxfp4: mxfp4_strategy {cfg.mxfp4_strategy} trains on decoded experts (in the training dtype), which "
+            "each layer keeps from its forward until its backward, so without gradient checkpointing the step's peak "
+            "holds every layer's decoded experts, as bf16 experts would (Qwen3-30B-A3B: ~1.1 GiB per layer, 48 "
+            "layers). Set gradient_checkpointing: true (one layer's at a time) or mxfp4_strategy: fused (none, slower)."
         )
     return warnings
 

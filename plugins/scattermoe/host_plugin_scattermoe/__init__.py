@@ -48,7 +48,8 @@ class ScatterMoEConfig(StrictModel):
         description="The one-node experts call's backward. glu: the combine backward folded into the launches around "
         "it, the [T*k, H] expert outputs not kept (0.12 GiB less per Qwen3-30B-A3B block, 0.2 ms less GPU time on an "
         "H100); off: the combine backward over the kept outputs (end to end on an H100 glu was as fast or faster: "
-        "2.16-2.18x vs 2.08-2.15x grouped_mm + PEFT; set off to compare on your model); gemm: glu's work in the dX launch's epilogue (spills on sm_90). "
+        "2.16-2.18x vs 2.08-2.15x grouped_mm + PEFT; set off to compare on your model); gemm: glu's work in the dX "
+        "launch's epilogue (spills on sm_90). "
         "YAML's unquoted off/false and on/true read as off and glu. Unset: env SCATTERMOE_LIGHT_TAIL, else glu.",
     )
 
