@@ -2,7 +2,8 @@
 (an illegal address kills the CUDA context), and compare with a dequantized bf16 reference.
 
 Usage: python check_configs.py [modes] ; CHECK_SHAPE="E,N,K,T,k,r" and CHECK_DTYPE=float16 pick another case
-(default: Qwen3-30B-A3B's down projection in bf16)."""
+(default: Qwen3-30B-A3B's down projection in bf16); CHECK_E_POW2=4 launches with another expert-vector width than
+``expert_block(E)`` (the width strategy B passed before the fourth session)."""
 
 import os
 import subprocess
@@ -45,7 +46,7 @@ def one(mode, cfg_idx, E=128, N=2048, K=768, T=4096, k=8, r=16, dtype=torch.bflo
         *Am.stride(), *Bm.stride(), xa.stride(0), xa.stride(1), 0, 0, 2.0,
     )
     meta = dict(RED_IS_K=red_k, SCALE_KIND=0, FP4_BLOCK=32, X_GROUPED=gin, Y_GROUPED=not gin, LORA=1, WRITE_XA=True,
-                HAS_BIAS=False, INT64=False, DOT_PREC="tf32", E_POW2=Kn.expert_block(E), BLOCK_R=Kn.rank_block(r))
+                HAS_BIAS=False, INT64=False, DOT_PREC="tf32", E_POW2=int(os.environ.get("CHECK_E_POW2", 0)) or Kn.expert_block(E), BLOCK_R=Kn.rank_block(r))
     grid = (triton.cdiv(J, cfg.kwargs["BLOCK_J"]), triton.cdiv(L, cfg.kwargs["BLOCK_M"]) + E)
     Kn._fp4_s2s_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     torch.cuda.synchronize()
