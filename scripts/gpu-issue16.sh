@@ -56,6 +56,7 @@ step e2e "${E2E_S:-90}" python3 $B/bench_e2e_train.py --steps 10 --work /tmp/e2e
   --runs ${E2E_RUNS:-grouped_mm+peft scattermoe scattermoe+graph}
 step bench_mxfp4 "${MXBENCH_S:-0}" python3 plugins/mxfp4/bench/bench_mxfp4.py --skip-fused --skip-load \
   --shapes ${MXBENCH_SHAPES:-Qwen3-30B-A3B,Qwen3.5-35B-A3B}
+step probe_dot_scaled "${PROBE_S:-0}" python3 plugins/mxfp4/bench/probe_dot_scaled.py
 step bench_gemm_glu "${GEMM_S:-0}" python3 $B/bench_gemm.py --glu --shapes Qwen3-30B-A3B Qwen3.5-35B-A3B OLMoE-1B-7B \
   --json "$OUT/bench_gemm_glu.json"
 cat "$OUT/device.txt"
@@ -65,5 +66,6 @@ grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
 grep -E "total|_s2s|outer|silu|combine|sort|copy|topk" "$OUT/profile.log" | head -14 | cut -c1-110
 grep -A 9 "^run" "$OUT/e2e.log" | cut -c1-100; grep "^speed-up" "$OUT/e2e.log"
 grep -E "^\| (Qwen|gpt).*(scattermoe bf16|auto|grouped)" "$OUT/bench_mxfp4.log" 2>/dev/null | cut -c1-110
+grep -E "^\| Qwen" "$OUT/probe_dot_scaled.log" 2>/dev/null | grep -E "bf16|decode rhs" | cut -c1-110
 cat "$OUT/summary.txt"; grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | cut -c1-220 | head -30
 tar -czf "$RESULTS/logs.tgz" -C "$RESULTS" logs && rm -rf "$OUT"

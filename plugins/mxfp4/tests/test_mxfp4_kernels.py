@@ -167,3 +167,16 @@ def test_dequantize_kernel_is_bit_identical_to_torch(fmt, dtype, shape, k_major,
     assert got.stride() == want.stride()
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits))
+
+
+@pytest.mark.skipif(not K.INTERPRET, reason="the probe's toy check runs under the interpreter")
+def test_probe_hand_decoded_gemms_match_the_dequantized_weights():
+    """``bench/probe_dot_scaled.py``'s hand-decoded GEMM variants (timed on a GPU against bf16) compute x·W_eᵀ;
+    swapping the two nibbles in the interleave fails this."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import probe_dot_scaled
+
+    probe_dot_scaled.cpu_check()
