@@ -12,6 +12,8 @@ by expert, balanced routing: 128 / 256 rows per expert), y_e = x_e · W_eᵀ for
   ``kernels._decode_e2m1``), both nibbles interleaved back into one ``[BN, BK]`` tile, one full-K ``tl.dot``;
 * ``decode rhs (even/odd)``: the same decode feeding two half-K dots on strided ``x`` columns, as strategy B's
   loop does (tells whether B's loop shape or the decode itself costs the time);
+* ``decode lhs (swapped)``: the interleaved decoded tile as the left operand of ``yᵀ = W · xᵀ`` (wgmma can read
+  it from registers instead of shared memory);
 * ``scattermoe bf16``: ``ops.scattered_experts`` (grouped in/out, no LoRA) on the decoded weights;
 * ``decode + scattermoe``: the dequantize kernel then scattermoe (strategy A's forward cost).
 
@@ -131,7 +133,25 @@ def _dec_eo_kernel(X, Wq, S, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, 
     tl.store(Y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(Y.dtype.element_ty))
 
 
-HAND_DECODED = {"decode rhs (interleave)": _dec_il_kernel, "decode rhs (even/odd)": _dec_eo_kernel}
+@triton.jit
+def _dec_lhs_kernel(X, Wq, S, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``yᵀ = W_e · xᵀ``: the decoded tile is the left operand, which wgmma may read from registers, so it need not
+    be stored to shared memory before the MMA (the rhs variants' decoded tile is)."""
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    m = pid_m * BM + tl.arange(0, BM)
+    e = ((pid_m * BM) // ROWS).to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BN, BM), tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        xt = tl.load(X + m[None, :].to(tl.int64) * K + k[:, None])  # [BK, BM]
+        lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
+        acc = tl.dot(tl.interleave(lo.to(xt.dtype), hi.to(xt.dtype)), xt, acc)
+    tl.store(Y + m[None, :].to(tl.int64) * N + n[:, None], acc.to(Y.dtype.element_ty))
+
+
+HAND_DECODED = {"decode rhs (interleave)": _dec_il_kernel, "decode rhs (even/odd)": _dec_eo_kernel,
+                "decode lhs (swapped)": _dec_lhs_kernel}
 
 
 def cpu_check():
