@@ -18,7 +18,7 @@ by expert, balanced routing: 128 / 256 rows per expert), y_e = x_e · W_eᵀ for
 * ``decode + scattermoe``: the dequantize kernel then scattermoe (strategy A's forward cost).
 
 Each variant is checked against a float32 reference (relative error). Prints a table; JSON to $OUT.
-``--cpu-check`` runs the hand-decoded kernels under the Triton interpreter at a toy shape instead (no GPU).
+``--cpu-check`` runs the hand-decoded and bf16 variants under the Triton interpreter at a toy shape instead (no GPU).
 """
 
 from __future__ import annotations
@@ -38,55 +38,11 @@ from host_plugin_mxfp4.formats import FP4Weights
 from host_plugin_mxfp4.kernels import _decode_e2m1, _decode_e8m0
 
 
-@triton.jit
-def _bf16_kernel(X, W, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-    m = pid_m * BM + tl.arange(0, BM)
-    e = (pid_m * BM) // ROWS
-    n = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :])
-        w = tl.load(W + e.to(tl.int64) * N * K + n[None, :] * K + k[:, None])  # [BK, BN] of W_e [N, K]
-        acc = tl.dot(x, w, acc)
-    tl.store(Y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(tl.bfloat16))
-
-
-@triton.jit
-def _ds_rhs_kernel(X, Wq, S, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-    m = pid_m * BM + tl.arange(0, BM)
-    e = ((pid_m * BM) // ROWS).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        kb = k0 // 2 + tl.arange(0, BK // 2)
-        ks = k0 // 32 + tl.arange(0, BK // 32)
-        x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :])
-        wq = tl.load(Wq + e * N * (K // 2) + n[None, :] * (K // 2) + kb[:, None])  # [BK/2, BN]
-        sc = tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :])  # [BN, BK/32]
-        acc = tl.dot_scaled(x, None, "bf16", wq, sc, "e2m1", acc)
-    tl.store(Y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(tl.bfloat16))
-
-
-@triton.jit
-def _ds_lhs_kernel(X, Wq, S, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-    m = pid_m * BM + tl.arange(0, BM)
-    e = ((pid_m * BM) // ROWS).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN, BM), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        kb = k0 // 2 + tl.arange(0, BK // 2)
-        ks = k0 // 32 + tl.arange(0, BK // 32)
-        xt = tl.load(X + m[None, :].to(tl.int64) * K + k[:, None])  # [BK, BM]
-        wq = tl.load(Wq + e * N * (K // 2) + n[:, None] * (K // 2) + kb[None, :])  # [BN, BK/2]
-        sc = tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :])  # [BN, BK/32]
-        acc = tl.dot_scaled(wq, sc, "e2m1", xt, None, "bf16", acc)
-    tl.store(Y + m[None, :].to(tl.int64) * N + n[:, None], acc.to(tl.bfloat16))
+#: The probe's variants: name -> ``VARIANT`` of :func:`_probe_kernel` (0 reads the decoded bf16 weights).
+VARIANTS = {
+    "bf16 tl.dot": 0, "dot_scaled rhs": 1, "dot_scaled lhs (swapped)": 2,
+    "decode rhs (interleave)": 3, "decode rhs (even/odd)": 4, "decode lhs (swapped)": 5,
+}
 
 
 @triton.jit
@@ -101,74 +57,77 @@ def _dec_tile(Wq, S, e, n, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _dec_il_kernel(X, Wq, S, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr):
+    """One ``[BM, BN]`` tile of ``y = x · W_eᵀ`` (rows grouped by expert, ``ROWS`` per expert); the swapped variants
+    (2, 5) accumulate ``yᵀ = W_e · xᵀ`` so the weight is the left operand, which wgmma may read from registers."""
+    SWAP: tl.constexpr = VARIANT == 2 or VARIANT == 5
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BM + tl.arange(0, BM)
     e = ((pid_m * BM) // ROWS).to(tl.int64)
     n = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
-        x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :])
-        lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
-        w = tl.interleave(lo.to(x.dtype), hi.to(x.dtype))  # [BN, BK]
-        acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(Y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(Y.dtype.element_ty))
-
-
-@triton.jit
-def _dec_eo_kernel(X, Wq, S, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-    m = pid_m * BM + tl.arange(0, BM)
-    e = ((pid_m * BM) // ROWS).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    t = tl.arange(0, BK // 2)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        xe = tl.load(X + m[:, None].to(tl.int64) * K + (k0 + 2 * t)[None, :])
-        xo = tl.load(X + m[:, None].to(tl.int64) * K + (k0 + 2 * t + 1)[None, :])
-        lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
-        acc = tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc)
-        acc = tl.dot(xo, tl.trans(hi.to(xe.dtype)), acc)
-    tl.store(Y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(Y.dtype.element_ty))
-
-
-@triton.jit
-def _dec_lhs_kernel(X, Wq, S, Y, ROWS, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """``yᵀ = W_e · xᵀ``: the decoded tile is the left operand, which wgmma may read from registers, so it need not
-    be stored to shared memory before the MMA (the rhs variants' decoded tile is)."""
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-    m = pid_m * BM + tl.arange(0, BM)
-    e = ((pid_m * BM) // ROWS).to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN, BM), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        xt = tl.load(X + m[None, :].to(tl.int64) * K + k[:, None])  # [BK, BM]
-        lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
-        acc = tl.dot(tl.interleave(lo.to(xt.dtype), hi.to(xt.dtype)), xt, acc)
-    tl.store(Y + m[None, :].to(tl.int64) * N + n[:, None], acc.to(Y.dtype.element_ty))
-
-
-HAND_DECODED = {"decode rhs (interleave)": _dec_il_kernel, "decode rhs (even/odd)": _dec_eo_kernel,
-                "decode lhs (swapped)": _dec_lhs_kernel}
-
-
-def cpu_check():
-    """The hand-decoded kernels under the interpreter (fp32 activations: bf16 math is wrong there)."""
-    E, N, K, rows_e, bm, bn, bk = 2, 32, 128, 16, 16, 16, 64
-    w = FP4Weights.quantize(torch.randn(E, N, K, generator=torch.Generator().manual_seed(0)) * 0.02, "mxfp4")
-    x = torch.randn(E * rows_e, K, generator=torch.Generator().manual_seed(1))
-    ref = torch.bmm(x.view(E, rows_e, K), w.dequantize(torch.float32).transpose(1, 2)).view(-1, N)
-    for name, kern in HAND_DECODED.items():
-        y = torch.empty_like(ref)
-        kern[(N // bn, E * rows_e // bm)](x, w.packed, w.scales, y, rows_e, N, K, BM=bm, BN=bn, BK=bk)
-        err = ((y - ref).norm() / ref.norm()).item()
-        print(f"{name}: rel err {err:.1e}")
-        assert err < 1e-5, name
+        if VARIANT == 4:  # even / odd columns of x against the two nibble halves (strategy B's loop)
+            t = tl.arange(0, BK // 2)
+            xe = tl.load(X + m[:, None].to(tl.int64) * K + (k0 + 2 * t)[None, :])
+            xo = tl.load(X + m[:, None].to(tl.int64) * K + (k0 + 2 * t + 1)[None, :])
+            lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
+            acc = tl.dot(xo, tl.trans(hi.to(xe.dtype)), tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc))
+        elif SWAP:
+            xt = tl.load(X + m[None, :].to(tl.int64) * K + k[:, None])  # [BK, BM]
+            if VARIANT == 2:
+                kb = k0 // 2 + tl.arange(0, BK // 2)
+                ks = k0 // 32 + tl.arange(0, BK // 32)
+                wq = tl.load(Wq + e * N * (K // 2) + n[:, None] * (K // 2) + kb[None, :])  # [BN, BK/2]
+                sc = tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :])  # [BN, BK/32]
+                acc = tl.dot_scaled(wq, sc, "e2m1", xt, None, "bf16", acc)
+            else:
+                lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
+                acc = tl.dot(tl.interleave(lo.to(xt.dtype), hi.to(xt.dtype)), xt, acc)
+        else:
+            x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :])
+            if VARIANT == 0:
+                acc = tl.dot(x, tl.load(W + e * N * K + n[None, :] * K + k[:, None]), acc)  # [BK, BN] of W_e
+            elif VARIANT == 1:
+                kb = k0 // 2 + tl.arange(0, BK // 2)
+                ks = k0 // 32 + tl.arange(0, BK // 32)
+                wq = tl.load(Wq + e * N * (K // 2) + n[None, :] * (K // 2) + kb[:, None])  # [BK/2, BN]
+                sc = tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :])  # [BN, BK/32]
+                acc = tl.dot_scaled(x, None, "bf16", wq, sc, "e2m1", acc)
+            else:
+                lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
+                acc = tl.dot(x, tl.trans(tl.interleave(lo.to(x.dtype), hi.to(x.dtype))), acc)
+    if SWAP:
+        tl.store(Y + m[None, :].to(tl.int64) * N + n[:, None], acc.to(Y.dtype.element_ty))
+    else:
+        tl.store(Y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(Y.dtype.element_ty))
 
 
 CFGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 256, 64, 8, 3), (64, 256, 128, 8, 3)]
+
+
+def cpu_check():
+    """The variants that decode by hand, and the bf16 one, under the interpreter (fp32 activations: bf16 math is
+    wrong there; ``dot_scaled`` takes bf16 only)."""
+    E, N, K, rows_e, bm, bn, bk = 2, 32, 128, 16, 16, 16, 64
+    w = FP4Weights.quantize(torch.randn(E, N, K, generator=torch.Generator().manual_seed(0)) * 0.02, "mxfp4")
+    x = torch.randn(E * rows_e, K, generator=torch.Generator().manual_seed(1))
+    Wd = w.dequantize(torch.float32)
+    ref = torch.bmm(x.view(E, rows_e, K), Wd.transpose(1, 2)).reshape(-1, N)
+    for name, variant in VARIANTS.items():
+        if variant in (1, 2):
+            continue
+        y = torch.empty_like(ref)
+        _probe_kernel[(N // bn, E * rows_e // bm)](x, Wd, w.packed, w.scales, y, rows_e, N, K, VARIANT=variant,
+                                                   BM=bm, BN=bn, BK=bk)
+        err = ((y - ref).norm() / ref.norm()).item()
+        print(f"{name}: rel err {err:.1e}")
+        assert err < 1e-5, name
 
 
 def main():
@@ -209,11 +168,9 @@ def main():
             grid = (N // bn, L // bm)
             cfg = f"{bm}x{bn}x{bk} w{nw} s{ns}"
             kw = dict(BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
-            record("bf16 tl.dot", cfg, lambda: (_bf16_kernel[grid](x, Wd, y, rows_e, N, K, **kw), y)[1])
-            record("dot_scaled rhs", cfg, lambda: (_ds_rhs_kernel[grid](x, w.packed, w.scales, y, rows_e, N, K, **kw), y)[1])
-            record("dot_scaled lhs (swapped)", cfg, lambda: (_ds_lhs_kernel[grid](x, w.packed, w.scales, y, rows_e, N, K, **kw), y)[1])
-            for variant, kern in HAND_DECODED.items():
-                record(variant, cfg, lambda kern=kern: (kern[grid](x, w.packed, w.scales, y, rows_e, N, K, **kw), y)[1])
+            for label, variant in VARIANTS.items():  # not ``name``: record() reads the shape's name
+                record(label, cfg, lambda v=variant: (
+                    _probe_kernel[grid](x, Wd, w.packed, w.scales, y, rows_e, N, K, VARIANT=v, **kw), y)[1])
         del w, Wd, x, ref
         torch.cuda.empty_cache()
     json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": rows},
