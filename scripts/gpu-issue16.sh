@@ -66,6 +66,6 @@ grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
 grep -E "total|_s2s|outer|silu|combine|sort|copy|topk" "$OUT/profile.log" | head -14 | cut -c1-110
 grep -A 9 "^run" "$OUT/e2e.log" | cut -c1-100; grep "^speed-up" "$OUT/e2e.log"
 grep -E "^\| (Qwen|gpt).*(scattermoe bf16|auto|grouped)" "$OUT/bench_mxfp4.log" 2>/dev/null | cut -c1-110
-grep -E "^\| Qwen" "$OUT/probe_dot_scaled.log" 2>/dev/null | grep -E "bf16|decode rhs" | cut -c1-110
+grep -E "^\| Qwen" "$OUT/probe_dot_scaled.log" 2>/dev/null | grep -E "bf16|decode" | cut -c1-110
 cat "$OUT/summary.txt"; grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | cut -c1-220 | head -30
 tar -czf "$RESULTS/logs.tgz" -C "$RESULTS" logs && rm -rf "$OUT"
