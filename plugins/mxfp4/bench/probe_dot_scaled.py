@@ -108,7 +108,7 @@ def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, BM: tl.cons
         tl.store(Y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(Y.dtype.element_ty))
 
 
-CFGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 256, 64, 8, 3), (64, 256, 128, 8, 3)]
+CFGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
 
 
 def cpu_check():

@@ -10,19 +10,19 @@ One kernel, two modes, both on the *same* container layout (``packed [E, N, K/2]
 
 Each program owns ``BLOCK_M`` sorted rows of one expert (located with scattermoe's device-side
 ``locate_block``, no host sync, no padding) and a ``BLOCK_J`` slice of the output; per reduction
-tile it loads the packed bytes once (vectorised along K; the low nibbles are the even-K elements,
-the high nibbles the odd ones, so K is processed as two half tiles instead of being interleaved),
-the block scales (E8M0 bytes -> ``2**(s-127)`` built from the exponent bits, or linear fp32 scales
+tile it loads one contiguous activation tile, the packed bytes (vectorised along K) and one scale
+per FP4 block (E8M0 bytes -> ``2**(s-127)`` built from the exponent bits, or linear fp32 scales
 for NVFP4 = E4M3 x tensor scale), decodes E2M1 arithmetically, multiplies, casts to the activation
-dtype and feeds ``tl.dot``. The reduction tile is a multiple of the FP4 block size so a tile never
-splits a scale block. LoRA is fused exactly like scattermoe's fused path (a ``[BLOCK_M, r]``
-accumulator in the same loop, ``·Bᵀ`` in the epilogue); the rank intermediate is written for the
-backward. dA/dB never touch the base weights: they are scattermoe's ``group_outer`` over the rank
-intermediates.
+dtype, interleaves the low (even-K) and high (odd-K) nibbles back into one ``[n, k]`` tile and
+feeds one ``tl.dot``; ``SWAP`` configs make the decoded tile the MMA's left operand. The reduction
+tile is a multiple of the FP4 block size so a tile never splits a scale block. LoRA is fused like
+scattermoe's fused path (a ``[BLOCK_M, r]`` accumulator in the same loop, ``·Bᵀ`` in the epilogue);
+the rank intermediate is written for the backward. dA/dB never touch the base weights: they are
+scattermoe's ``group_outer`` over the rank intermediates.
 
 Autotune pruning counts the extra shared memory per pipeline stage: the packed tile (one byte per
-two weights) and the scale values (one per half-tile element, uint8 or fp32 for linear scales) on
-top of the activation and LoRA tiles, plus the decoded operands staged once for the MMA.
+two weights) and the block scales (uint8, or fp32 for linear scales) on top of the activation and
+LoRA tiles, plus the decoded operand staged once for the MMA.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if bj > max(32, triton.next_power_of_2(J)):
             continue
-        # activations + packed bytes (bi*bj/2, one per 2 weights) + scale values (loaded per half-tile element)
-        per_stage = bm * bi * elt + (bi * bj // 2) * (1 + scale_elt)
+        # activations + packed bytes (bi*bj/2, one per 2 weights) + one scale per FP4 block
+        per_stage = bm * bi * elt + bi * bj // 2 + bi * bj // fp4_block * scale_elt
         if lora:
             per_stage += br * bi * elt
         smem = c.num_stages * per_stage + bi * bj * elt  # + decoded operand staged for the MMA
@@ -79,16 +79,21 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _configs():
+    """Tiles ``(BLOCK_M, BLOCK_J, BLOCK_I, warps, stages, SWAP)``. 256-row tiles decode each weight tile once for twice
+    the rows (the decode costs about as much as the MMA per 128 rows); ``SWAP`` puts the decoded tile on wgmma's
+    register side (kernel doc)."""
     out = []
-    for bm, bj, bi, w, s in [
-        (128, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 128, 4, 3),
-        (128, 128, 128, 8, 3),
-        (64, 256, 64, 8, 3),
+    for bm, bj, bi, w, s, swap in [
+        (128, 128, 64, 8, 3, 0),
+        (64, 128, 64, 4, 4, 0),
+        (128, 64, 64, 4, 4, 0),
+        (128, 128, 128, 8, 3, 0),
+        (256, 128, 64, 8, 3, 0),
+        (128, 128, 64, 8, 3, 1),
+        (256, 128, 64, 8, 3, 1),
     ]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_I": bi}, num_warps=w, num_stages=s))
+        kw = {"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_I": bi, "SWAP": swap}
+        out.append(triton.Config(kw, num_warps=w, num_stages=s))
     return out
 
 
@@ -157,6 +162,25 @@ def _dequant_kernel(
 
 
 @triton.jit
+def _fp4_tile(w_base, s_base, n, n_mask, k0, K, s_wn, s_wk, s_sn, s_sk, dtype,
+              SCALE_KIND: tl.constexpr, FP4_BLOCK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """``W_e[n, k0:k0+BK]`` decoded into ``dtype`` as one ``[BN, BK]`` tile (``k0`` and ``BK`` whole scale blocks).
+    Each packed byte holds elements ``2j`` (low nibble) and ``2j+1`` (high): the two decoded halves are interleaved
+    back along K, so the tile feeds one full-K ``tl.dot`` against contiguous activations. Each block scale is loaded
+    and decoded once and broadcast over its ``FP4_BLOCK / 2`` bytes."""
+    HALF: tl.constexpr = BK // 2
+    NB: tl.constexpr = BK // FP4_BLOCK
+    kb = k0 // 2 + tl.arange(0, HALF)
+    byte = tl.load(w_base + n[:, None] * s_wn + kb[None, :] * s_wk, mask=n_mask[:, None] & (kb < K // 2)[None, :],
+                   other=0).to(tl.int32)
+    sb = k0 // FP4_BLOCK + tl.arange(0, NB)
+    sc = _load_scales(s_base + n[:, None] * s_sn + sb[None, :] * s_sk, n_mask[:, None] & (sb < K // FP4_BLOCK)[None, :],
+                      SCALE_KIND)
+    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NB, FP4_BLOCK // 2)), (BN, HALF))
+    return tl.interleave((_decode_e2m1(byte, False) * sc).to(dtype), (_decode_e2m1(byte, True) * sc).to(dtype))
+
+
+@triton.jit
 def _fp4_s2s_kernel(
     X, Wq, Sc, Y, A, Bm, XA_out, Bias, ssi_ptr, offsets_ptr,
     I, J, R, E, FAN_OUT, M_BUCKET,
@@ -170,16 +194,13 @@ def _fp4_s2s_kernel(
     RED_IS_K: tl.constexpr, SCALE_KIND: tl.constexpr, FP4_BLOCK: tl.constexpr,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, SWAP: tl.constexpr,
 ):
-    """Forward (RED_IS_K) or dX. Every packed byte holds an even-k (low nibble) and an odd-k (high
-    nibble) element, so the K axis is split into its even and odd halves instead of interleaving:
-    the byte tile is loaded once (vectorised along K), decoded into two half tiles, and
-
-    * forward (K = reduction): ``acc += x[:, 0::2] @ W_lo + x[:, 1::2] @ W_hi``;
-    * dX (K = output): ``acc_even += dY @ W_lo``, ``acc_odd += dY @ W_hi``, stored to the even/odd
-      output columns.
-    """
+    """Forward (``RED_IS_K``: reduction over K, output over N) or dX (reduction over N, output over K): per reduction
+    tile, one contiguous activation tile and one decoded weight tile (:func:`_fp4_tile`, ``[n, k]``) into one
+    ``tl.dot``. ``SWAP`` accumulates the transposed output, ``acc[j, m]`` (``yᵀ = W·xᵀ``): the decoded tile is then
+    the left operand, which Hopper's wgmma reads from registers (the right one must go through shared memory);
+    the autotuner picks the faster form per shape."""
     pid_j = tl.program_id(0)
     pid_m = tl.program_id(1)
     e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
@@ -191,80 +212,62 @@ def _fp4_s2s_kernel(
     r_mask = r_offs < R
     w_base = Wq + e64 * s_we
     s_base = Sc + e64 * s_se
+    j_offs = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)  # output: n (forward) or k (dX)
+    j_mask = j_offs < J
+    i_base = tl.arange(0, BLOCK_I)
+    dt = X.dtype.element_ty
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-
-    if RED_IS_K:
-        HALF_I: tl.constexpr = BLOCK_I // 2
-        j_offs = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)  # n
-        j_mask = j_offs < J
-        t = tl.arange(0, HALF_I)
-        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            k_even = i0 + 2 * t
-            t_mask = k_even < I
-            xm = m_mask[:, None] & t_mask[None, :]
-            x_even = tl.load(X + x_rows[:, None] * s_xm + k_even[None, :] * s_xi, mask=xm, other=0.0)
-            x_odd = tl.load(X + x_rows[:, None] * s_xm + (k_even + 1)[None, :] * s_xi, mask=xm, other=0.0)
-            wmask = t_mask[:, None] & j_mask[None, :]
-            byte = tl.load(w_base + j_offs[None, :] * s_wn + (k_even // 2)[:, None] * s_wk, mask=wmask, other=0).to(tl.int32)
-            s_ptrs = s_base + j_offs[None, :] * s_sn + (k_even // FP4_BLOCK)[:, None] * s_sk
-            sc = _load_scales(s_ptrs, wmask, SCALE_KIND)
-            w_lo = (_decode_e2m1(byte, False) * sc).to(x_even.dtype)
-            w_hi = (_decode_e2m1(byte, True) * sc).to(x_even.dtype)
-            acc += tl.dot(x_even, w_lo, input_precision=DOT_PREC)
-            acc += tl.dot(x_odd, w_hi, input_precision=DOT_PREC)
-            if LORA:
-                am = r_mask[:, None] & t_mask[None, :]
-                a_even = tl.load(A + e64 * s_ae + r_offs[:, None] * s_ar + k_even[None, :] * s_ai, mask=am, other=0.0)
-                a_odd = tl.load(A + e64 * s_ae + r_offs[:, None] * s_ar + (k_even + 1)[None, :] * s_ai, mask=am, other=0.0)
-                xa += tl.dot(x_even, tl.trans(a_even.to(x_even.dtype)), input_precision=DOT_PREC)
-                xa += tl.dot(x_odd, tl.trans(a_odd.to(x_even.dtype)), input_precision=DOT_PREC)
-        if LORA:
-            if WRITE_XA:
-                if pid_j == 0:
-                    tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa, mask=m_mask[:, None] & r_mask[None, :])
-            b = tl.load(Bm + e64 * s_be + j_offs[:, None] * s_bj + r_offs[None, :] * s_br, mask=j_mask[:, None] & r_mask[None, :], other=0.0)
-            acc = tl.dot((xa * scaling).to(X.dtype.element_ty), tl.trans(b.to(X.dtype.element_ty)), acc, input_precision=DOT_PREC)
-        if HAS_BIAS:
-            bias = tl.load(Bias + e64 * s_bias_e + j_offs * s_bias_j, mask=j_mask, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        tl.store(Y + y_rows[:, None] * s_ym + j_offs[None, :] * s_yj, acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & j_mask[None, :])
+    if SWAP:
+        acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)
     else:
-        HALF_J: tl.constexpr = BLOCK_J // 2
-        t = tl.arange(0, HALF_J)
-        k_even = pid_j * BLOCK_J + 2 * t  # output columns (K)
-        t_mask = k_even < J
-        i_base = tl.arange(0, BLOCK_I)  # n (reduction)
-        acc_e = tl.zeros((BLOCK_M, HALF_J), dtype=tl.float32)
-        acc_o = tl.zeros((BLOCK_M, HALF_J), dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            n_offs = i0 + i_base
-            n_mask = n_offs < I
-            dy = tl.load(X + x_rows[:, None] * s_xm + n_offs[None, :] * s_xi, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-            wmask = n_mask[:, None] & t_mask[None, :]
-            byte = tl.load(w_base + n_offs[:, None] * s_wn + (k_even // 2)[None, :] * s_wk, mask=wmask, other=0).to(tl.int32)
-            s_ptrs = s_base + n_offs[:, None] * s_sn + (k_even // FP4_BLOCK)[None, :] * s_sk
-            sc = _load_scales(s_ptrs, wmask, SCALE_KIND)
-            w_lo = (_decode_e2m1(byte, False) * sc).to(dy.dtype)
-            w_hi = (_decode_e2m1(byte, True) * sc).to(dy.dtype)
-            acc_e += tl.dot(dy, w_lo, input_precision=DOT_PREC)
-            acc_o += tl.dot(dy, w_hi, input_precision=DOT_PREC)
-            if LORA:
-                a = tl.load(A + e64 * s_ae + r_offs[:, None] * s_ar + n_offs[None, :] * s_ai, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                xa += tl.dot(dy, tl.trans(a.to(dy.dtype)), input_precision=DOT_PREC)
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        i_offs = i0 + i_base
+        i_mask = i_offs < I
+        x = tl.load(X + x_rows[:, None] * s_xm + i_offs[None, :] * s_xi, mask=m_mask[:, None] & i_mask[None, :],
+                    other=0.0)
+        if RED_IS_K:  # W_e[j, i0:i0+BI]: [BJ, BI]
+            w = _fp4_tile(w_base, s_base, j_offs, j_mask, i0, I, s_wn, s_wk, s_sn, s_sk, dt,
+                          SCALE_KIND, FP4_BLOCK, BLOCK_J, BLOCK_I)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        else:  # W_e[i0:i0+BI, j]: [BI, BJ]
+            w = _fp4_tile(w_base, s_base, i_offs, i_mask, pid_j * BLOCK_J, J, s_wn, s_wk, s_sn, s_sk, dt,
+                          SCALE_KIND, FP4_BLOCK, BLOCK_I, BLOCK_J)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
         if LORA:
-            if WRITE_XA:
-                if pid_j == 0:
-                    tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa, mask=m_mask[:, None] & r_mask[None, :])
-            bm_ = t_mask[:, None] & r_mask[None, :]
-            b_e = tl.load(Bm + e64 * s_be + k_even[:, None] * s_bj + r_offs[None, :] * s_br, mask=bm_, other=0.0)
-            b_o = tl.load(Bm + e64 * s_be + (k_even + 1)[:, None] * s_bj + r_offs[None, :] * s_br, mask=bm_, other=0.0)
-            xa_c = xa.to(X.dtype.element_ty)
-            acc_e += scaling * tl.dot(xa_c, tl.trans(b_e.to(X.dtype.element_ty)), input_precision=DOT_PREC)
-            acc_o += scaling * tl.dot(xa_c, tl.trans(b_o.to(X.dtype.element_ty)), input_precision=DOT_PREC)
-        ym = m_mask[:, None] & t_mask[None, :]
-        tl.store(Y + y_rows[:, None] * s_ym + k_even[None, :] * s_yj, acc_e.to(Y.dtype.element_ty), mask=ym)
-        tl.store(Y + y_rows[:, None] * s_ym + (k_even + 1)[None, :] * s_yj, acc_o.to(Y.dtype.element_ty), mask=ym)
+            a = tl.load(A + e64 * s_ae + r_offs[:, None] * s_ar + i_offs[None, :] * s_ai,
+                        mask=r_mask[:, None] & i_mask[None, :], other=0.0)
+            xa = tl.dot(x, tl.trans(a.to(dt)), xa, input_precision=DOT_PREC)
+    if LORA:
+        if WRITE_XA:
+            if pid_j == 0:
+                tl.store(XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa,
+                         mask=m_mask[:, None] & r_mask[None, :])
+        b = tl.load(Bm + e64 * s_be + j_offs[:, None] * s_bj + r_offs[None, :] * s_br,
+                    mask=j_mask[:, None] & r_mask[None, :], other=0.0).to(dt)  # [BJ, R]
+        xs = (xa * scaling).to(dt)
+        if SWAP:
+            acc = tl.dot(b, tl.trans(xs), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(xs, tl.trans(b), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(Bias + e64 * s_bias_e + j_offs * s_bias_j, mask=j_mask, other=0.0).to(tl.float32)
+        if SWAP:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if SWAP:
+        tl.store(Y + y_rows[None, :] * s_ym + j_offs[:, None] * s_yj, acc.to(Y.dtype.element_ty),
+                 mask=j_mask[:, None] & m_mask[None, :])
+    else:
+        tl.store(Y + y_rows[:, None] * s_ym + j_offs[None, :] * s_yj, acc.to(Y.dtype.element_ty),
+                 mask=m_mask[:, None] & j_mask[None, :])
 
 
 if not INTERPRET:
@@ -279,7 +282,7 @@ if not INTERPRET:
         do_bench=_bench,
     )(_fp4_s2s_kernel)
 
-_INTERP_CFG = {"BLOCK_M": 16, "BLOCK_J": 32, "BLOCK_I": 32}
+_INTERP_CFG = {"BLOCK_M": 16, "BLOCK_J": 32, "BLOCK_I": 32, "SWAP": 0}
 
 
 def _dot_prec(dtype):
