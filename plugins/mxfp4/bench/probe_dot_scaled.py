@@ -14,6 +14,8 @@ by expert, balanced routing: 128 / 256 rows per expert), y_e = x_e · W_eᵀ for
   loop does (tells whether B's loop shape or the decode itself costs the time);
 * ``decode lhs (swapped)``: the interleaved decoded tile as the left operand of ``yᵀ = W · xᵀ`` (wgmma can read
   it from registers instead of shared memory);
+* ``asm rhs`` / ``asm lhs (swapped)``: strategy B's own tile decode (``kernels._fp4_tile``) with the bf16x2 PTX
+  decode (``kernels._decode_e2m1_bf16``), as the right and as the left operand;
 * ``scattermoe bf16``: ``ops.scattered_experts`` (grouped in/out, no LoRA) on the decoded weights;
 * ``decode + scattermoe``: the dequantize kernel then scattermoe (strategy A's forward cost).
 
@@ -34,15 +36,19 @@ import torch
 import triton
 import triton.language as tl
 
+from host_plugin_mxfp4 import kernels as fp4_kernels
 from host_plugin_mxfp4.formats import FP4Weights
-from host_plugin_mxfp4.kernels import _decode_e2m1, _decode_e8m0
+from host_plugin_mxfp4.kernels import _decode_e2m1, _decode_e8m0, _fp4_tile
 
 
 #: The probe's variants: name -> ``VARIANT`` of :func:`_probe_kernel` (0 reads the decoded bf16 weights).
 VARIANTS = {
     "bf16 tl.dot": 0, "dot_scaled rhs": 1, "dot_scaled lhs (swapped)": 2,
     "decode rhs (interleave)": 3, "decode rhs (even/odd)": 4, "decode lhs (swapped)": 5,
+    "asm rhs": 6, "asm lhs (swapped)": 7,
 }
+#: Variants that run inline PTX (GPU only).
+ASM_VARIANTS = (6, 7)
 
 
 @triton.jit
@@ -57,11 +63,19 @@ def _dec_tile(Wq, S, e, n, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _asm_tile(Wq, S, e, n, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    """W_e[n, k0:k0+BK] as strategy B decodes it (bf16x2 PTX decode, E8M0 scales, no K tail)."""
+    return _fp4_tile(Wq + e * N * (K // 2), S + e * N * (K // 32), n, n < N, k0, K, K // 2, 1, K // 32, 1, tl.bfloat16,
+                     0, 32, BN, BK, True, True)
+
+
+@triton.jit
 def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   BK: tl.constexpr):
     """One ``[BM, BN]`` tile of ``y = x · W_eᵀ`` (rows grouped by expert, ``ROWS`` per expert); the swapped variants
-    (2, 5) accumulate ``yᵀ = W_e · xᵀ`` so the weight is the left operand, which wgmma may read from registers."""
-    SWAP: tl.constexpr = VARIANT == 2 or VARIANT == 5
+    (2, 5, 7) accumulate ``yᵀ = W_e · xᵀ`` so the weight is the left operand, which wgmma may read from
+    registers."""
+    SWAP: tl.constexpr = VARIANT == 2 or VARIANT == 5 or VARIANT == 7
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BM + tl.arange(0, BM)
     e = ((pid_m * BM) // ROWS).to(tl.int64)
@@ -80,7 +94,9 @@ def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, BM: tl.cons
             acc = tl.dot(xo, tl.trans(hi.to(xe.dtype)), tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc))
         elif SWAP:
             xt = tl.load(X + m[None, :].to(tl.int64) * K + k[:, None])  # [BK, BM]
-            if VARIANT == 2:
+            if VARIANT == 7:
+                acc = tl.dot(_asm_tile(Wq, S, e, n, k0, N, K, BN, BK), xt, acc)
+            elif VARIANT == 2:
                 kb = k0 // 2 + tl.arange(0, BK // 2)
                 ks = k0 // 32 + tl.arange(0, BK // 32)
                 wq = tl.load(Wq + e * N * (K // 2) + n[:, None] * (K // 2) + kb[None, :])  # [BN, BK/2]
@@ -93,6 +109,8 @@ def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, BM: tl.cons
             x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :])
             if VARIANT == 0:
                 acc = tl.dot(x, tl.load(W + e * N * K + n[None, :] * K + k[:, None]), acc)  # [BK, BN] of W_e
+            elif VARIANT == 6:
+                acc = tl.dot(x, tl.trans(_asm_tile(Wq, S, e, n, k0, N, K, BN, BK)), acc)
             elif VARIANT == 1:
                 kb = k0 // 2 + tl.arange(0, BK // 2)
                 ks = k0 // 32 + tl.arange(0, BK // 32)
@@ -120,7 +138,7 @@ def cpu_check():
     Wd = w.dequantize(torch.float32)
     ref = torch.bmm(x.view(E, rows_e, K), Wd.transpose(1, 2)).reshape(-1, N)
     for name, variant in VARIANTS.items():
-        if variant in (1, 2):
+        if variant in (1, 2) or variant in ASM_VARIANTS:
             continue
         y = torch.empty_like(ref)
         _probe_kernel[(N // bn, E * rows_e // bm)](x, Wd, w.packed, w.scales, y, rows_e, N, K, VARIANT=variant,
@@ -161,6 +179,11 @@ def main():
         with torch.no_grad():
             record("scattermoe bf16", "-", lambda: ops.scattered_experts(x, Wd.transpose(1, 2), 1, sei, ssi, offs, grouped_in=True, grouped_out=True))
             record("decode + scattermoe", "-", lambda: ops.scattered_experts(x, w.dequantize(torch.bfloat16).transpose(1, 2), 1, sei, ssi, offs, grouped_in=True, grouped_out=True))
+            for decode in ("asm", "fp32"):  # strategy B's forward kernel as it runs (autotuned; no LoRA)
+                fp4_kernels.DECODE = decode
+                record(f"B kernel ({decode} decode)", "autotuned", lambda: fp4_kernels.fp4_scatter2scatter(
+                    x, w, ssi, offs, 1, grouped_in=True, grouped_out=True)[0])
+            fp4_kernels.DECODE = "asm"
         for bm, bn, bk, nw, ns in CFGS:
             if rows_e % bm:
                 continue

@@ -41,6 +41,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SCALE_E8M0 = 0
 SCALE_LINEAR = 1
+#: Strategy B's E2M1 decode on a GPU with bf16 activations and E8M0 scales: ``asm`` (two bf16 lanes per instruction,
+#: :func:`_decode_e2m1_bf16`) or ``fp32`` (the portable path, used everywhere else); the same values. ``MXFP4_DECODE``.
+DECODE = os.environ.get("MXFP4_DECODE", "asm")
 
 
 def _prune(configs, named_args, **kwargs):
@@ -161,23 +164,89 @@ def _dequant_kernel(
     tl.store(Out + base[:, None] + kk[None, :] * s_ok, vals, mask=kmask)
 
 
+#: E2M1 -> bf16 for four packed bytes per call (``_decode_e2m1_bf16``): the same bit trick as :func:`_decode_e2m1`
+#: on two bf16 lanes at once (bf16 has fp32's exponent, so each nibble's sign and ``e e m`` bits shifted into a bf16
+#: are the value times ``2**-126``, subnormals included), then two exact bf16x2 multiplies (``fma`` with -0.0) by
+#: ``2**126`` and by the block scale. ``prmt`` spreads bytes 0,1 (2,3) into the two 16-bit lanes. Outputs: $0,$1 the
+#: low nibbles of elements 0-1 and 2-3, $2,$3 the high nibbles; inputs: $4 the four bytes, $5,$6 their scales.
+_E2M1_BF16_ASM = tl.constexpr("""{
+.reg .b32 z, nz, k, t, s, m, v;
+mov.b32 z, 0;
+mov.b32 nz, 0x80008000;
+mov.b32 k, 0x7E807E80;
+prmt.b32 t, $4, z, 0x4140;
+shl.b32 s, t, 12;
+and.b32 s, s, 0x80008000;
+shl.b32 m, t, 6;
+and.b32 m, m, 0x01C001C0;
+or.b32 v, s, m;
+fma.rn.bf16x2 v, v, k, nz;
+fma.rn.bf16x2 $0, v, $5, nz;
+shl.b32 s, t, 8;
+and.b32 s, s, 0x80008000;
+shl.b32 m, t, 2;
+and.b32 m, m, 0x01C001C0;
+or.b32 v, s, m;
+fma.rn.bf16x2 v, v, k, nz;
+fma.rn.bf16x2 $2, v, $5, nz;
+prmt.b32 t, $4, z, 0x4342;
+shl.b32 s, t, 12;
+and.b32 s, s, 0x80008000;
+shl.b32 m, t, 6;
+and.b32 m, m, 0x01C001C0;
+or.b32 v, s, m;
+fma.rn.bf16x2 v, v, k, nz;
+fma.rn.bf16x2 $1, v, $6, nz;
+shl.b32 s, t, 8;
+and.b32 s, s, 0x80008000;
+shl.b32 m, t, 2;
+and.b32 m, m, 0x01C001C0;
+or.b32 v, s, m;
+fma.rn.bf16x2 v, v, k, nz;
+fma.rn.bf16x2 $3, v, $6, nz;
+}""")
+
+
+@triton.jit
+def _decode_e2m1_bf16(byte, scale):
+    """Packed bytes (uint8) and their block scales (bf16, exact for E8M0) -> the (low, high) nibbles' bf16 values,
+    bit-identical to ``(_decode_e2m1(byte, HIGH) * scale).to(bf16)`` (every product is exact or rounds once). About
+    half the integer work of the fp32 path and no fp32 -> bf16 conversions (sm_80+: bf16x2 ``fma``). GPU only: the
+    interpreter does not run inline assembly."""
+    return tl.inline_asm_elementwise(_E2M1_BF16_ASM, "=r,=r,=r,=r,r,r,r", [byte, scale],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
 @triton.jit
 def _fp4_tile(w_base, s_base, n, n_mask, k0, K, s_wn, s_wk, s_sn, s_sk, dtype,
-              SCALE_KIND: tl.constexpr, FP4_BLOCK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+              SCALE_KIND: tl.constexpr, FP4_BLOCK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              DECODE_ASM: tl.constexpr, EVEN_K: tl.constexpr):
     """``W_e[n, k0:k0+BK]`` decoded into ``dtype`` as one ``[BN, BK]`` tile (``k0`` and ``BK`` whole scale blocks).
     Each packed byte holds elements ``2j`` (low nibble) and ``2j+1`` (high): the two decoded halves are interleaved
     back along K, so the tile feeds one full-K ``tl.dot`` against contiguous activations. Each block scale is loaded
-    and decoded once and broadcast over its ``FP4_BLOCK / 2`` bytes."""
+    and decoded once and broadcast over its ``FP4_BLOCK / 2`` bytes. ``DECODE_ASM`` (bf16, E8M0, GPU) decodes two
+    bf16 lanes per instruction (:func:`_decode_e2m1_bf16`), the same values. ``EVEN_K``: no K tail, no K masks."""
     HALF: tl.constexpr = BK // 2
     NB: tl.constexpr = BK // FP4_BLOCK
     kb = k0 // 2 + tl.arange(0, HALF)
-    byte = tl.load(w_base + n[:, None] * s_wn + kb[None, :] * s_wk, mask=n_mask[:, None] & (kb < K // 2)[None, :],
-                   other=0).to(tl.int32)
     sb = k0 // FP4_BLOCK + tl.arange(0, NB)
-    sc = _load_scales(s_base + n[:, None] * s_sn + sb[None, :] * s_sk, n_mask[:, None] & (sb < K // FP4_BLOCK)[None, :],
-                      SCALE_KIND)
-    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NB, FP4_BLOCK // 2)), (BN, HALF))
-    return tl.interleave((_decode_e2m1(byte, False) * sc).to(dtype), (_decode_e2m1(byte, True) * sc).to(dtype))
+    if EVEN_K:
+        b_mask = n_mask[:, None]
+        s_mask = n_mask[:, None]
+    else:
+        b_mask = n_mask[:, None] & (kb < K // 2)[None, :]
+        s_mask = n_mask[:, None] & (sb < K // FP4_BLOCK)[None, :]
+    byte = tl.load(w_base + n[:, None] * s_wn + kb[None, :] * s_wk, mask=b_mask, other=0)
+    sc = _load_scales(s_base + n[:, None] * s_sn + sb[None, :] * s_sk, s_mask, SCALE_KIND)
+    if DECODE_ASM:
+        sc16 = tl.reshape(tl.broadcast_to(sc.to(tl.bfloat16)[:, :, None], (BN, NB, FP4_BLOCK // 2)), (BN, HALF))
+        lo, hi = _decode_e2m1_bf16(byte.to(tl.uint8), sc16)
+    else:
+        sc32 = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, NB, FP4_BLOCK // 2)), (BN, HALF))
+        b32 = byte.to(tl.int32)
+        lo = (_decode_e2m1(b32, False) * sc32).to(dtype)
+        hi = (_decode_e2m1(b32, True) * sc32).to(dtype)
+    return tl.interleave(lo, hi)
 
 
 @triton.jit
@@ -194,6 +263,7 @@ def _fp4_s2s_kernel(
     RED_IS_K: tl.constexpr, SCALE_KIND: tl.constexpr, FP4_BLOCK: tl.constexpr,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, LORA: tl.constexpr, WRITE_XA: tl.constexpr,
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
+    DECODE_ASM: tl.constexpr, EVEN_I: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, SWAP: tl.constexpr,
 ):
     """Forward (``RED_IS_K``: reduction over K, output over N) or dX (reduction over N, output over K): per reduction
@@ -223,19 +293,22 @@ def _fp4_s2s_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     for i0 in range(0, I, BLOCK_I):
         i_offs = i0 + i_base
-        i_mask = i_offs < I
+        if EVEN_I:  # no reduction tail: all-true masks, which the compiler folds away
+            i_mask = tl.full((BLOCK_I,), 1, tl.int1)
+        else:
+            i_mask = i_offs < I
         x = tl.load(X + x_rows[:, None] * s_xm + i_offs[None, :] * s_xi, mask=m_mask[:, None] & i_mask[None, :],
                     other=0.0)
         if RED_IS_K:  # W_e[j, i0:i0+BI]: [BJ, BI]
             w = _fp4_tile(w_base, s_base, j_offs, j_mask, i0, I, s_wn, s_wk, s_sn, s_sk, dt,
-                          SCALE_KIND, FP4_BLOCK, BLOCK_J, BLOCK_I)
+                          SCALE_KIND, FP4_BLOCK, BLOCK_J, BLOCK_I, DECODE_ASM, EVEN_I)
             if SWAP:
                 acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
             else:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
         else:  # W_e[i0:i0+BI, j]: [BI, BJ]
             w = _fp4_tile(w_base, s_base, i_offs, i_mask, pid_j * BLOCK_J, J, s_wn, s_wk, s_sn, s_sk, dt,
-                          SCALE_KIND, FP4_BLOCK, BLOCK_I, BLOCK_J)
+                          SCALE_KIND, FP4_BLOCK, BLOCK_I, BLOCK_J, DECODE_ASM, False)
             if SWAP:
                 acc = tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PREC)
             else:
@@ -280,13 +353,18 @@ if not INTERPRET:
         key=["M_BUCKET", "I", "J", "R", "RED_IS_K", "SCALE_KIND", "X_GROUPED", "Y_GROUPED", "LORA", "INT64"],
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_bench,
-    )(_fp4_s2s_kernel)
+    )(triton.heuristics({"EVEN_I": lambda a: a["I"] % a["BLOCK_I"] == 0})(_fp4_s2s_kernel))
 
 _INTERP_CFG = {"BLOCK_M": 16, "BLOCK_J": 32, "BLOCK_I": 32, "SWAP": 0}
 
 
 def _dot_prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def decode_asm(x: torch.Tensor, scale_kind: int) -> bool:
+    """Whether a launch on ``x`` decodes with :func:`_decode_e2m1_bf16` (``DECODE``)."""
+    return DECODE == "asm" and scale_kind == SCALE_E8M0 and x.dtype == torch.bfloat16 and x.is_cuda and not INTERPRET
 
 
 def kernel_scales(w) -> tuple[torch.Tensor, int]:
@@ -349,14 +427,14 @@ def fp4_scatter2scatter(
         RED_IS_K=bool(reduce_k), SCALE_KIND=kind, FP4_BLOCK=w.block_size,
         X_GROUPED=bool(grouped_in), Y_GROUPED=bool(grouped_out), LORA=int(lora), WRITE_XA=bool(write_xa and lora),
         HAS_BIAS=bias is not None, INT64=int64, DOT_PREC=_dot_prec(x.dtype),
-        E_POW2=expert_block(E), BLOCK_R=rank_block(R),
+        E_POW2=expert_block(E), BLOCK_R=rank_block(R), DECODE_ASM=decode_asm(x, kind),
     )
 
     def grid(META):
         return (triton.cdiv(J, META["BLOCK_J"]), triton.cdiv(L, META["BLOCK_M"]) + E)
 
     if INTERPRET or not x.is_cuda:
-        _fp4_s2s_kernel[grid](*args, **meta, **_INTERP_CFG)
+        _fp4_s2s_kernel[grid](*args, **meta, **_INTERP_CFG, EVEN_I=I % _INTERP_CFG["BLOCK_I"] == 0)
     else:
         _fp4_tuned[grid](*args, **meta)
     return out, xa_out

@@ -81,6 +81,17 @@ def test_fused_matches_reference_fp32(fmt, gin, gout, swap, monkeypatch):
         assert_matches(o, r, 1e-5, f"{fmt} {name}")
 
 
+@pytest.mark.parametrize("fmt,N,Kd", [("mxfp4", 40, 96), ("nvfp4", 64, 48)])
+def test_fused_matches_reference_with_tails(fmt, N, Kd):
+    """A reduction that does not fill the last tile (dX over N = 40, the forward over K = 48 in 32-wide tiles) takes
+    the masked loads (``EVEN_I`` false); the output tails are masked too."""
+    w, x, idx, A, B, b = _case(fmt, torch.float32, N=N, Kd=Kd)
+    got = _run(fp4_scattered_experts, w, x, idx, A, B, b, False, True, 2)
+    want = _run(_ref, w, x, idx, A, B, b, False, True, 2)
+    for name, o, r in zip(["y", "dX", "dA", "dB"], got, want):
+        assert_matches(o, r, 1e-5, f"{fmt} N={N} K={Kd} {name}")
+
+
 def test_fused_matches_reference_fp16():
     w, x, idx, A, B, b = _case("mxfp4", torch.float16, N=96, Kd=64)
     got = _run(fp4_scattered_experts, w, x, idx, A, B, b, False, True, 2)
@@ -184,3 +195,73 @@ def test_probe_hand_decoded_gemms_match_the_dequantized_weights():
     import probe_dot_scaled
 
     probe_dot_scaled.cpu_check()
+
+
+def _bf16_bits_to_float(h: int) -> float:
+    return torch.tensor([h << 16], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+
+def _float_to_bf16_bits(f: float) -> int:
+    return torch.tensor([f], dtype=torch.float32).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
+
+
+def _emulate_ptx(asm: str, regs: dict) -> dict:
+    """Run the few PTX instructions the E2M1 decode uses (per the PTX ISA) on 32-bit ``regs`` (``$n`` names)."""
+    def val(tok):
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    for line in asm.splitlines():
+        line = line.split("//")[0].strip().rstrip(";")
+        if not line or line[0] in "{}." :
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in src]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "shl.b32":
+            r = a[0] << a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
+        elif op == "prmt.b32":  # default mode: result byte i = byte (c >> 4i) & 7 of {b, a}
+            pool = a[0] | (a[1] << 32)
+            r = sum(((pool >> (8 * ((a[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "fma.rn.bf16x2":
+            r = 0
+            for lane in (0, 16):
+                x, y, z = (_bf16_bits_to_float((v >> lane) & 0xFFFF) for v in a)
+                r |= _float_to_bf16_bits(x * y + z) << lane  # exact here: products of E2M1 values and powers of 2
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return regs
+
+
+def test_bf16_decode_asm_matches_the_spec_on_every_byte_and_scale():
+    """``_decode_e2m1_bf16``'s PTX, emulated instruction by instruction on every byte value with E8M0 scales from
+    2**-127 (subnormal in bf16) to 2**127 and NaN, in Triton's packing (element i = byte i of $4 and bf16 lane i of
+    the output / scale registers), equals the spec's decode (``formats.dequantize_mxfp4``) bit for bit."""
+    from host_plugin_mxfp4 import formats
+
+    asm = K._E2M1_BF16_ASM.value
+    scales = torch.tensor([0, 1, 100, 126, 127, 128, 200, 254, 255], dtype=torch.uint8)
+    byte = torch.arange(256, dtype=torch.uint8)
+    for rot in range(len(scales)):
+        sc = scales[(torch.arange(256) + rot) % len(scales)]  # each lane its own scale: catches a lane or pair swap
+        want = formats.dequantize_mxfp4(byte.view(-1, 1).expand(256, 16).contiguous(), sc.view(-1, 1))[:, :2]
+        want = want.view(torch.int16).to(torch.int64) & 0xFFFF  # [256, (low nibble, high nibble)]
+        sc_bits = [_float_to_bf16_bits(v) for v in formats.e8m0_to_float(sc).tolist()]
+        for g in range(0, 256, 4):
+            b = byte[g:g + 4].tolist()
+            regs = {"$4": b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24,
+                    "$5": sc_bits[g] | sc_bits[g + 1] << 16, "$6": sc_bits[g + 2] | sc_bits[g + 3] << 16}
+            out = _emulate_ptx(asm, regs)
+            lo = [out["$0"] & 0xFFFF, out["$0"] >> 16, out["$1"] & 0xFFFF, out["$1"] >> 16]
+            hi = [out["$2"] & 0xFFFF, out["$2"] >> 16, out["$3"] & 0xFFFF, out["$3"] >> 16]
+            for i in range(4):
+                for got, w in ((lo[i], want[g + i, 0].item()), (hi[i], want[g + i, 1].item())):
+                    nan = (w & 0x7F80) == 0x7F80 and w & 0x7F
+                    assert (got & 0x7F80 == 0x7F80 and got & 0x7F) if nan else got == w, (
+                        f"byte {b[i]:#04x} scale {sc[g + i].item()}: {got:#06x} != {w:#06x}")
