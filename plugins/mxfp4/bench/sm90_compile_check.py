@@ -69,7 +69,7 @@ def compile_one(red_is_k, gin, gout, lora, cfg, dtype, decode_asm):
 
 
 def main_loop(sass: str) -> dict:
-    """The SASS loop with the most HGMMAs (the K loop): its instruction count, HGMMAs and integer/bf16x2 ALU
+    """The innermost SASS loop with HGMMAs (the K loop): its instruction count, HGMMAs and integer/bf16x2 ALU
     instructions (LOP3, SHF, PRMT, IMAD/IADD3, HFMA2/HMUL2) and fp32 ones (FMUL/FFMA, F2F/F2FP conversions)."""
     lines = [ln.split("*/", 1)[1].strip() if "*/" in ln else ln.strip() for ln in sass.splitlines()]
     labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:$", ln)}
@@ -79,7 +79,7 @@ def main_loop(sass: str) -> dict:
         if m and labels.get(m.group(1), i) < i:
             lo = labels[m.group(1)]
             n = sum("HGMMA" in x for x in lines[lo:i])
-            if n > best[0]:
+            if n and (not best[0] or i - lo < best[2] - best[1]):
                 best = (n, lo, i)
     body = [x for x in lines[best[1]:best[2] + 1] if x and not x.startswith(".")]
     count = lambda *ops: sum(any(re.match(rf"^(@!?U?P\d+ )?{o}\b", x) for o in ops) for x in body)  # noqa: E731
