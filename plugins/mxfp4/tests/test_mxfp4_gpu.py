@@ -3,6 +3,10 @@ weights, strategy B within bf16 tolerance of it with the uniform-scale guard. Sk
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from host_plugin_mxfp4 import kernels as fp4_kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,3 +60,36 @@ def test_dequantize_kernel_bitwise_at_real_shape(fmt, k_major):
     assert got.stride() == want.stride()
     assert torch.equal(got.cpu().contiguous().view(torch.int16), want.contiguous().view(torch.int16))
 
+
+
+@triton.jit
+def _decode_both(Wq, Sc, Out, N, K_, BN: tl.constexpr, BK: tl.constexpr):
+    """Strategy B's weight tile decoded by the fp32 path into ``Out[0]`` and by the bf16x2 PTX into ``Out[1]``."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    k = k0 + tl.arange(0, BK)
+    ptr = Out + n[:, None] * K_ + k[None, :]
+    for asm in tl.static_range(2):
+        w = fp4_kernels._fp4_tile(Wq, Sc, n, n < N, k0, K_, K_ // 2, 1, K_ // 32, 1, tl.bfloat16, 0, 32, BN, BK,
+                                  asm == 1, True)
+        tl.store(ptr + asm * N * K_, w)
+
+
+def test_bf16_decode_asm_bitwise_equals_the_fp32_decode():
+    """Strategy B's weight tile (``kernels._fp4_tile``) with the bf16x2 PTX decode equals the fp32 decode bit for bit
+    on the GPU, over every packed byte and every E8M0 scale (NaN and 2**-127 included), at two tile shapes: checks the
+    inline assembly's packing of elements into registers, which the CPU test can only emulate."""
+    g = torch.Generator().manual_seed(0)
+    N, Kd = 256, 1024
+    packed = torch.randint(0, 256, (N, Kd // 2), generator=g, dtype=torch.uint8)
+    packed[0, :256] = torch.arange(256, dtype=torch.uint8)  # every byte at least once
+    scales = torch.randint(0, 256, (N, Kd // 32), generator=g, dtype=torch.uint8)
+    scales[1, :] = torch.arange(0, 256, 8, dtype=torch.uint8)
+    scales[2, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    for bn, bk in ((64, 64), (128, 128)):
+        out = torch.empty(2, N, Kd, device="cuda", dtype=torch.bfloat16)
+        _decode_both[(N // bn, Kd // bk)](packed.cuda(), scales.cuda(), out, N, Kd, BN=bn, BK=bk)
+        fp32, asm = out.view(torch.int16).cpu()
+        nan = torch.isnan(out[0].cpu())
+        assert torch.equal(nan, torch.isnan(out[1].cpu())), (bn, bk)
+        assert torch.equal(fp32[~nan], asm[~nan]), f"tile {bn}x{bk}: {(fp32 != asm).sum().item()} values differ"
