@@ -45,7 +45,7 @@ if [ "${TESTS_S:-240}" != 0 ]; then
   done
 fi
 wait
-step bench_moe_block "${BLOCK_S:-230}" python3 $B/bench_moe_block.py --iters 20 \
+step bench_moe_block "${BLOCK_S:-230}" python3 $B/bench_moe_block.py --iters 20 ${BLOCK_SHAPES:+--shapes $BLOCK_SHAPES} \
   --impls ${BLOCK_IMPLS:-grouped_mm scattermoe scattermoe+before} --json "$OUT/bench_moe_block.json"
 step bench_moe_block2 "${BLOCK2_S:-0}" python3 $B/bench_moe_block.py --iters 20 --shapes ${BLOCK2_SHAPES:-gpt-oss-20b} \
   --impls ${BLOCK2_IMPLS:-scattermoe scattermoe+unmerged} --json "$OUT/bench_moe_block2.json"
