@@ -179,11 +179,12 @@ def main():
         with torch.no_grad():
             record("scattermoe bf16", "-", lambda: ops.scattered_experts(x, Wd.transpose(1, 2), 1, sei, ssi, offs, grouped_in=True, grouped_out=True))
             record("decode + scattermoe", "-", lambda: ops.scattered_experts(x, w.dequantize(torch.bfloat16).transpose(1, 2), 1, sei, ssi, offs, grouped_in=True, grouped_out=True))
+            default = fp4_kernels.DECODE
             for decode in ("asm", "fp32"):  # strategy B's forward kernel as it runs (autotuned; no LoRA)
                 fp4_kernels.DECODE = decode
                 record(f"B kernel ({decode} decode)", "autotuned", lambda: fp4_kernels.fp4_scatter2scatter(
                     x, w, ssi, offs, 1, grouped_in=True, grouped_out=True)[0])
-            fp4_kernels.DECODE = "asm"
+            fp4_kernels.DECODE = default
         for bm, bn, bk, nw, ns in CFGS:
             if rows_e % bm:
                 continue
