@@ -165,47 +165,26 @@ def _dequant_kernel(
     tl.store(Out + base[:, None] + kk[None, :] * s_ok, vals, mask=kmask)
 
 
-#: E2M1 -> bf16 for four packed bytes per call (``_decode_e2m1_bf16``): the same bit trick as :func:`_decode_e2m1`
-#: on two bf16 lanes at once (bf16 has fp32's exponent, so each nibble's sign and ``e e m`` bits shifted into a bf16
-#: are the value times ``2**-126``, subnormals included), then two exact bf16x2 multiplies (``fma`` with -0.0) by
-#: ``2**126`` and by the block scale. ``prmt`` spreads bytes 0,1 (2,3) into the two 16-bit lanes. Outputs: $0,$1 the
-#: low nibbles of elements 0-1 and 2-3, $2,$3 the high nibbles; inputs: $4 the four bytes, $5,$6 their scales.
-_E2M1_BF16_ASM = tl.constexpr("""{
-.reg .b32 z, nz, k, t, s, m, v;
-mov.b32 z, 0;
-mov.b32 nz, 0x80008000;
-mov.b32 k, 0x7E807E80;
-prmt.b32 t, $4, z, 0x4140;
-shl.b32 s, t, 12;
-and.b32 s, s, 0x80008000;
-shl.b32 m, t, 6;
-and.b32 m, m, 0x01C001C0;
-or.b32 v, s, m;
-fma.rn.bf16x2 v, v, k, nz;
-fma.rn.bf16x2 $0, v, $5, nz;
-shl.b32 s, t, 8;
-and.b32 s, s, 0x80008000;
-shl.b32 m, t, 2;
-and.b32 m, m, 0x01C001C0;
-or.b32 v, s, m;
-fma.rn.bf16x2 v, v, k, nz;
-fma.rn.bf16x2 $2, v, $5, nz;
-prmt.b32 t, $4, z, 0x4342;
-shl.b32 s, t, 12;
-and.b32 s, s, 0x80008000;
-shl.b32 m, t, 6;
-and.b32 m, m, 0x01C001C0;
-or.b32 v, s, m;
-fma.rn.bf16x2 v, v, k, nz;
-fma.rn.bf16x2 $1, v, $6, nz;
-shl.b32 s, t, 8;
-and.b32 s, s, 0x80008000;
-shl.b32 m, t, 2;
-and.b32 m, m, 0x01C001C0;
-or.b32 v, s, m;
-fma.rn.bf16x2 v, v, k, nz;
-fma.rn.bf16x2 $3, v, $6, nz;
-}""")
+def _nibble_ptx(dst: str, sign_shift: int, bits_shift: int, scale: str) -> str:
+    """PTX for one bf16x2 register of decoded nibbles from ``t`` (two bytes spread into the two 16-bit lanes): the
+    nibble's sign bit shifted to bit 15 of its lane, its ``e e m`` bits to bits 8..6, i.e. a bf16 equal to the E2M1
+    value times ``2**-126`` (bf16 has fp32's exponent; ``e = 0`` lands on a bf16 subnormal), then two exact bf16x2
+    multiplies (``fma`` with -0.0): by ``2**126`` (``k``) and by the block ``scale``."""
+    return (f"shl.b32 s, t, {sign_shift};\nand.b32 s, s, 0x80008000;\nshl.b32 m, t, {bits_shift};\n"
+            f"and.b32 m, m, 0x01C001C0;\nor.b32 v, s, m;\nfma.rn.bf16x2 v, v, k, nz;\n"
+            f"fma.rn.bf16x2 {dst}, v, {scale}, nz;\n")
+
+
+#: E2M1 -> bf16 for four packed bytes per call (``_decode_e2m1_bf16``): ``prmt`` spreads bytes 0,1 (then 2,3) into
+#: the two 16-bit lanes of ``t``; the low nibbles (shifts 12, 6) and the high ones (8, 2) each become one bf16x2
+#: register (:func:`_nibble_ptx`). Outputs: $0,$1 the low nibbles of elements 0-1 and 2-3, $2,$3 the high nibbles;
+#: inputs: $4 the four bytes, $5,$6 their scales (bf16x2).
+_E2M1_BF16_ASM = tl.constexpr(
+    "{\n.reg .b32 z, nz, k, t, s, m, v;\nmov.b32 z, 0;\nmov.b32 nz, 0x80008000;\nmov.b32 k, 0x7E807E80;\n"
+    + "prmt.b32 t, $4, z, 0x4140;\n" + _nibble_ptx("$0", 12, 6, "$5") + _nibble_ptx("$2", 8, 2, "$5")
+    + "prmt.b32 t, $4, z, 0x4342;\n" + _nibble_ptx("$1", 12, 6, "$6") + _nibble_ptx("$3", 8, 2, "$6")
+    + "}"
+)
 
 
 @triton.jit
