@@ -212,7 +212,7 @@ def _emulate_ptx(asm: str, regs: dict) -> dict:
 
     for line in asm.splitlines():
         line = line.split("//")[0].strip().rstrip(";")
-        if not line or line[0] in "{}." :
+        if not line or line[0] in "{}.":
             continue
         op, rest = line.split(None, 1)
         d, *src = [t.strip() for t in rest.split(",")]
