@@ -48,9 +48,9 @@ def one(mode, cfg_idx, E=128, N=2048, K=768, T=4096, k=8, r=16, dtype=torch.bflo
     e_pow2 = int(os.environ.get("CHECK_E_POW2", 0)) or Kn.expert_block(E)
     meta = dict(RED_IS_K=red_k, SCALE_KIND=0, FP4_BLOCK=32, X_GROUPED=gin, Y_GROUPED=not gin, LORA=1, WRITE_XA=True,
                 HAS_BIAS=False, INT64=False, DOT_PREC="tf32", E_POW2=e_pow2, BLOCK_R=Kn.rank_block(r),
-                DECODE_ASM=Kn.decode_asm(x, 0), EVEN_I=I % cfg.kwargs["BLOCK_I"] == 0)
+                DECODE_ASM=Kn.decode_asm(x, 0))
     grid = (triton.cdiv(J, cfg.kwargs["BLOCK_J"]), triton.cdiv(L, cfg.kwargs["BLOCK_M"]) + E)
-    Kn._fp4_s2s_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    Kn._fp4_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     torch.cuda.synchronize()
     # reference
     xs = x if gin else (x[ssi] if flat else x[ssi // k])

@@ -8,19 +8,16 @@ by expert, balanced routing: 128 / 256 rows per expert), y_e = x_e · W_eᵀ for
   container as stored (``[E, N, K/2]`` bytes, ``[E, N, K/32]`` E8M0 scales): Triton upcasts in registers;
 * ``dot_scaled lhs (swapped)``: ``yᵀ = W · xᵀ`` with the packed weight as the left operand (wgmma
   reads A from registers, so the upcast operand need not go back through shared memory);
-* ``decode rhs (interleave)``: the packed tile decoded by hand in the K loop (the dequantize kernel's bit trick,
-  ``kernels._decode_e2m1``), both nibbles interleaved back into one ``[BN, BK]`` tile, one full-K ``tl.dot``;
-* ``decode rhs (even/odd)``: the same decode feeding two half-K dots on strided ``x`` columns, as strategy B's
-  loop does (tells whether B's loop shape or the decode itself costs the time);
-* ``decode lhs (swapped)``: the interleaved decoded tile as the left operand of ``yᵀ = W · xᵀ`` (wgmma can read
-  it from registers instead of shared memory);
-* ``asm rhs`` / ``asm lhs (swapped)``: strategy B's own tile decode (``kernels._fp4_tile``) with the bf16x2 PTX
-  decode (``kernels._decode_e2m1_bf16``), as the right and as the left operand;
+* ``B tile (fp32 decode)`` / ``B tile (asm decode)``: strategy B's own weight tile (``kernels._fp4_tile``: the
+  packed tile decoded in the K loop, nibbles interleaved back into one ``[BN, BK]`` tile) with the fp32 or the bf16x2
+  PTX decode, as the right operand, and as the left one of ``yᵀ = W · xᵀ`` (``lhs``, which wgmma can read from
+  registers instead of shared memory);
+* ``B kernel``: strategy B's autotuned forward kernel itself (no LoRA), with either decode;
 * ``scattermoe bf16``: ``ops.scattered_experts`` (grouped in/out, no LoRA) on the decoded weights;
 * ``decode + scattermoe``: the dequantize kernel then scattermoe (strategy A's forward cost).
 
 Each variant is checked against a float32 reference (relative error). Prints a table; JSON to $OUT.
-``--cpu-check`` runs the hand-decoded and bf16 variants under the Triton interpreter at a toy shape instead (no GPU).
+``--cpu-check`` runs the fp32-decode and bf16 variants under the Triton interpreter at a toy shape instead (no GPU).
 """
 
 from __future__ import annotations
@@ -38,44 +35,23 @@ import triton.language as tl
 
 from host_plugin_mxfp4 import kernels as fp4_kernels
 from host_plugin_mxfp4.formats import FP4Weights
-from host_plugin_mxfp4.kernels import _decode_e2m1, _decode_e8m0, _fp4_tile
+from host_plugin_mxfp4.kernels import _fp4_tile
 
-
-#: The probe's variants: name -> ``VARIANT`` of :func:`_probe_kernel` (0 reads the decoded bf16 weights).
+#: The probe's variants: name -> (``VARIANT``, ``SWAP``) of :func:`_probe_kernel`.
 VARIANTS = {
-    "bf16 tl.dot": 0, "dot_scaled rhs": 1, "dot_scaled lhs (swapped)": 2,
-    "decode rhs (interleave)": 3, "decode rhs (even/odd)": 4, "decode lhs (swapped)": 5,
-    "asm rhs": 6, "asm lhs (swapped)": 7,
+    "bf16 tl.dot": (0, False), "dot_scaled rhs": (1, False), "dot_scaled lhs (swapped)": (1, True),
+    "B tile (fp32 decode)": (2, False), "B tile lhs (fp32 decode, swapped)": (2, True),
+    "B tile (asm decode)": (3, False), "B tile lhs (asm decode, swapped)": (3, True),
 }
-#: Variants that run inline PTX (GPU only).
-ASM_VARIANTS = (6, 7)
 
 
 @triton.jit
-def _dec_tile(Wq, S, e, n, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
-    """W_e[n, k0:k0+BK] decoded to fp32 as two ``[BN, BK/2]`` halves (even / odd k) from the packed bytes."""
-    kb = k0 // 2 + tl.arange(0, BK // 2)
-    ks = k0 // 32 + tl.arange(0, BK // 32)
-    wq = tl.load(Wq + e * N * (K // 2) + n[:, None] * (K // 2) + kb[None, :]).to(tl.int32)  # [BN, BK/2]
-    sc = _decode_e8m0(tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :]).to(tl.int32))
-    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, BK // 32, 16)), (BN, BK // 2))
-    return _decode_e2m1(wq, False) * sc, _decode_e2m1(wq, True) * sc
-
-
-@triton.jit
-def _asm_tile(Wq, S, e, n, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
-    """W_e[n, k0:k0+BK] as strategy B decodes it (bf16x2 PTX decode, E8M0 scales, no K tail)."""
-    return _fp4_tile(Wq + e * N * (K // 2), S + e * N * (K // 32), n, n < N, k0, K, K // 2, 1, K // 32, 1, tl.bfloat16,
-                     0, 32, BN, BK, True, True)
-
-
-@triton.jit
-def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr):
-    """One ``[BM, BN]`` tile of ``y = x · W_eᵀ`` (rows grouped by expert, ``ROWS`` per expert); the swapped variants
-    (2, 5, 7) accumulate ``yᵀ = W_e · xᵀ`` so the weight is the left operand, which wgmma may read from
-    registers."""
-    SWAP: tl.constexpr = VARIANT == 2 or VARIANT == 5 or VARIANT == 7
+def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, SWAP: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr):
+    """One ``[BM, BN]`` tile of ``y = x · W_eᵀ`` (rows grouped by expert, ``ROWS`` per expert): ``VARIANT`` 0 reads
+    the decoded bf16 weights, 1 the packed ones through ``tl.dot_scaled``, 2 / 3 decode them as strategy B does
+    (fp32 / PTX decode); ``SWAP`` accumulates ``yᵀ = W_e · xᵀ`` so the weight is the left operand, which wgmma may read
+    from registers."""
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BM + tl.arange(0, BM)
     e = ((pid_m * BM) // ROWS).to(tl.int64)
@@ -86,40 +62,29 @@ def _probe_kernel(X, W, Wq, S, Y, ROWS, N, K, VARIANT: tl.constexpr, BM: tl.cons
         acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
-        if VARIANT == 4:  # even / odd columns of x against the two nibble halves (strategy B's loop)
-            t = tl.arange(0, BK // 2)
-            xe = tl.load(X + m[:, None].to(tl.int64) * K + (k0 + 2 * t)[None, :])
-            xo = tl.load(X + m[:, None].to(tl.int64) * K + (k0 + 2 * t + 1)[None, :])
-            lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
-            acc = tl.dot(xo, tl.trans(hi.to(xe.dtype)), tl.dot(xe, tl.trans(lo.to(xe.dtype)), acc))
-        elif SWAP:
-            xt = tl.load(X + m[None, :].to(tl.int64) * K + k[:, None])  # [BK, BM]
-            if VARIANT == 7:
-                acc = tl.dot(_asm_tile(Wq, S, e, n, k0, N, K, BN, BK), xt, acc)
-            elif VARIANT == 2:
-                kb = k0 // 2 + tl.arange(0, BK // 2)
-                ks = k0 // 32 + tl.arange(0, BK // 32)
-                wq = tl.load(Wq + e * N * (K // 2) + n[:, None] * (K // 2) + kb[None, :])  # [BN, BK/2]
-                sc = tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :])  # [BN, BK/32]
-                acc = tl.dot_scaled(wq, sc, "e2m1", xt, None, "bf16", acc)
-            else:
-                lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
-                acc = tl.dot(tl.interleave(lo.to(xt.dtype), hi.to(xt.dtype)), xt, acc)
+        if SWAP:
+            x = tl.load(X + m[None, :].to(tl.int64) * K + k[:, None])  # [BK, BM]
         else:
-            x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :])
-            if VARIANT == 0:
-                acc = tl.dot(x, tl.load(W + e * N * K + n[None, :] * K + k[:, None]), acc)  # [BK, BN] of W_e
-            elif VARIANT == 6:
-                acc = tl.dot(x, tl.trans(_asm_tile(Wq, S, e, n, k0, N, K, BN, BK)), acc)
-            elif VARIANT == 1:
-                kb = k0 // 2 + tl.arange(0, BK // 2)
-                ks = k0 // 32 + tl.arange(0, BK // 32)
-                wq = tl.load(Wq + e * N * (K // 2) + n[None, :] * (K // 2) + kb[:, None])  # [BK/2, BN]
-                sc = tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :])  # [BN, BK/32]
-                acc = tl.dot_scaled(x, None, "bf16", wq, sc, "e2m1", acc)
+            x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :])  # [BM, BK]
+        if VARIANT == 0:
+            acc = tl.dot(x, tl.load(W + e * N * K + n[None, :] * K + k[:, None]), acc)  # [BK, BN] of W_e
+        elif VARIANT == 1:
+            kb = k0 // 2 + tl.arange(0, BK // 2)
+            ks = k0 // 32 + tl.arange(0, BK // 32)
+            sc = tl.load(S + e * N * (K // 32) + n[:, None] * (K // 32) + ks[None, :])  # [BN, BK/32]
+            if SWAP:
+                wq = tl.load(Wq + e * N * (K // 2) + n[:, None] * (K // 2) + kb[None, :])  # [BN, BK/2]
+                acc = tl.dot_scaled(wq, sc, "e2m1", x, None, "bf16", acc)
             else:
-                lo, hi = _dec_tile(Wq, S, e, n, k0, N, K, BN, BK)
-                acc = tl.dot(x, tl.trans(tl.interleave(lo.to(x.dtype), hi.to(x.dtype))), acc)
+                wq = tl.load(Wq + e * N * (K // 2) + n[None, :] * (K // 2) + kb[:, None])  # [BK/2, BN]
+                acc = tl.dot_scaled(x, None, "bf16", wq, sc, "e2m1", acc)
+        else:  # W_e[n, k0:k0+BK] as strategy B decodes it (E8M0 scales, no K tail)
+            w = _fp4_tile(Wq + e * N * (K // 2), S + e * N * (K // 32), n, n < N, k0, K, K // 2, 1, K // 32, 1,
+                          X.dtype.element_ty, 0, 32, BN, BK, VARIANT == 3, True)
+            if SWAP:
+                acc = tl.dot(w, x, acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
     if SWAP:
         tl.store(Y + m[None, :].to(tl.int64) * N + n[:, None], acc.to(Y.dtype.element_ty))
     else:
@@ -130,19 +95,19 @@ CFGS = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128,
 
 
 def cpu_check():
-    """The variants that decode by hand, and the bf16 one, under the interpreter (fp32 activations: bf16 math is
-    wrong there; ``dot_scaled`` takes bf16 only)."""
+    """The bf16 and the fp32-decode variants under the interpreter (fp32 activations: bf16 math is wrong there;
+    ``dot_scaled`` takes bf16 only, and the interpreter runs no inline PTX)."""
     E, N, K, rows_e, bm, bn, bk = 2, 32, 128, 16, 16, 16, 64
     w = FP4Weights.quantize(torch.randn(E, N, K, generator=torch.Generator().manual_seed(0)) * 0.02, "mxfp4")
     x = torch.randn(E * rows_e, K, generator=torch.Generator().manual_seed(1))
     Wd = w.dequantize(torch.float32)
     ref = torch.bmm(x.view(E, rows_e, K), Wd.transpose(1, 2)).reshape(-1, N)
-    for name, variant in VARIANTS.items():
-        if variant in (1, 2) or variant in ASM_VARIANTS:
+    for name, (variant, swap) in VARIANTS.items():
+        if variant in (1, 3):
             continue
         y = torch.empty_like(ref)
         _probe_kernel[(N // bn, E * rows_e // bm)](x, Wd, w.packed, w.scales, y, rows_e, N, K, VARIANT=variant,
-                                                   BM=bm, BN=bn, BK=bk)
+                                                   SWAP=swap, BM=bm, BN=bn, BK=bk)
         err = ((y - ref).norm() / ref.norm()).item()
         print(f"{name}: rel err {err:.1e}")
         assert err < 1e-5, name
@@ -192,9 +157,9 @@ def main():
             grid = (N // bn, L // bm)
             cfg = f"{bm}x{bn}x{bk} w{nw} s{ns}"
             kw = dict(BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns)
-            for label, variant in VARIANTS.items():  # not ``name``: record() reads the shape's name
-                record(label, cfg, lambda v=variant: (
-                    _probe_kernel[grid](x, Wd, w.packed, w.scales, y, rows_e, N, K, VARIANT=v, **kw), y)[1])
+            for label, (variant, swap) in VARIANTS.items():  # not ``name``: record() reads the shape's name
+                record(label, cfg, lambda v=variant, sw=swap: (
+                    _probe_kernel[grid](x, Wd, w.packed, w.scales, y, rows_e, N, K, VARIANT=v, SWAP=sw, **kw), y)[1])
         del w, Wd, x, ref
         torch.cuda.empty_cache()
     json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": rows},

@@ -324,6 +324,10 @@ def _fp4_s2s_kernel(
                  mask=m_mask[:, None] & j_mask[None, :])
 
 
+#: The kernel with ``EVEN_I`` (no reduction tail for the launch's ``BLOCK_I``) derived from its arguments, as every
+#: launch path (autotuned, interpreter, ``bench/check_configs.py``) runs it.
+_fp4_kernel = triton.heuristics({"EVEN_I": lambda a: a["I"] % a["BLOCK_I"] == 0})(_fp4_s2s_kernel)
+
 if not INTERPRET:
 
     def _bench(fn, quantiles=None):
@@ -334,7 +338,7 @@ if not INTERPRET:
         key=["M_BUCKET", "I", "J", "R", "RED_IS_K", "SCALE_KIND", "X_GROUPED", "Y_GROUPED", "LORA", "INT64"],
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_bench,
-    )(triton.heuristics({"EVEN_I": lambda a: a["I"] % a["BLOCK_I"] == 0})(_fp4_s2s_kernel))
+    )(_fp4_kernel)
 
 _INTERP_CFG = {"BLOCK_M": 16, "BLOCK_J": 32, "BLOCK_I": 32, "SWAP": 0}
 
@@ -415,7 +419,7 @@ def fp4_scatter2scatter(
         return (triton.cdiv(J, META["BLOCK_J"]), triton.cdiv(L, META["BLOCK_M"]) + E)
 
     if INTERPRET or not x.is_cuda:
-        _fp4_s2s_kernel[grid](*args, **meta, **_INTERP_CFG, EVEN_I=I % _INTERP_CFG["BLOCK_I"] == 0)
+        _fp4_kernel[grid](*args, **meta, **_INTERP_CFG)
     else:
         _fp4_tuned[grid](*args, **meta)
     return out, xa_out

@@ -185,9 +185,9 @@ def test_dequantize_kernel_is_bit_identical_to_torch(fmt, dtype, shape, k_major,
 
 
 @pytest.mark.skipif(not K.INTERPRET, reason="the probe's toy check runs under the interpreter")
-def test_probe_hand_decoded_gemms_match_the_dequantized_weights():
-    """``bench/probe_dot_scaled.py``'s hand-decoded GEMM variants (timed on a GPU against bf16) compute x·W_eᵀ;
-    swapping the two nibbles in the interleave fails this."""
+def test_probe_gemms_match_the_dequantized_weights():
+    """``bench/probe_dot_scaled.py``'s bf16 and B-tile GEMM variants (timed on a GPU against bf16), in both operand
+    orders, compute x·W_eᵀ; swapping the two nibbles in the interleave fails this."""
     import sys
     from pathlib import Path
 
