@@ -14,7 +14,10 @@ launch. ``cuBLAS`` is a dense ``torch.mm`` of the same FLOPs (the ceiling at thi
 (the launch, then ``silu_glu_fwd``: ``SCATTERMOE_GLU_EPILOGUE=0``), ``up+glu epilogue`` (one launch writing h and act,
 the default) and ``up alone`` (the launch without the GLU: what the epilogue adds to it).
 
-Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final] [--glu]
+``--ws``: the two grouped-input launches (``down fwd``, ``up dX``) with the rule's tile and the warp-specialised one
+(``SCATTERMOE_WS=1``: Triton's Hopper warp specialisation, fused LoRA as the split epilogue with its rank GEMM timed in).
+
+Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final] [--glu] [--ws]
        [--part i/n --compile-only]  (compile a share of the variants, to fill Triton's cache in parallel)
 """
 
@@ -177,6 +180,8 @@ def main():
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--final", action="store_true", help="only the rule before TMA vs the current rule")
     ap.add_argument("--glu", action="store_true", help="the up projection with and without the SiLU-GLU epilogue")
+    ap.add_argument("--ws", action="store_true",
+                    help="the grouped-input launches: the rule's tile vs the warp-specialised one (SCATTERMOE_WS=1)")
     ap.add_argument("--persist", action="store_true",
                     help="the current rule vs the persistent grid at PERSIST_TILES, and torch._grouped_mm (no LoRA)")
     args = ap.parse_args()
@@ -205,7 +210,14 @@ def main():
         tiles = TILES["small" if L / E < 160 else "big"]
         for launch, flops, run, split, gather_fan in specs:
             variants = [("rule", None, False, "0")]
-            if args.persist:
+            if args.ws:
+                # the grouped-input launches: the rule's plain tile vs the warp-specialised one (SCATTERMOE_WS=1, the
+                # rule's WS tile and a 128-wide one; fused LoRA timed with its rank GEMM, as the block runs it)
+                if gather_fan is not None:
+                    continue
+                variants = [("rule", None, False, "rule"), ("ws rule", "ws", False, "rule"),
+                            ("ws 128x128x64 s4", {**K.WS_TILE, "BLOCK_N": 128, "num_stages": 4}, False, "rule")]
+            elif args.persist:
                 # the current rule, then the persistent grid (TMA where the rule takes TMA, else pointer loads)
                 variants = [("rule", None, False, "rule")]
                 tma = L / E >= 160
@@ -228,11 +240,12 @@ def main():
                     continue
                 K.TMA_MODE = tma_mode
                 half = "1" if force == "rule+half" else "rule"
-                if half != K.HALF_TAIL_MODE:  # the rule reads it: drop the cached picks and plans
-                    K.HALF_TAIL_MODE = half
+                ws = "1" if force == "ws" or (isinstance(force, dict) and force.get("WS")) else "0"
+                if (half, ws) != (K.HALF_TAIL_MODE, K.WS_MODE):  # the rule reads them: drop the cached picks and plans
+                    K.HALF_TAIL_MODE, K.WS_MODE = half, ws
                     K._PICKED.clear()
                     K._PLANS.clear()
-                force_cfg = None if force in (None, "rule", "rule+half") else force
+                force_cfg = None if force in (None, "rule", "rule+half", "ws") else force
                 try:
                     run(force_cfg, gather_first)
                     torch.cuda.synchronize()

@@ -9,6 +9,8 @@
 (b+persist) / (b+flat) the same with the persistent grid on every TMA tile (``SCATTERMOE_PERSISTENT=1``) / on none (``=0``)
 (b+half) / (b+full) the same with half-height tiles for experts' short last row blocks everywhere (``SCATTERMOE_HALF_TAIL=1``)
     / nowhere (``=0``)
+(b+ws) the same with the warp-specialised tile on the grouped-input launches (``SCATTERMOE_WS=1``: down projection
+    forward and up projection dX; their fused LoRA as the split epilogue)
 (b+torchsort) the same with the routing sort on torch (``SCATTERMOE_TRITON_ROUTING=0``: one stable ``torch.sort`` and a
     ``searchsorted`` instead of the Triton counting sort of ``routing_kernels``; before/after in one run)
 (b+torchcopy) the same with the LoRA factors' re-layout by torch's strided copies instead of the tiled Triton
@@ -250,8 +252,9 @@ def main():
             K.TMA_MODE = "0" if impl == "scattermoe+ptr" else os.environ.get("SCATTERMOE_TMA", "rule")
             persist = {"scattermoe+persist": "1", "scattermoe+flat": "0"}.get(impl, os.environ.get("SCATTERMOE_PERSISTENT", "rule"))
             half = {"scattermoe+half": "1", "scattermoe+full": "0"}.get(impl, os.environ.get("SCATTERMOE_HALF_TAIL", "rule"))
-            if (persist, half) != (K.PERSISTENT_MODE, K.HALF_TAIL_MODE):  # the rule reads them: drop cached picks/plans
-                K.PERSISTENT_MODE, K.HALF_TAIL_MODE = persist, half
+            ws = "1" if impl == "scattermoe+ws" else os.environ.get("SCATTERMOE_WS", "0")
+            if (persist, half, ws) != (K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE):  # read by the rule: drop the picks
+                K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE = persist, half, ws
                 K._PICKED.clear()
                 K._PLANS.clear()
             from host_plugin_scattermoe import routing

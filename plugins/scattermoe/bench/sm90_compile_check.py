@@ -38,7 +38,7 @@ UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 
 
 def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False,
-                    persistent: bool = False, half_tail: bool = False, glu_fwd: int = 0):
+                    persistent: bool = False, half_tail: bool = False, glu_fwd: int = 0, ws: bool = False):
     fn = K._s2s_kernel
     if glu_fwd == 1:  # the kernel's BLOCK_N is the half tile (kernels._s2s_plan)
         bn //= 2
@@ -55,6 +55,12 @@ def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn
         if name == "Wd":
             sig[name] = (f"tensordesc<bf16[{bk}, {bn}]>" if dx else f"tensordesc<bf16[{bn}, {bk}]>") if tma else "*bf16"
             continue
+        if ws and lora == 2 and name == "XA_in":  # the warp-specialised tile's LoRA operands are descriptors
+            sig[name] = f"tensordesc<fp32[{bm}, 16]>"
+            continue
+        if ws and lora == 2 and name == "Bm":
+            sig[name] = f"tensordesc<bf16[16, {bn}]>"
+            continue
         if name == "Xd":
             sig[name] = f"tensordesc<bf16[{bm}, {bk}]>" if (tma and gin) else "*bf16"
             continue
@@ -70,7 +76,7 @@ def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn
         X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
         E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=int(glu),
         W_DESC=(2 if dx else 1) if tma else 0, X_DESC=bool(tma and gin), PERSISTENT=persistent,
-        HALF_TAIL=half_tail, GLU_FWD=glu_fwd,
+        HALF_TAIL=half_tail, GLU_FWD=glu_fwd, WS=ws,
     )
     for k2 in const:
         sig[k2] = "constexpr"
@@ -93,6 +99,7 @@ def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn
         "setmaxnreg": ptx.count("setmaxnreg"),
         "mma_sync": ptx.count("mma.sync"),
         "shared": ck.metadata.shared,
+        "warps": ck.metadata.num_warps,
     }
 
 
@@ -105,6 +112,8 @@ def main():
     ap.add_argument("--glu-fwd", action="store_true", help="also the up projection with the SiLU-GLU epilogue")
     ap.add_argument("--half-tail", action="store_true", help="an expert's last row block of <= BLOCK_M/2 rows as a half tile")
     ap.add_argument("--persistent", action="store_true", help="the persistent grid (one program per SM, flattened loop)")
+    ap.add_argument("--ws", action="store_true", help="the warp-specialised tile of the grouped-input launches (TMA, "
+                    "split LoRA epilogue; Triton's Hopper pass: give num_warps 4, it adds a producer warp group)")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90a")
     print(f"{'variant':<34}{'tile bm,bn,bk,w,s':<20}{'regs':>6}{'spill B':>9}{'wgmma':>7}{'mma.sync':>9}{'cp.async':>9}{'tma':>5}{'smem':>8}")
@@ -126,14 +135,19 @@ def main():
                      ("fwd up + SiLU-GLU (no LoRA)", "fwd", 0, False, True, False),
                      # gpt-oss stores W1 [E, H, 2I] (N contiguous: the dX launches' W layout and unit strides)
                      ("fwd up + clamped GLU (gpt-oss, LoRA)", "oss", 1, False, True, True)]
+    if args.ws:
+        variants = [("fwd down (grouped in, split, WS)", False, 2, True, False, False),
+                    ("dX up (grouped in, split, WS)", False, 2, True, False, True),
+                    ("fwd down (grouped in, no LoRA, WS)", False, 0, True, False, False)]
     for label, glu, lora, gin, gout, dx in variants:
         for t in args.tiles:
             bm, bn, bk, w, s = map(int, t.split(","))
             try:
                 r = compile_variant(0 if glu in ("fwd", "oss") else glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma,
-                                    args.persistent, args.half_tail, glu_fwd={"fwd": 1, "oss": 2}.get(glu, 0))
+                                    args.persistent, args.half_tail, glu_fwd={"fwd": 1, "oss": 2}.get(glu, 0),
+                                    ws=args.ws)
                 print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}"
-                      f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}")
+                      f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}{r['warps']:>4}")
             except Exception as e:  # noqa: BLE001
                 print(f"{label:<34}{t:<20} failed: {repr(e)[:200]}")
 

@@ -169,7 +169,8 @@ def _prune_s2s(configs, named_args, **kwargs):
         elif lora == 2:
             smem += bn * br * elt + bm * br * 4
         scored.append((smem + acc, c))
-        if fits_device(smem, acc, c.num_warps, limits):
+        # a warp-specialised tile's accumulator lives in two consumer warp groups of num_warps each
+        if fits_device(smem, acc, c.num_warps * (2 if c.kwargs.get("WS") else 1), limits):
             kept.append(c)
     if kept:
         return kept
@@ -247,6 +248,40 @@ def _bench(fn, quantiles=None):
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _locate_block_chunked(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """:func:`locate_block` for the warp-specialised tile: the same ``(expert, first sorted row, end row)`` from 64
+    experts at a time, with no ``tl.cumsum`` and no vector wider than 64. Triton 3.6's Hopper warp-specialisation pass
+    fails on both (a scan region: "Other parent ops are not supported"; a 128-wide load feeding the TMA coordinates:
+    an assertion in ``WSLowerToken``). Row blocks are counted as there; since their running sum ``cum`` rises with
+    the expert, the experts before this block's are those with ``cum <= pid_m``: its first block is the sum of their
+    block counts, its first row the largest of their ends, its end the smallest end of the others."""
+    CH: tl.constexpr = 64
+    j = tl.arange(0, CH)
+    carry = pid_m * 0
+    e = pid_m * 0
+    first_blk = pid_m * 0
+    start = pid_m * 0
+    end = pid_m * 0 + 2147483647
+    for c in tl.static_range(E_POW2 // CH):
+        eidx = c * CH + j
+        emask = eidx < E
+        ends = tl.load(offsets_ptr + eidx, mask=emask, other=0).to(tl.int32)
+        starts = tl.load(offsets_ptr + eidx - 1, mask=emask & (eidx > 0), other=0).to(tl.int32)
+        nblk = tl.where(emask, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        cum = nblk
+        for i in tl.static_range(6):  # an inclusive prefix sum of 64 in 6 shifted adds
+            cum = cum + tl.where(j >= (1 << i), tl.gather(cum, tl.maximum(j - (1 << i), 0), 0), 0)
+        cum += carry
+        before = emask & (cum <= pid_m)
+        e += tl.sum(before.to(tl.int32), 0)
+        first_blk += tl.sum(tl.where(before, nblk, 0), 0)
+        start = tl.maximum(start, tl.max(tl.where(before, ends, 0), 0))
+        end = tl.minimum(end, tl.min(tl.where(emask & ~before, ends, 2147483647), 0))
+        carry += tl.sum(nblk, 0)
+    return e, start + (pid_m - first_blk) * BLOCK_M, end
 
 
 @triton.jit
@@ -336,7 +371,7 @@ def _w_tile(Wd, w_ptrs, e, w_width, col0, k0, K, k_mask, n_mask, W_DESC: tl.cons
 
 @triton.jit
 def _s2s_tile(
-    pid_n, e, row0, end,
+    pid_n, e, row0, end, k_stop,
     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr,
     K, N, R, E, FAN_OUT, M_BUCKET,
     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn,
@@ -349,10 +384,11 @@ def _s2s_tile(
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, DOT_PREC: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
-    W_DESC: tl.constexpr, X_DESC: tl.constexpr, GLU_FWD: tl.constexpr,
+    W_DESC: tl.constexpr, X_DESC: tl.constexpr, GLU_FWD: tl.constexpr, WS: tl.constexpr,
 ):
     """One output tile of ``_s2s_kernel``: rows ``row0 .. min(row0 + BLOCK_M, end)`` of expert ``e``, column block
-    ``pid_n`` (the GEMM K loop, LoRA, bias and the epilogue store).
+    ``pid_n`` (the GEMM K loop up to ``k_stop``: ``K``, or 0 for a tile of no rows; LoRA, bias and the epilogue store).
+    ``WS``: the K loop warp-specialised (see ``_s2s_kernel``).
 
     ``GLU_FWD == 1`` (the up projection of a SiLU-gated MLP, ``scatter2scatter(act_out=...)``): W has ``2N`` columns (gate
     ``[0, N)``, up ``[N, 2N)``) and the column block is the gate columns ``pid_n·BLOCK_N + [0, BLOCK_N)`` and the
@@ -382,7 +418,7 @@ def _s2s_tile(
     if GLU_FWD == 1:
         w_width = 2 * N
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up half: W columns N + n_offs
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, k_stop, BLOCK_K, warp_specialize=WS):
         k_mask = (k0 + k_base) < K
         # Operand tiles: through a TMA descriptor (host-built, see _tma_descs) or pointer loads.
         # A descriptor box that runs past the expert's last row reads the next expert's rows: for x
@@ -406,8 +442,10 @@ def _s2s_tile(
                 a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             xa += tl.dot(x, tl.trans(a.to(x.dtype)), input_precision=DOT_PREC)
             a_ptrs += BLOCK_K * s_ak
-        x_ptrs += BLOCK_K * s_xk
-        w_ptrs += BLOCK_K * s_wk
+        if not X_DESC:
+            x_ptrs += BLOCK_K * s_xk
+        if W_DESC == 0:
+            w_ptrs += BLOCK_K * s_wk
 
     if GLU_BWD >= 2:
         # gate epilogue (light tail): the routing weight of each row (sorted position -> flat t*k+j -> gates)
@@ -415,10 +453,13 @@ def _s2s_tile(
         gv = tl.load(Gates + g_sidx, mask=m_mask, other=0.0).to(tl.float32)
     if LORA != 0:
         if LORA == 2:
-            xa = tl.load(
-                XA_in + rows[:, None] * s_xam + r_offs[None, :] * s_xar,
-                mask=m_mask[:, None] & r_mask[None, :], other=0.0,
-            ).to(tl.float32)
+            if WS:  # XA_in a descriptor of [L, R]: columns past R read as zero
+                xa = XA_in.load([row0, 0])
+            else:
+                xa = tl.load(
+                    XA_in + rows[:, None] * s_xam + r_offs[None, :] * s_xar,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0,
+                ).to(tl.float32)
         if WRITE_XA:
             if pid_n == 0:
                 xa_w = xa
@@ -428,13 +469,18 @@ def _s2s_tile(
                     XA_out + rows[:, None] * s_xam + r_offs[None, :] * s_xar, xa_w,
                     mask=m_mask[:, None] & r_mask[None, :],
                 )
-        b_ptrs = Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br
-        b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        b = b.to(X.dtype.element_ty)
         xs = (xa * scaling).to(X.dtype.element_ty)
-        # Accumulate in place: a separate [BLOCK_M, BLOCK_N] product tile would double the
-        # accumulator registers and push the tuner to small tiles.
-        acc = tl.dot(xs, tl.trans(b), acc, input_precision=DOT_PREC)
+        if WS:
+            # Bm a descriptor of B as [E·R, N] (N contiguous), box [BLOCK_R, BLOCK_N]: rows past this expert's R
+            # meet xa's zero columns
+            acc = tl.dot(xs, Bm.load([e * R, n0]).to(xs.dtype), acc, input_precision=DOT_PREC)
+        else:
+            b_ptrs = Bm + e64 * s_be + n_offs[:, None] * s_bn + r_offs[None, :] * s_br
+            b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            b = b.to(X.dtype.element_ty)
+            # Accumulate in place: a separate [BLOCK_M, BLOCK_N] product tile would double the
+            # accumulator registers and push the tuner to small tiles.
+            acc = tl.dot(xs, tl.trans(b), acc, input_precision=DOT_PREC)
         if GLU_FWD == 1:
             bu = tl.load(b_ptrs + N * s_bn, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
             acc_u = tl.dot(xs, tl.trans(bu.to(X.dtype.element_ty)), acc_u, input_precision=DOT_PREC)
@@ -528,7 +574,7 @@ def _s2s_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
     W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False, GLU_FWD: tl.constexpr = 0,
+    HALF_TAIL: tl.constexpr = False, GLU_FWD: tl.constexpr = 0, WS: tl.constexpr = False,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
@@ -553,46 +599,63 @@ def _s2s_kernel(
                 # an expert's last row block with at most half a tile of rows: a half-height tile (x through pointer
                 # loads: the descriptor's box is BLOCK_M rows)
                 _s2s_tile(
-                    pid_n, e, row0, end,
+                    pid_n, e, row0, end, K,
                     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
                     scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD, False,
                 )
             else:
                 _s2s_tile(
-                    pid_n, e, row0, end,
+                    pid_n, e, row0, end, K,
                     X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
                     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
                     scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, False,
                 )
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-        e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-        if e < E:
-            if HALF_TAIL and end - row0 <= BLOCK_M // 2:
-                # an expert's last row block with at most half a tile of rows: a half-height tile (x through pointer
-                # loads: the descriptor's box is BLOCK_M rows)
-                _s2s_tile(
-                    pid_n, e, row0, end,
-                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
-                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
-                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD,
-                )
-            else:
-                _s2s_tile(
-                    pid_n, e, row0, end,
-                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
-                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
-                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD,
-                )
+        if WS:
+            # Warp-specialised (Triton's Hopper pass: one producer warp group issues the TMA loads, two consumer warp
+            # groups split the tile's rows and run the wgmma and the epilogue). That pass compiles only a K loop that
+            # is nested in no `if`, loads nothing through pointers and follows no tl.cumsum: so both operands through
+            # TMA (grouped x, no fused LoRA: the launcher gives it the split epilogue), no half-height tail, the
+            # prefix sum without a scan, and a program past the last row block runs a loop of no steps on no rows.
+            e, row0, end = _locate_block_chunked(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+            live = e < E
+            _s2s_tile(
+                pid_n, tl.minimum(e, E - 1), row0, tl.where(live, end, row0), tl.where(live, K, 0),
+                X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
+                X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, True,
+            )
+        else:
+            e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+            if e < E:
+                if HALF_TAIL and end - row0 <= BLOCK_M // 2:
+                    # an expert's last row block with at most half a tile of rows: a half-height tile (x through pointer
+                    # loads: the descriptor's box is BLOCK_M rows)
+                    _s2s_tile(
+                        pid_n, e, row0, end, K,
+                        X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                        s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                        scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
+                        X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                        GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD, False,
+                    )
+                else:
+                    _s2s_tile(
+                        pid_n, e, row0, end, K,
+                        X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                        s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                        scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
+                        X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                        GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, False,
+                    )
 
 
 @triton.jit
@@ -870,6 +933,8 @@ def s2s_rule(
     if rows_per_expert < 96:
         return [_cfg(64, 128, 64, 8, 4, 4), _cfg(64, 64, 64, 8, 4, 3)]
     out = []
+    if ws_applies(L, E, grouped_in, 0 if not glu else 1, tma):
+        out.append(dict(WS_TILE))
     if tma and rows_per_expert >= 160:
         if PERSISTENT_MODE == "1" or (PERSISTENT_MODE == "rule" and RULE_PERSISTENT):
             # persistent: the flattened loop keeps the next tile's buffers beside this one's (4 stages would need
@@ -941,6 +1006,22 @@ RULE_PERSISTENT = False
 RULE_HALF_TAIL = True
 #: Programs of a persistent launch under the interpreter (several, so the tile loop's stride is exercised).
 INTERP_PROGRAMS = 3
+#: Warp-specialised tiles (``_s2s_kernel``'s ``WS``; Triton's Hopper pass: a producer warp group issues the TMA loads,
+#: two consumer warp groups share the 128×256 tile): ``"1"`` on the launches that allow it (see :func:`ws_applies`),
+#: ``"0"`` (default) never. Env ``SCATTERMOE_WS``; read by ``s2s_rule`` (clear ``_PICKED`` and ``_PLANS`` after
+#: changing it). Off until measured on a GPU.
+WS_MODE = os.environ.get("SCATTERMOE_WS", "0")
+#: The warp-specialised tile: ``num_warps`` is the consumers' warp group; the pass adds the producer's and a second
+#: consumer's (12 warps run). 3 stages: 4 would need 247 KB of shared memory (``bench/sm90_compile_check.py --ws``).
+WS_TILE = {**_cfg(128, 256, 64, 8, 4, 3), "TMA": True, "WS": True}
+
+
+def ws_applies(L: int, E: int, grouped_in: bool, gmode: int, tma: bool) -> bool:
+    """Whether a launch takes the warp-specialised tile: ``WS_MODE`` on, a Hopper-class device (``tma``), grouped
+    input rows (TMA loads both operands: Triton 3.6's pass compiles no pointer load in the K loop), the plain epilogue
+    (``gmode == 0``) and the TMA tiles' ≥ 160 rows per expert. Fused LoRA becomes the split epilogue there
+    (``_s2s_launch``)."""
+    return WS_MODE == "1" and tma and grouped_in and gmode == 0 and L >= 160 * max(E, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1177,6 +1258,40 @@ def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bi
     return cfg, kw, grid_, bool(use_tma(want_tma, x) and not int64), ncol
 
 
+def _ws_launch(x: torch.Tensor, L: int, E: int, grouped_in: bool, gmode: int) -> bool:
+    """Whether this launch will get the warp-specialised tile (known before its tiles are looked up, since its fused
+    LoRA must first become the split epilogue): the rule's choice (:func:`ws_applies`), or a forced / interpreter
+    configuration with ``"WS"``."""
+    if not grouped_in or gmode:
+        return False
+    if not x.is_cuda or INTERPRET:
+        return bool(INTERP_S2S.get("WS"))
+    if "s2s" in FORCE:
+        return bool(FORCE["s2s"].get("WS"))
+    if L < AUTOTUNE_MIN_ROWS or TILE_MODE == "autotune":
+        return False
+    return ws_applies(L, E, grouped_in, gmode, use_tma(True, x))
+
+
+def _ws_lora_descs(xa: torch.Tensor, B: torch.Tensor, R: int, kw: dict):
+    """``(xa descriptor [L, R] fp32, B descriptor [E·R, N])`` for the warp-specialised tile's split epilogue, or None
+    where a layout does not allow one (B not ``[E, N, R]`` with ``N`` contiguous and experts back to back, rows not
+    16-byte aligned): that launch then runs the plain tile."""
+    E, N, _ = B.shape
+    se, sn, sr = B.stride()
+    if sn != 1 or (E > 1 and se != R * sr) or not _tma_ok(B, sr) or xa.stride(1) != 1 or not _tma_ok(xa, xa.stride(0)):
+        return None
+    br = kw["BLOCK_R"]
+    return (TensorDescriptor(xa, [xa.shape[0], R], [xa.stride(0), 1], [kw["BLOCK_M"], br]),
+            TensorDescriptor(B, [E * R, N], [sr, 1], [br, kw["BLOCK_N"]]))
+
+
+def _ws_kwargs(kw: dict, ws: bool) -> dict:
+    """The launch's tile kwargs: a warp-specialised plan whose operands allow no descriptors runs the plain tile
+    (8 warps: the 128×256 accumulator does not fit 4)."""
+    return {**kw, "WS": False, "num_warps": 8} if kw.get("WS") and not ws else kw
+
+
 def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, grouped_in, grouped_out, write_xa,
                 out, out_dtype, glu):
     L = ssi.numel()
@@ -1198,6 +1313,11 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         lora = 2 if xa_in is not None else 1
         if lora == 1 and A is None:
             raise ValueError("fused LoRA needs A")
+        if lora == 1 and L and _ws_launch(x, L, E, grouped_in, gmode):
+            # the warp-specialised tile takes LoRA only through its split epilogue: x·Aᵀ as its own rank GEMM first
+            xa_in = _s2s_launch(x, A.transpose(1, 2), ssi, expert_offsets, fan_out, None, None, None, 1.0, None,
+                                grouped_in, True, False, None, torch.float32, None)[0]
+            lora = 2
     xa_out = None
     if lora and write_xa:
         xa_out = torch.empty(L, R, device=x.device, dtype=torch.float32)
@@ -1286,13 +1406,19 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         w_desc, wd, x_desc, xd = 0, dummy, False, dummy
         if use_desc:
             w_desc, wd, x_desc, xd = _tma_descs(x, W, kw, grouped_in)
+        ws = False
+        if kw.get("WS"):
+            lora_descs = _ws_lora_descs(xab, Bm, R, kw) if lora == 2 else ()
+            ws = bool(w_desc and x_desc and lora_descs is not None and lora != 1 and gmode == 0)
+            if ws and lora == 2:
+                args = (*args[:4], lora_descs[1], lora_descs[0], *args[6:])  # Bm, XA_in as descriptors
         if slots is None:
-            _s2s_kernel[grid_](*args, wd, xd, *glu_al, **kw, W_DESC=w_desc, X_DESC=x_desc)
+            _s2s_kernel[grid_](*args, wd, xd, *glu_al, **_ws_kwargs(kw, ws), W_DESC=w_desc, X_DESC=x_desc)
         else:
             # repeated launches of a cached plan skip Triton's argument binding (launch.py)
-            got = slots.get((w_desc, x_desc))
+            got = slots.get((w_desc, x_desc, ws))
             if got is None:
-                got = slots[(w_desc, x_desc)] = ({**kw, "W_DESC": w_desc, "X_DESC": x_desc}, {})
+                got = slots[(w_desc, x_desc, ws)] = ({**_ws_kwargs(kw, ws), "W_DESC": w_desc, "X_DESC": x_desc}, {})
             _launch(_s2s_kernel, grid_, (*args, wd, xd, *glu_al), got[0], got[1])
     return out, xa_out, dgp
 

@@ -276,6 +276,34 @@ def test_persistent_grid_and_half_tail_match_reference(monkeypatch, dtype, tma, 
     assert {c % 16 for c in counts} & set(range(1, 9)) and {c % 16 for c in counts} & set(range(9, 16)), counts
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_warp_specialised_tile_matches_reference(monkeypatch, dtype):
+    """The warp-specialised tile (``WS``; on the GPU Triton's Hopper pass, here its numerics): the grouped-input
+    launches (both operands through TMA) find their row block without ``tl.cumsum`` (64 experts at a time: E = 70 spans
+    two chunks), programs past the last row block run no K step, fused LoRA becomes the split epilogue with xa and B
+    read through descriptors; forward and backward of all four layouts, idle experts, K and N not multiples of the
+    tile, against the float64 reference. Launches that cannot take it (gathered input) run the plain tile."""
+    tile = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3, "TMA": True, "WS": True}
+    if K.INTERPRET:
+        monkeypatch.setattr(K, "INTERP_S2S", tile)
+    else:
+        # the GPU's warp groups split the tile's rows in two 64-row wgmma halves
+        monkeypatch.setattr(K, "FORCE", {"s2s": {**tile, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}})
+    monkeypatch.setattr(K, "TMA_MODE", "1")
+    used = []
+    real = K._ws_kwargs
+    monkeypatch.setattr(K, "_ws_kwargs", lambda kw, ws: used.append(ws) or real(kw, ws))
+    T, E, Kd, N, k, r = 41, 70, 72, 40, 2, 8
+    x, W, A, B, b = make(T, E, Kd, N, k, r, dtype, seed=21, bias=True)
+    B = B.transpose(1, 2).contiguous().transpose(1, 2)  # N contiguous, as the re-laid-out factors (relayout.py)
+    sei, ssi, offs = sort_tokens(routing(T, E, k, seed=22, empty=(1, 64)), E)
+    g = torch.Generator().manual_seed(23)
+    for (gin, gout), split in zip(LAYOUTS, (False, True, True, False)):
+        _check_layout_against_reference(x, W, A, B, b, sei, ssi, offs, k, gin, gout, split, dtype, g)
+    assert True in used and False in used, used
+    assert torch.bincount(sei, minlength=E)[64:].sum() > 0  # rows in the second chunk of 64 experts
+
+
 def test_int64_variant_is_bitwise_identical(monkeypatch):
     """Force the 64-bit index specialisation on a small problem: same numbers as int32."""
     T, E, Kd, N, k, r = 8, 5, 24, 20, 2, 8
