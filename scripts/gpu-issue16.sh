@@ -3,6 +3,7 @@
 # table (before/after in one process, grouped_mm + PEFT beside it), the per-kernel profile, then the end-to-end bench.
 # Each step under its own limit; a short table last. Run from the repo root with host and the plugins
 # importable (device README: wheels in /tmp/site, scripts/gpu-entry-points.sh, PYTHONPATH with the plugin folders).
+# WSGEMM_S: bench_gemm.py --ws (the warp-specialised tile per launch, WSGEMM_SHAPES).
 # Budget: on a fresh machine the block table takes ~200 s and every test file starts with cold Triton compiles (the
 # test files run in parallel under TESTS_S each); 0 skips a step.
 # A call returns at most 8 files: the logs go to $OUT/logs and come back as logs.tgz.
@@ -59,10 +60,13 @@ step bench_mxfp4 "${MXBENCH_S:-0}" python3 plugins/mxfp4/bench/bench_mxfp4.py ${
 step probe_dot_scaled "${PROBE_S:-0}" python3 plugins/mxfp4/bench/probe_dot_scaled.py
 step bench_gemm_glu "${GEMM_S:-0}" python3 $B/bench_gemm.py --glu --shapes Qwen3-30B-A3B Qwen3.5-35B-A3B OLMoE-1B-7B \
   --json "$OUT/bench_gemm_glu.json"
+step bench_gemm_ws "${WSGEMM_S:-0}" python3 $B/bench_gemm.py --ws --shapes ${WSGEMM_SHAPES:-Qwen3-30B-A3B Qwen3.5-35B-A3B} \
+  --json "$OUT/bench_gemm_ws.json"
 cat "$OUT/device.txt"
 grep -A 24 "^device" "$OUT/bench_moe_block.log" | cut -c1-128
 grep -A 6 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
 grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
+grep -E "(down fwd|up dX) +(rule|ws)" "$OUT/bench_gemm_ws.log" 2>/dev/null | cut -c1-80
 grep -E "total|_s2s|outer|silu|combine|sort|copy|topk" "$OUT/profile.log" | head -14 | cut -c1-110
 grep -A 9 "^run" "$OUT/e2e.log" | cut -c1-100; grep "^speed-up" "$OUT/e2e.log"
 grep -E "^\| (Qwen|gpt).*(scattermoe bf16|auto|grouped|B \(fused)" "$OUT/bench_mxfp4.log" 2>/dev/null | cut -c1-110
