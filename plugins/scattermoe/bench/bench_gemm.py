@@ -15,7 +15,8 @@ launch. ``cuBLAS`` is a dense ``torch.mm`` of the same FLOPs (the ceiling at thi
 the default) and ``up alone`` (the launch without the GLU: what the epilogue adds to it).
 
 ``--ws``: the two grouped-input launches (``down fwd``, ``up dX``) with the rule's tile and the warp-specialised one
-(``SCATTERMOE_WS=1``: Triton's Hopper warp specialisation, fused LoRA as the split epilogue with its rank GEMM timed in).
+(``SCATTERMOE_WS=1``: Triton's Hopper warp specialisation, fused LoRA as the split epilogue, its rank GEMM timed
+in).
 
 Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final] [--glu] [--ws]
        [--part i/n --compile-only]  (compile a share of the variants, to fill Triton's cache in parallel)

@@ -253,7 +253,7 @@ def main():
             persist = {"scattermoe+persist": "1", "scattermoe+flat": "0"}.get(impl, os.environ.get("SCATTERMOE_PERSISTENT", "rule"))
             half = {"scattermoe+half": "1", "scattermoe+full": "0"}.get(impl, os.environ.get("SCATTERMOE_HALF_TAIL", "rule"))
             ws = "1" if impl == "scattermoe+ws" else os.environ.get("SCATTERMOE_WS", "0")
-            if (persist, half, ws) != (K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE):  # read by the rule: drop the picks
+            if (persist, half, ws) != (K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE):  # the rule reads them
                 K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE = persist, half, ws
                 K._PICKED.clear()
                 K._PLANS.clear()

@@ -288,7 +288,8 @@ def test_warp_specialised_tile_matches_reference(monkeypatch, dtype):
         monkeypatch.setattr(K, "INTERP_S2S", tile)
     else:
         # the GPU's warp groups split the tile's rows in two 64-row wgmma halves
-        monkeypatch.setattr(K, "FORCE", {"s2s": {**tile, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}})
+        gpu_tile = {**tile, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        monkeypatch.setattr(K, "FORCE", {"s2s": gpu_tile})
     monkeypatch.setattr(K, "TMA_MODE", "1")
     used = []
     real = K._ws_kwargs
