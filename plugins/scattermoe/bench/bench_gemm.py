@@ -14,9 +14,9 @@ launch. ``cuBLAS`` is a dense ``torch.mm`` of the same FLOPs (the ceiling at thi
 (the launch, then ``silu_glu_fwd``: ``SCATTERMOE_GLU_EPILOGUE=0``), ``up+glu epilogue`` (one launch writing h and act,
 the default) and ``up alone`` (the launch without the GLU: what the epilogue adds to it).
 
-``--ws``: the two grouped-input launches (``down fwd``, ``up dX``) with the rule's tile and the warp-specialised one
-(``SCATTERMOE_WS=1``: Triton's Hopper warp specialisation, fused LoRA as the split epilogue, its rank GEMM timed
-in).
+``--ws``: each launch with the rule's tile and the warp-specialised one (Triton's Hopper warp specialisation, fused LoRA
+as the split epilogue, its rank GEMM timed in): ``SCATTERMOE_WS=1`` on the grouped-input launches (``down fwd``,
+``up dX``), ``=2`` on the gathered ones, their rows copied into sorted order first (timed in).
 
 Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final] [--glu] [--ws]
        [--part i/n --compile-only]  (compile a share of the variants, to fill Triton's cache in parallel)
@@ -212,12 +212,9 @@ def main():
         for launch, flops, run, split, gather_fan in specs:
             variants = [("rule", None, False, "0")]
             if args.ws:
-                # the grouped-input launches: the rule's plain tile vs the warp-specialised one (SCATTERMOE_WS=1, the
-                # rule's WS tile and a 128-wide one; fused LoRA timed with its rank GEMM, as the block runs it)
-                if gather_fan is not None:
-                    continue
-                variants = [("rule", None, False, "rule"), ("ws rule", "ws", False, "rule"),
-                            ("ws 128x128x64 s4", {**K.WS_TILE, "BLOCK_N": 128, "num_stages": 4}, False, "rule")]
+                # the rule's plain tile vs the warp-specialised one (SCATTERMOE_WS=1 on the grouped-input launches, =2
+                # on the gathered ones; fused LoRA timed with its rank GEMM, as the block runs it)
+                variants = [("rule", None, False, "rule"), ("ws rule", "ws2" if gather_fan else "ws", False, "rule")]
             elif args.persist:
                 # the current rule, then the persistent grid (TMA where the rule takes TMA, else pointer loads)
                 variants = [("rule", None, False, "rule")]
@@ -232,7 +229,7 @@ def main():
             else:
                 variants.append(("rule+tma", "rule", False, "1"))
                 variants += [("tma " + "x".join(map(str, t[:3])) + f" w{t[4]}s{t[5]}", cfg(t, True), False, "rule") for t in tiles]
-            if gather_fan is not None and not (args.final or args.persist):
+            if gather_fan is not None and not (args.final or args.persist or args.ws):
                 variants += [("gather+tma " + "x".join(map(str, t[:3])) + f" s{t[5]}", cfg(t, True), True, "rule")
                              for t in (tiles[0], (128, 128, 64, 8, 8, 3))]
             for vname, force, gather_first, tma_mode in variants:
@@ -241,12 +238,12 @@ def main():
                     continue
                 K.TMA_MODE = tma_mode
                 half = "1" if force == "rule+half" else "rule"
-                ws = "1" if force == "ws" or (isinstance(force, dict) and force.get("WS")) else "0"
+                ws = {"ws": "1", "ws2": "2"}.get(force, "0") if isinstance(force, str) or force is None else "0"
                 if (half, ws) != (K.HALF_TAIL_MODE, K.WS_MODE):  # the rule reads them: drop the cached picks and plans
                     K.HALF_TAIL_MODE, K.WS_MODE = half, ws
                     K._PICKED.clear()
                     K._PLANS.clear()
-                force_cfg = None if force in (None, "rule", "rule+half", "ws") else force
+                force_cfg = None if force in (None, "rule", "rule+half", "ws", "ws2") else force
                 try:
                     run(force_cfg, gather_first)
                     torch.cuda.synchronize()

@@ -10,7 +10,8 @@
 (b+half) / (b+full) the same with half-height tiles for experts' short last row blocks everywhere (``SCATTERMOE_HALF_TAIL=1``)
     / nowhere (``=0``)
 (b+ws) the same with the warp-specialised tile on the grouped-input launches (``SCATTERMOE_WS=1``: down projection
-    forward and up projection dX; their fused LoRA as the split epilogue)
+    forward and up projection dX; their fused LoRA as the split epilogue); (b+ws2) also the two gathered launches, their
+    rows copied into sorted order first (``SCATTERMOE_WS=2``)
 (b+torchsort) the same with the routing sort on torch (``SCATTERMOE_TRITON_ROUTING=0``: one stable ``torch.sort`` and a
     ``searchsorted`` instead of the Triton counting sort of ``routing_kernels``; before/after in one run)
 (b+torchcopy) the same with the LoRA factors' re-layout by torch's strided copies instead of the tiled Triton
@@ -252,7 +253,7 @@ def main():
             K.TMA_MODE = "0" if impl == "scattermoe+ptr" else os.environ.get("SCATTERMOE_TMA", "rule")
             persist = {"scattermoe+persist": "1", "scattermoe+flat": "0"}.get(impl, os.environ.get("SCATTERMOE_PERSISTENT", "rule"))
             half = {"scattermoe+half": "1", "scattermoe+full": "0"}.get(impl, os.environ.get("SCATTERMOE_HALF_TAIL", "rule"))
-            ws = "1" if impl == "scattermoe+ws" else os.environ.get("SCATTERMOE_WS", "0")
+            ws = {"scattermoe+ws": "1", "scattermoe+ws2": "2"}.get(impl, os.environ.get("SCATTERMOE_WS", "0"))
             if (persist, half, ws) != (K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE):  # the rule reads them
                 K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE = persist, half, ws
                 K._PICKED.clear()

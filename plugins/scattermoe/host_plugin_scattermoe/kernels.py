@@ -1009,7 +1009,8 @@ INTERP_PROGRAMS = 3
 #: Warp-specialised tiles (``_s2s_kernel``'s ``WS``; Triton's Hopper pass: a producer warp group issues the TMA loads,
 #: two consumer warp groups share the 128×256 tile): ``"1"`` on the launches that allow it (see :func:`ws_applies`),
 #: ``"0"`` (default) never. Env ``SCATTERMOE_WS``; read by ``s2s_rule`` (clear ``_PICKED`` and ``_PLANS`` after
-#: changing it). Off until measured on a GPU.
+#: changing it). ``"2"``: also the gathered-input launches, their rows gathered into sorted order first (one copy of
+#: ``[L, K]``). Off until measured on a GPU.
 WS_MODE = os.environ.get("SCATTERMOE_WS", "0")
 #: The warp-specialised tile: ``num_warps`` is the consumers' warp group; the pass adds the producer's and a second
 #: consumer's (12 warps run). 3 stages: 4 would need 247 KB of shared memory (``bench/sm90_compile_check.py --ws``).
@@ -1021,7 +1022,7 @@ def ws_applies(L: int, E: int, grouped_in: bool, gmode: int, tma: bool) -> bool:
     input rows (TMA loads both operands: Triton 3.6's pass compiles no pointer load in the K loop), the plain epilogue
     (``gmode == 0``) and the TMA tiles' ≥ 160 rows per expert. Fused LoRA becomes the split epilogue there
     (``_s2s_launch``)."""
-    return WS_MODE == "1" and tma and grouped_in and gmode == 0 and L >= 160 * max(E, 1)
+    return WS_MODE in ("1", "2") and tma and grouped_in and gmode == 0 and L >= 160 * max(E, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1306,6 +1307,9 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
     elif out is None:
         out = torch.empty(L, N, device=x.device, dtype=out_dtype or x.dtype)
     Nk = N // 2 if gmode == 4 else N  # the kernel's N: the gate width under the forward GLU epilogue
+    if WS_MODE == "2" and not grouped_in and L and _ws_launch(x, L, E, True, gmode):
+        # the warp-specialised tile reads x only through TMA: a gathered launch copies its rows into sorted order first
+        x, fan_out, grouped_in = x.index_select(0, ssi // fan_out), 1, True
     lora = 0
     R = 0
     if B is not None:

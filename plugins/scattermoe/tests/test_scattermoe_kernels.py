@@ -276,13 +276,16 @@ def test_persistent_grid_and_half_tail_match_reference(monkeypatch, dtype, tma, 
     assert {c % 16 for c in counts} & set(range(1, 9)) and {c % 16 for c in counts} & set(range(9, 16)), counts
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_warp_specialised_tile_matches_reference(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "1"), (torch.float16, "1"), (torch.float32, "2")],
+                         ids=["fp32", "fp16", "fp32-gathered"])
+def test_warp_specialised_tile_matches_reference(monkeypatch, dtype, mode):
     """The warp-specialised tile (``WS``; on the GPU Triton's Hopper pass, here its numerics): the grouped-input
     launches (both operands through TMA) find their row block without ``tl.cumsum`` (64 experts at a time: E = 70 spans
     two chunks), programs past the last row block run no K step, fused LoRA becomes the split epilogue with xa and B
     read through descriptors; forward and backward of all four layouts, idle experts, K and N not multiples of the
-    tile, against the float64 reference. Launches that cannot take it (gathered input) run the plain tile."""
+    tile, against the float64 reference. Launches that cannot take it (gathered input) run the plain tile, or with
+    ``SCATTERMOE_WS=2`` gather their rows into sorted order first and take it too."""
+    monkeypatch.setattr(K, "WS_MODE", mode)
     tile = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3, "TMA": True, "WS": True}
     if K.INTERPRET:
         monkeypatch.setattr(K, "INTERP_S2S", tile)
@@ -301,7 +304,7 @@ def test_warp_specialised_tile_matches_reference(monkeypatch, dtype):
     g = torch.Generator().manual_seed(23)
     for (gin, gout), split in zip(LAYOUTS, (False, True, True, False)):
         _check_layout_against_reference(x, W, A, B, b, sei, ssi, offs, k, gin, gout, split, dtype, g)
-    assert True in used and False in used, used
+    assert True in used and (False in used) == (mode == "1"), used
     assert torch.bincount(sei, minlength=E)[64:].sum() > 0  # rows in the second chunk of 64 experts
 
 
