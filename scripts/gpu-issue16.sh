@@ -8,6 +8,8 @@
 # test files run in parallel under TESTS_S each); 0 skips a step.
 # A call returns at most 8 files: the logs go to $OUT/logs and come back as logs.tgz.
 set -uo pipefail
+# scripts/gpu-issue16.env (untracked, optional): settings that replace the ones the call was started with.
+[ -f scripts/gpu-issue16.env ] && . scripts/gpu-issue16.env
 RESULTS=${OUT:-/tmp/gpu-issue16}; OUT=$RESULTS/logs; mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 B=plugins/scattermoe/bench
