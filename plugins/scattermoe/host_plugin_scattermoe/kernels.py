@@ -615,47 +615,47 @@ def _s2s_kernel(
                     X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
                     GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, False,
                 )
+    elif WS:
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
+        # Warp-specialised (Triton's Hopper pass: one producer warp group issues the TMA loads, two consumer warp
+        # groups split the tile's rows and run the wgmma and the epilogue). That pass compiles only a K loop that
+        # is nested in no `if`, loads nothing through pointers and follows no tl.cumsum: so both operands through
+        # TMA (grouped x, no fused LoRA: the launcher gives it the split epilogue), no half-height tail, the
+        # prefix sum without a scan, and a program past the last row block runs a loop of no steps on no rows.
+        e, row0, end = _locate_block_chunked(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+        live = e < E
+        _s2s_tile(
+            pid_n, tl.minimum(e, E - 1), row0, tl.where(live, end, row0), tl.where(live, K, 0),
+            X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+            s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+            scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
+            X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+            GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, True,
+        )
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-        if WS:
-            # Warp-specialised (Triton's Hopper pass: one producer warp group issues the TMA loads, two consumer warp
-            # groups split the tile's rows and run the wgmma and the epilogue). That pass compiles only a K loop that
-            # is nested in no `if`, loads nothing through pointers and follows no tl.cumsum: so both operands through
-            # TMA (grouped x, no fused LoRA: the launcher gives it the split epilogue), no half-height tail, the
-            # prefix sum without a scan, and a program past the last row block runs a loop of no steps on no rows.
-            e, row0, end = _locate_block_chunked(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-            live = e < E
-            _s2s_tile(
-                pid_n, tl.minimum(e, E - 1), row0, tl.where(live, end, row0), tl.where(live, K, 0),
-                X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
-                s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
-                X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, True,
-            )
-        else:
-            e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-            if e < E:
-                if HALF_TAIL and end - row0 <= BLOCK_M // 2:
-                    # an expert's last row block with at most half a tile of rows: a half-height tile (x through pointer
-                    # loads: the descriptor's box is BLOCK_M rows)
-                    _s2s_tile(
-                        pid_n, e, row0, end, K,
-                        X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
-                        s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                        scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
-                        X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
-                        GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD, False,
-                    )
-                else:
-                    _s2s_tile(
-                        pid_n, e, row0, end, K,
-                        X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
-                        s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
-                        scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
-                        X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                        GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, False,
-                    )
+        e, row0, end = locate_block(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+        if e < E:
+            if HALF_TAIL and end - row0 <= BLOCK_M // 2:
+                # an expert's last row block with at most half a tile of rows: a half-height tile (x through pointer
+                # loads: the descriptor's box is BLOCK_M rows)
+                _s2s_tile(
+                    pid_n, e, row0, end, K,
+                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
+                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, False, GLU_FWD, False,
+                )
+            else:
+                _s2s_tile(
+                    pid_n, e, row0, end, K,
+                    X, W, Y, A, Bm, XA_in, XA_out, Bias, ssi_ptr, offsets_ptr, K, N, R, E, FAN_OUT, M_BUCKET,
+                    s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_ae, s_ar, s_ak, s_be, s_bn, s_br, s_xam, s_xar, s_bias_e, s_bias_n,
+                    scaling, Gates, Hin, DGP, s_hm, s_dgp, Wd, Xd, glu_alpha, glu_limit,
+                    X_GROUPED, Y_GROUPED, LORA, WRITE_XA, HAS_BIAS, INT64, DOT_PREC, E_POW2, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                    GROUP_M, EVEN_K, EVEN_N, GLU_BWD, W_DESC, X_DESC, GLU_FWD, False,
+                )
 
 
 @triton.jit
