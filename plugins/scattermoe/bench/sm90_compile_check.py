@@ -38,7 +38,8 @@ UNIT_DX = {"s_xk", "s_wn", "s_yn", "s_ak", "s_bn", "s_xar", "s_bias_n"}
 
 
 def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn, bk, w, s, tma: bool = False,
-                    persistent: bool = False, half_tail: bool = False, glu_fwd: int = 0, ws: bool = False):
+                    persistent: bool = False, half_tail: bool = False, glu_fwd: int = 0, ws: bool = False,
+                    bias: bool = False):
     fn = K._s2s_kernel
     if glu_fwd == 1:  # the kernel's BLOCK_N is the half tile (kernels._s2s_plan)
         bn //= 2
@@ -73,7 +74,7 @@ def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn
         if name not in FP32_ARGS and name not in ("FAN_OUT", "R"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     const.update(
-        X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=False, INT64=False, DOT_PREC="tf32",
+        X_GROUPED=gin, Y_GROUPED=gout, LORA=lora, WRITE_XA=lora == 1, HAS_BIAS=bias, INT64=False, DOT_PREC="tf32",
         E_POW2=128, BLOCK_R=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, EVEN_N=True, GLU_BWD=int(glu),
         W_DESC=(2 if dx else 1) if tma else 0, X_DESC=bool(tma and gin), PERSISTENT=persistent,
         HALF_TAIL=half_tail, GLU_FWD=glu_fwd, WS=ws,
@@ -138,14 +139,15 @@ def main():
     if args.ws:
         variants = [("fwd down (grouped in, split, WS)", False, 2, True, False, False),
                     ("dX up (grouped in, split, WS)", False, 2, True, False, True),
-                    ("fwd down (grouped in, no LoRA, WS)", False, 0, True, False, False)]
+                    ("fwd down (grouped in, no LoRA, WS)", False, 0, True, False, False),
+                    ("fwd down + bias (gpt-oss, split, WS)", "bias", 2, True, False, False)]
     for label, glu, lora, gin, gout, dx in variants:
         for t in args.tiles:
             bm, bn, bk, w, s = map(int, t.split(","))
             try:
-                r = compile_variant(0 if glu in ("fwd", "oss") else glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma,
+                r = compile_variant(0 if glu in ("fwd", "oss", "bias") else glu, lora, gin, gout, dx, bm, bn, bk, w, s, args.tma,
                                     args.persistent, args.half_tail, glu_fwd={"fwd": 1, "oss": 2}.get(glu, 0),
-                                    ws=args.ws)
+                                    ws=args.ws, bias=glu == "bias")
                 print(f"{label:<34}{t:<20}{r['regs']!s:>6}{r['spill_stores']!s:>9}{r['wgmma']:>7}{r['mma_sync']:>9}"
                       f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}{r['warps']:>4}")
             except Exception as e:  # noqa: BLE001

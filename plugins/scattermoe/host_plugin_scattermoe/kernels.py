@@ -1262,11 +1262,14 @@ def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bi
 def _ws_launch(x: torch.Tensor, L: int, E: int, grouped_in: bool, gmode: int) -> bool:
     """Whether this launch will get the warp-specialised tile (known before its tiles are looked up, since its fused
     LoRA must first become the split epilogue): the rule's choice (:func:`ws_applies`), or a forced / interpreter
-    configuration with ``"WS"``."""
+    configuration with ``"WS"``; on the GPU 16-bit operands only (Triton 3.6's pass fails on fp32's tf32 / ieee dot,
+    ``bench/sm90_compile_check.py``)."""
     if not grouped_in or gmode:
         return False
     if not x.is_cuda or INTERPRET:
         return bool(INTERP_S2S.get("WS"))
+    if x.element_size() != 2:
+        return False
     if "s2s" in FORCE:
         return bool(FORCE["s2s"].get("WS"))
     if L < AUTOTUNE_MIN_ROWS or TILE_MODE == "autotune":
@@ -1413,7 +1416,8 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         ws = False
         if kw.get("WS"):
             lora_descs = _ws_lora_descs(xab, Bm, R, kw) if lora == 2 else ()
-            ws = bool(w_desc and x_desc and lora_descs is not None and lora != 1 and gmode == 0)
+            ws = bool(w_desc and x_desc and lora_descs is not None and lora != 1 and gmode == 0
+                      and (INTERPRET or x.element_size() == 2))
             if ws and lora == 2:
                 args = (*args[:4], lora_descs[1], lora_descs[0], *args[6:])  # Bm, XA_in as descriptors
         if slots is None:

@@ -304,7 +304,10 @@ def test_warp_specialised_tile_matches_reference(monkeypatch, dtype, mode):
     g = torch.Generator().manual_seed(23)
     for (gin, gout), split in zip(LAYOUTS, (False, True, True, False)):
         _check_layout_against_reference(x, W, A, B, b, sei, ssi, offs, k, gin, gout, split, dtype, g)
-    assert True in used and (False in used) == (mode == "1"), used
+    if dtype == torch.float32 and not K.INTERPRET:  # Triton 3.6 compiles the tile for 16-bit operands only
+        assert True not in used, used
+    else:
+        assert True in used and (False in used) == (mode == "1"), used
     assert torch.bincount(sei, minlength=E)[64:].sum() > 0  # rows in the second chunk of 64 experts
 
 
