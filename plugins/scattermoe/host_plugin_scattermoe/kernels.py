@@ -1162,6 +1162,14 @@ def scatter2scatter(
     return y, xa
 
 
+def rank_xa(x, A, sorted_scattered_idxs, expert_offsets, fan_out, grouped_in):
+    """Rank-r grouped GEMM ``x·A_eᵀ`` → grouped ``[L, r]`` fp32 (``A`` ``[E, r, K]``): the split LoRA path's first
+    launch, whose result the base launch's epilogue reads as ``xa_in``."""
+    xa, _ = scatter2scatter(x, A.transpose(1, 2), sorted_scattered_idxs, expert_offsets, fan_out,
+                            grouped_in=grouped_in, grouped_out=True, out_dtype=torch.float32)
+    return xa
+
+
 def glu_down_dx(
     dout: torch.Tensor,
     Wt: torch.Tensor,
@@ -1262,19 +1270,23 @@ def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bi
 def _ws_launch(x: torch.Tensor, L: int, E: int, grouped_in: bool, gmode: int) -> bool:
     """Whether this launch will get the warp-specialised tile (known before its tiles are looked up, since its fused
     LoRA must first become the split epilogue): the rule's choice (:func:`ws_applies`), or a forced / interpreter
-    configuration with ``"WS"``; on the GPU 16-bit operands only (Triton 3.6's pass fails on fp32's tf32 / ieee dot,
-    ``bench/sm90_compile_check.py``)."""
+    configuration with ``"WS"``; on the GPU 16-bit operands only (:func:`_ws_operands_ok`)."""
     if not grouped_in or gmode:
         return False
     if not x.is_cuda or INTERPRET:
         return bool(INTERP_S2S.get("WS"))
-    if x.element_size() != 2:
+    if not _ws_operands_ok(x):
         return False
     if "s2s" in FORCE:
         return bool(FORCE["s2s"].get("WS"))
     if L < AUTOTUNE_MIN_ROWS or TILE_MODE == "autotune":
         return False
-    return ws_applies(L, E, grouped_in, gmode, use_tma(True, x))
+    return ws_applies(L, E, grouped_in, gmode, True) and use_tma(True, x)
+
+
+def _ws_operands_ok(x: torch.Tensor) -> bool:
+    """Triton 3.6's pass compiles the tile for 16-bit operands only (an fp32 dot fails); the interpreter runs any."""
+    return INTERPRET or x.element_size() == 2
 
 
 def _ws_lora_descs(xa: torch.Tensor, B: torch.Tensor, R: int, kw: dict):
@@ -1322,8 +1334,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
             raise ValueError("fused LoRA needs A")
         if lora == 1 and L and _ws_launch(x, L, E, grouped_in, gmode):
             # the warp-specialised tile takes LoRA only through its split epilogue: x·Aᵀ as its own rank GEMM first
-            xa_in = _s2s_launch(x, A.transpose(1, 2), ssi, expert_offsets, fan_out, None, None, None, 1.0, None,
-                                grouped_in, True, False, None, torch.float32, None)[0]
+            xa_in = rank_xa(x, A, ssi, expert_offsets, fan_out, grouped_in)
             lora = 2
     xa_out = None
     if lora and write_xa:
@@ -1416,8 +1427,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         ws = False
         if kw.get("WS"):
             lora_descs = _ws_lora_descs(xab, Bm, R, kw) if lora == 2 else ()
-            ws = bool(w_desc and x_desc and lora_descs is not None and lora != 1 and gmode == 0
-                      and (INTERPRET or x.element_size() == 2))
+            ws = bool(w_desc and x_desc and lora_descs is not None and lora != 1 and gmode == 0 and _ws_operands_ok(x))
             if ws and lora == 2:
                 args = (*args[:4], lora_descs[1], lora_descs[0], *args[6:])  # Bm, XA_in as descriptors
         if slots is None:

@@ -92,14 +92,6 @@ def use_split(E: int, Kdim: int, N: int, fused_lora=None, split_threshold=None, 
     return E <= emax and Kdim * N >= thr
 
 
-def _rank_xa(x, A, ssi, offs, fan, grouped_in):
-    """Rank-r grouped GEMM ``x·A_eᵀ`` → grouped ``[L, r]`` fp32 (split path)."""
-    xa, _ = K.scatter2scatter(
-        x, A.transpose(1, 2), ssi, offs, fan, grouped_in=grouped_in, grouped_out=True, out_dtype=torch.float32
-    )
-    return xa
-
-
 def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped_out, split, want_xa, act_out=None,
                     act_clamp=None):
     """Forward launcher shared with the backward's dX (which passes transposed views). ``act_out``: the GLU of the
@@ -110,7 +102,7 @@ def lora_linear_fwd(x, W, ssi, offs, k, A, B, scaling, bias, grouped_in, grouped
                                  act_out=act_out, act_clamp=act_clamp)
         return y, None
     if split:
-        xa = _rank_xa(x, A, ssi, offs, k, grouped_in)
+        xa = K.rank_xa(x, A, ssi, offs, k, grouped_in)
         y, _ = K.scatter2scatter(
             x, W, ssi, offs, k, B=B, xa_in=xa, scaling=scaling, bias=bias, grouped_in=grouped_in, grouped_out=grouped_out,
             act_out=act_out, act_clamp=act_clamp,
@@ -208,7 +200,7 @@ def proj_backward(dy, x, W, A, B, xa, sei, ssi, offs, k, s, gin, gout, split, ne
         if not gin and k > 1:
             dx = dx.view(-1, k, Kdim).sum(1)
     if has_lora and need_A and dyb is None:
-        dyb = _rank_xa(dy, B.transpose(1, 2), ssi, offs, 1, gout)
+        dyb = K.rank_xa(dy, B.transpose(1, 2), ssi, offs, 1, gout)
     x_fan = 0 if gin else k
     dy_fan = 0 if gout else 1
     if has_lora and need_A:

@@ -62,7 +62,7 @@ def test_forward_matches_reference(dtype, case, split):
         xin = x if not gin else x[ssi // k]  # grouped input = rows already in sorted order
         fan = 1 if gin else k
         if split:
-            xa = ops._rank_xa(xin, A, ssi, offs, fan, gin)
+            xa = K.rank_xa(xin, A, ssi, offs, fan, gin)
             y, _ = K.scatter2scatter(xin, W, ssi, offs, fan, B=B, xa_in=xa, scaling=0.7, bias=b, grouped_in=gin, grouped_out=gout)
         else:
             y, xa = K.scatter2scatter(
