@@ -65,6 +65,11 @@ def _prune(configs, named_args, **kwargs):
             continue
         if bj > max(32, triton.next_power_of_2(J)):
             continue
+        # dX with 16-bit operands takes SWAP tiles only: compiled by Triton 3.6 for an H100, the plain form
+        # (the decoded tile as the right operand, interleaved along its output axis) gave wrong dX (rel. error
+        # 2.0-2.6 at every plain config, 2e-4 at SWAP ones: bench/check_configs.py, fp16; README)
+        if not red_is_k and elt == 2 and not c.kwargs.get("SWAP"):
+            continue
         # activations + packed bytes (bi*bj/2, one per 2 weights) + one scale per FP4 block
         per_stage = bm * bi * elt + bi * bj // 2 + bi * bj // fp4_block * scale_elt
         if lora:

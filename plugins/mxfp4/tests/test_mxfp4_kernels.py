@@ -157,8 +157,13 @@ def test_prune_requires_whole_fp4_blocks_and_counts_extra_smem(monkeypatch):
     args = {"X": x, "J": 4096, "LORA": 0, "BLOCK_R": 16, "FP4_BLOCK": 32, "SCALE_KIND": 0, "RED_IS_K": 1}
     assert K._prune([split, big, small], args) == [small]
     # dX mode: the output axis is K, so BLOCK_J must hold whole blocks
-    odd = triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "BLOCK_I": 32}, num_warps=4, num_stages=2)
-    assert K._prune([odd, small], {**args, "RED_IS_K": 0}) == [small]
+    odd = triton.Config({"BLOCK_M": 64, "BLOCK_J": 16, "BLOCK_I": 32, "SWAP": 1}, num_warps=4, num_stages=2)
+    swapped = triton.Config({**small.kwargs, "SWAP": 1}, num_warps=4, num_stages=2)
+    assert K._prune([odd, swapped], {**args, "RED_IS_K": 0}) == [swapped]
+    # 16-bit dX keeps only SWAP tiles (the plain form computed wrong dX on an H100); fp32 keeps both
+    assert K._prune([small, swapped], {**args, "RED_IS_K": 0}) == [swapped]
+    x32 = torch.empty(1, 1, dtype=torch.float32)
+    assert K._prune([small, swapped], {**args, "RED_IS_K": 0, "X": x32}) == [small, swapped]
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
@@ -178,10 +183,10 @@ def test_dequantize_kernel_is_bit_identical_to_torch(fmt, dtype, shape, k_major,
     want = c.dequantize(dtype, k_major=k_major)  # CPU: the torch path
     lead, (N, Kd) = shape[:-2], shape[-2:]
     out = torch.empty(*lead, Kd, N, dtype=dtype).transpose(-1, -2) if k_major else torch.empty(shape, dtype=dtype)
-    got = K.dequantize(c, out, tile=tile)
+    got = K.dequantize(c.to(DEV), out.to(DEV), tile=tile)  # compiled on a GPU, interpreted on the CPU
     assert got.stride() == want.stride()
     bits = torch.int32 if dtype == torch.float32 else torch.int16
-    assert torch.equal(got.contiguous().view(bits), want.contiguous().view(bits))
+    assert torch.equal(got.cpu().contiguous().view(bits), want.contiguous().view(bits))
 
 
 @pytest.mark.skipif(not K.INTERPRET, reason="the probe's toy check runs under the interpreter")

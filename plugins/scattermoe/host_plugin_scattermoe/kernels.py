@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 import triton
@@ -1012,6 +1013,7 @@ INTERP_PROGRAMS = 3
 #: changing it). ``"2"``: also the gathered-input launches, their rows gathered into sorted order first (one copy of
 #: ``[L, K]``). Off until measured on a GPU.
 WS_MODE = os.environ.get("SCATTERMOE_WS", "0")
+_TRITON_VERSION = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 #: The warp-specialised tile: ``num_warps`` is the consumers' warp group; the pass adds the producer's and a second
 #: consumer's (12 warps run). 3 stages: 4 would need 247 KB of shared memory (``bench/sm90_compile_check.py --ws``).
 WS_TILE = {**_cfg(128, 256, 64, 8, 4, 3), "TMA": True, "WS": True}
@@ -1270,12 +1272,12 @@ def _s2s_plan(cfg, x, L, E, K, N, R, lora, grouped_in, grouped_out, write_xa, bi
 def _ws_launch(x: torch.Tensor, L: int, E: int, grouped_in: bool, gmode: int) -> bool:
     """Whether this launch will get the warp-specialised tile (known before its tiles are looked up, since its fused
     LoRA must first become the split epilogue): the rule's choice (:func:`ws_applies`), or a forced / interpreter
-    configuration with ``"WS"``; on the GPU 16-bit operands only (:func:`_ws_operands_ok`)."""
+    configuration with ``"WS"``; on the GPU only where it runs (:func:`_ws_runs`)."""
     if not grouped_in or gmode:
         return False
     if not x.is_cuda or INTERPRET:
         return bool(INTERP_S2S.get("WS"))
-    if not _ws_operands_ok(x):
+    if not _ws_runs(x):
         return False
     if "s2s" in FORCE:
         return bool(FORCE["s2s"].get("WS"))
@@ -1284,9 +1286,13 @@ def _ws_launch(x: torch.Tensor, L: int, E: int, grouped_in: bool, gmode: int) ->
     return ws_applies(L, E, grouped_in, gmode, True) and use_tma(True, x)
 
 
-def _ws_operands_ok(x: torch.Tensor) -> bool:
-    """Triton 3.6's pass compiles the tile for 16-bit operands only (an fp32 dot fails); the interpreter runs any."""
-    return INTERPRET or x.element_size() == 2
+def _ws_runs(x: torch.Tensor) -> bool:
+    """Where the warp-specialised tile runs: under the interpreter (any dtype); on a GPU with 16-bit operands (Triton
+    3.6's pass fails on an fp32 dot) and a Triton newer than 3.6. Under 3.6 the tile compiled for sm_90a but every
+    launch of it hung on an H100 (2026-12-07: its GPU test, the block bench's ``+ws`` rows and ``bench_gemm.py --ws``
+    ran into their time limits; ``bench/probe_ws.py`` times the pass on a plain GEMM and on each of the tile's
+    features), so there ``SCATTERMOE_WS`` changes nothing."""
+    return INTERPRET or (x.element_size() == 2 and _TRITON_VERSION > (3, 6))
 
 
 def _ws_lora_descs(xa: torch.Tensor, B: torch.Tensor, R: int, kw: dict):
@@ -1427,7 +1433,7 @@ def _s2s_launch(x, W, ssi, expert_offsets, fan_out, A, B, xa_in, scaling, bias, 
         ws = False
         if kw.get("WS"):
             lora_descs = _ws_lora_descs(xab, Bm, R, kw) if lora == 2 else ()
-            ws = bool(w_desc and x_desc and lora_descs is not None and lora != 1 and gmode == 0 and _ws_operands_ok(x))
+            ws = bool(w_desc and x_desc and lora_descs is not None and lora != 1 and gmode == 0 and _ws_runs(x))
             if ws and lora == 2:
                 args = (*args[:4], lora_descs[1], lora_descs[0], *args[6:])  # Bm, XA_in as descriptors
         if slots is None:
