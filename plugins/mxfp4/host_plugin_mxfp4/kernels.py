@@ -63,11 +63,9 @@ def _prune(configs, named_args, **kwargs):
         # the K axis (reduction in the forward, output in dX) must hold whole FP4 blocks
         if (bi if red_is_k else bj) % fp4_block:
             continue
-        if bj > max(32, triton.next_power_of_2(J)):
-            continue
-        # dX with 16-bit operands takes SWAP tiles only: compiled by Triton 3.6 for an H100, the plain form
-        # (the decoded tile as the right operand, interleaved along its output axis) gave wrong dX (rel. error
-        # 2.0-2.6 at every plain config, 2e-4 at SWAP ones: bench/check_configs.py, fp16; README)
+        # dX with 16-bit operands takes SWAP tiles only: compiled by Triton 3.6 for an H100, the plain form (the
+        # decoded tile as the right operand, interleaved along its output axis) gave wrong dX at every plain config
+        # (rel. error 2.0-3.0 in fp16 and bf16, 2e-4 / 1.7e-3 at SWAP ones: bench/check_configs.py; README)
         if not red_is_k and elt == 2 and not c.kwargs.get("SWAP"):
             continue
         # activations + packed bytes (bi*bj/2, one per 2 weights) + one scale per FP4 block
@@ -78,13 +76,14 @@ def _prune(configs, named_args, **kwargs):
         if lora:
             smem += bj * br * elt
         acc = bm * bj + (bm * br if lora else 0) + bi * bj  # fp32 acc + decode temporaries
-        scored.append((smem + acc, c))
-        if fits_device(smem, acc, c.num_warps, limits):
+        scored.append((bj, smem + acc, c))
+        # an output tile much wider than the output is wasted work (kept only as the fallback below)
+        if bj <= max(32, triton.next_power_of_2(J)) and fits_device(smem, acc, c.num_warps, limits):
             kept.append(c)
     if kept:
         return kept
-    scored.sort(key=lambda sc: sc[0])
-    return [scored[0][1]] if scored else configs[:1]
+    scored.sort(key=lambda sc: sc[:2])  # the narrowest, then smallest, of the correct tiles
+    return [scored[0][2]] if scored else configs[:1]
 
 
 def _configs():
@@ -100,6 +99,7 @@ def _configs():
         (256, 128, 64, 8, 3, 0),
         (128, 128, 64, 8, 3, 1),
         (256, 128, 64, 8, 3, 1),
+        (128, 64, 64, 4, 4, 1),
     ]:
         kw = {"BLOCK_M": bm, "BLOCK_J": bj, "BLOCK_I": bi, "SWAP": swap}
         out.append(triton.Config(kw, num_warps=w, num_stages=s))

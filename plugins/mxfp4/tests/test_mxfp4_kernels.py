@@ -164,6 +164,12 @@ def test_prune_requires_whole_fp4_blocks_and_counts_extra_smem(monkeypatch):
     assert K._prune([small, swapped], {**args, "RED_IS_K": 0}) == [swapped]
     x32 = torch.empty(1, 1, dtype=torch.float32)
     assert K._prune([small, swapped], {**args, "RED_IS_K": 0, "X": x32}) == [small, swapped]
+    # a narrow 16-bit dX (K = 64, 32) still gets a SWAP tile from the real list, never a plain one (the fallback
+    # used to be the list's first, plain tile)
+    monkeypatch.setattr(K, "device_limits", lambda index=None: {"smem": 227 * 1024, "regs": 65536})
+    for J in (64, 32):
+        got = K._prune(K._configs(), {**args, "RED_IS_K": 0, "J": J, "LORA": 1})
+        assert got and all(c.kwargs["SWAP"] and c.kwargs["BLOCK_J"] == 64 for c in got), (J, got)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
