@@ -13,7 +13,7 @@
 * ``fused`` (B): :func:`host_plugin_mxfp4.ops.fp4_scattered_experts`; no bf16 weight tile exists.
 * ``auto``: a measured rule, not a per-run timing: A whenever its dequantized weights fit
   ``AUTO_MAX_DEQUANT_BYTES`` (all experts, or the active ones when all would not fit), else B. On
-  the H200 and H100 B was 4.5–6.6x slower than A at every benchmarked shape (README), so timing
+  the H200 and H100 B was 1.3x (after its rewrite) to 6.6x slower than A at every benchmarked shape (README), so timing
   both (and autotuning B's kernel during the first training step) bought nothing.
 
 The gate/activation, biases and post-expert norm are the model's own (``_apply_gate``, ``act_fn``,
