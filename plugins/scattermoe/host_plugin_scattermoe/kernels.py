@@ -1011,7 +1011,7 @@ INTERP_PROGRAMS = 3
 #: two consumer warp groups share the 128×256 tile): ``"1"`` on the launches that allow it (see :func:`ws_applies`),
 #: ``"0"`` (default) never. Env ``SCATTERMOE_WS``; read by ``s2s_rule`` (clear ``_PICKED`` and ``_PLANS`` after
 #: changing it). ``"2"``: also the gathered-input launches, their rows gathered into sorted order first (one copy of
-#: ``[L, K]``). Off until measured on a GPU.
+#: ``[L, K]``). Off by default; on a GPU it needs a Triton newer than 3.6 (:func:`_ws_runs`).
 WS_MODE = os.environ.get("SCATTERMOE_WS", "0")
 _TRITON_VERSION = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 #: The warp-specialised tile: ``num_warps`` is the consumers' warp group; the pass adds the producer's and a second
