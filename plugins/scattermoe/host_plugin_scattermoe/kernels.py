@@ -1011,7 +1011,7 @@ INTERP_PROGRAMS = 3
 #: two consumer warp groups share the 128×256 tile): ``"1"`` on the launches that allow it (see :func:`ws_applies`),
 #: ``"0"`` (default) never. Env ``SCATTERMOE_WS``; read by ``s2s_rule`` (clear ``_PICKED`` and ``_PLANS`` after
 #: changing it). ``"2"``: also the gathered-input launches, their rows gathered into sorted order first (one copy of
-#: ``[L, K]``). Off by default; on a GPU it needs a Triton newer than 3.6 (:func:`_ws_runs`).
+#: ``[L, K]``). Off by default; on a GPU it needs a Triton newer than 3.6 (:func:`_ws_pass_runs`).
 WS_MODE = os.environ.get("SCATTERMOE_WS", "0")
 _TRITON_VERSION = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 #: The warp-specialised tile: ``num_warps`` is the consumers' warp group; the pass adds the producer's and a second
@@ -1020,11 +1020,12 @@ WS_TILE = {**_cfg(128, 256, 64, 8, 4, 3), "TMA": True, "WS": True}
 
 
 def ws_applies(L: int, E: int, grouped_in: bool, gmode: int, tma: bool) -> bool:
-    """Whether a launch takes the warp-specialised tile: ``WS_MODE`` on, a Hopper-class device (``tma``), grouped
-    input rows (TMA loads both operands: Triton 3.6's pass compiles no pointer load in the K loop), the plain epilogue
-    (``gmode == 0``) and the TMA tiles' ≥ 160 rows per expert. Fused LoRA becomes the split epilogue there
-    (``_s2s_launch``)."""
-    return WS_MODE in ("1", "2") and tma and grouped_in and gmode == 0 and L >= 160 * max(E, 1)
+    """Whether a launch takes the warp-specialised tile: ``WS_MODE`` on, a Triton whose pass runs it
+    (:func:`_ws_pass_runs`), a Hopper-class device (``tma``), grouped input rows (TMA loads both operands: Triton
+    3.6's pass compiles no pointer load in the K loop), the plain epilogue (``gmode == 0``) and the TMA tiles' ≥ 160
+    rows per expert. Fused LoRA becomes the split epilogue there (``_s2s_launch``)."""
+    return (WS_MODE in ("1", "2") and _ws_pass_runs() and tma and grouped_in and gmode == 0
+            and L >= 160 * max(E, 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1286,13 +1287,18 @@ def _ws_launch(x: torch.Tensor, L: int, E: int, grouped_in: bool, gmode: int) ->
     return ws_applies(L, E, grouped_in, gmode, True) and use_tma(True, x)
 
 
+def _ws_pass_runs() -> bool:
+    """Whether Triton's warp specialisation runs here: under the interpreter, or a Triton newer than 3.6. Under 3.6
+    the tile compiled for sm_90a but every launch of it hung on an H100 (2026-12-07: its GPU test, the block bench's
+    ``+ws`` rows and ``bench_gemm.py --ws`` ran into their time limits; ``bench/probe_ws.py`` hung on a plain GEMM with
+    ``warp_specialize=True``), so there ``SCATTERMOE_WS`` changes nothing."""
+    return INTERPRET or _TRITON_VERSION > (3, 6)
+
+
 def _ws_runs(x: torch.Tensor) -> bool:
-    """Where the warp-specialised tile runs: under the interpreter (any dtype); on a GPU with 16-bit operands (Triton
-    3.6's pass fails on an fp32 dot) and a Triton newer than 3.6. Under 3.6 the tile compiled for sm_90a but every
-    launch of it hung on an H100 (2026-12-07: its GPU test, the block bench's ``+ws`` rows and ``bench_gemm.py --ws``
-    ran into their time limits; ``bench/probe_ws.py`` times the pass on a plain GEMM and on each of the tile's
-    features), so there ``SCATTERMOE_WS`` changes nothing."""
-    return INTERPRET or (x.element_size() == 2 and _TRITON_VERSION > (3, 6))
+    """Where the warp-specialised tile runs for this launch: where the pass runs (:func:`_ws_pass_runs`), and on a GPU
+    only with 16-bit operands (Triton 3.6's pass fails on an fp32 dot)."""
+    return _ws_pass_runs() and (INTERPRET or x.element_size() == 2)
 
 
 def _ws_lora_descs(xa: torch.Tensor, B: torch.Tensor, R: int, kw: dict):

@@ -281,10 +281,15 @@ def test_warp_specialised_tile_is_off_where_it_hung(monkeypatch):
     so there ``SCATTERMOE_WS`` must leave every launch on the plain tile."""
     monkeypatch.setattr(K, "INTERPRET", False)
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    plain = K.s2s_rule(32768, 128, 2048, 768, 2, grouped_in=True, tma=True)
+    monkeypatch.setattr(K, "WS_MODE", "1")
     monkeypatch.setattr(K, "_TRITON_VERSION", (3, 6))
     assert not K._ws_runs(bf16)
+    # the rule's tiles too: no warp-specialised candidate (which the launch would run as a plain 3-stage tile)
+    assert K.s2s_rule(32768, 128, 2048, 768, 2, grouped_in=True, tma=True) == plain
     monkeypatch.setattr(K, "_TRITON_VERSION", (3, 7))
     assert K._ws_runs(bf16) and not K._ws_runs(fp32)
+    assert K.s2s_rule(32768, 128, 2048, 768, 2, grouped_in=True, tma=True)[0].get("WS")
 
 
 @pytest.mark.parametrize("dtype,mode", [(torch.float32, "1"), (torch.float16, "1"), (torch.float32, "2")],
