@@ -3,6 +3,7 @@
 # table (before/after in one process, grouped_mm + PEFT beside it), the per-kernel profile, then the end-to-end bench.
 # Each step under its own limit; a short table last. Run from the repo root with host and the plugins
 # importable (device README: wheels in /tmp/site, scripts/gpu-entry-points.sh, PYTHONPATH with the plugin folders).
+# TRACE_S: trace_step.py (each kernel's host launch against its GPU start, TRACE_SHAPE, TRACE_IMPLS).
 # WSGEMM_S: bench_gemm.py --ws (the warp-specialised tile per launch, WSGEMM_SHAPES).
 # Budget: on a fresh machine the block table takes ~200 s and every test file starts with cold Triton compiles (the
 # test files run in parallel under TESTS_S each); 0 skips a step.
@@ -52,6 +53,8 @@ step bench_moe_block "${BLOCK_S:-230}" python3 $B/bench_moe_block.py --iters 20 
   --impls ${BLOCK_IMPLS:-grouped_mm scattermoe scattermoe+before} --json "$OUT/bench_moe_block.json"
 step bench_moe_block2 "${BLOCK2_S:-0}" python3 $B/bench_moe_block.py --iters 20 --shapes ${BLOCK2_SHAPES:-gpt-oss-20b} \
   --impls ${BLOCK2_IMPLS:-scattermoe scattermoe+unmerged} --json "$OUT/bench_moe_block2.json"
+step trace "${TRACE_S:-0}" python3 $B/trace_step.py --shape ${TRACE_SHAPE:-Qwen3-30B-A3B} \
+  --impls ${TRACE_IMPLS:-scattermoe scattermoe+graph} --out "$OUT"
 step profile "${PROFILE_S:-30}" python3 $B/profile_block.py Qwen3-30B-A3B
 step host_overhead "${HOST_S:-0}" python3 $B/host_overhead.py --json "$OUT/host_overhead.json"
 step cprofile "${HOST_S:-0}" python3 $B/diagnose_gap.py --impls scattermoe --iters 20 --cprofile
@@ -65,6 +68,7 @@ step bench_gemm_glu "${GEMM_S:-0}" python3 $B/bench_gemm.py --glu --shapes Qwen3
 step bench_gemm_ws "${WSGEMM_S:-0}" python3 $B/bench_gemm.py --ws --shapes ${WSGEMM_SHAPES:-Qwen3-30B-A3B Qwen3.5-35B-A3B} \
   --json "$OUT/bench_gemm_ws.json"
 cat "$OUT/device.txt"
+grep -A 12 "^device" "$OUT/trace.log" 2>/dev/null
 grep -A 24 "^device" "$OUT/bench_moe_block.log" | cut -c1-128
 grep -A 6 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
 grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
