@@ -27,6 +27,8 @@
     2026-12-06 afternoon pass, for the whole pass's before/after in one run
 (b+gluepi0) / (b+gluepi1) the same with the SiLU-GLU as its own kernel after the up projection
     (``SCATTERMOE_GLU_EPILOGUE=0``) / in the up projection's epilogue (``=1``), for before/after in one run
+(b+torchrouter) the same with the model's own router (``SCATTERMOE_FUSED_ROUTER=0``: softmax, top-k, renormalise and
+    cast as transformers' ops instead of ``router.py``'s one node), for before/after in one process
 (b+tail) the same with ``scattermoe_fused_tail`` (SiLU-GLU, down projection and combine as one node whose
     backward is one GEMM launch; off by default)
 (c) liger-kernel's fused MoE (``bench/liger_peer.py``), when installed, for the SiLU-gated families:
@@ -221,7 +223,7 @@ def main():
     if args.isolate:
         return isolated(args)
 
-    from host_plugin_scattermoe import experts, lora
+    from host_plugin_scattermoe import experts, lora, router
     from host_plugin_scattermoe import ops as _ops
 
     glu_default = _ops.SETTINGS["glu_epilogue"]  # the plugin's default (env SCATTERMOE_GLU_EPILOGUE)
@@ -246,6 +248,7 @@ def main():
             holder, cfg = build_block(family, E, H, I, k, R, lora=impl != "liger")
             if impl.startswith("scattermoe"):
                 lora.attach(holder)
+                router.install(holder)
             from host_plugin_scattermoe import ops
 
             from host_plugin_scattermoe import kernels as K
@@ -268,6 +271,8 @@ def main():
             ops.SETTINGS["light_tail"] = {"scattermoe+oldtail": "0", "scattermoe+before": "0", "scattermoe+gemmtail": "gemm"}.get(
                 impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))
             ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
+            ops.SETTINGS["fused_router"] = impl != "scattermoe+torchrouter" and os.environ.get("SCATTERMOE_FUSED_ROUTER",
+                                                                                               "1") == "1"
             ops.SETTINGS["merged"] = impl != "scattermoe+unmerged" and os.environ.get("SCATTERMOE_MERGED", "1") == "1"
             ops.SETTINGS["glu_epilogue"] = {"scattermoe+gluepi0": False, "scattermoe+gluepi1": True,
                                              "scattermoe+before": False}.get(impl, glu_default)

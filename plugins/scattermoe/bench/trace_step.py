@@ -75,18 +75,20 @@ def analyse(trace: dict, steps: list[str]) -> list[dict]:
         v.sort()
     kernels.sort(key=lambda e: e["ts"])
     out = []
+    starts = sorted(a["ts"] for a in ann.values()) + [float("inf")]
     for name in steps:
         a = ann.get(name)
         if a is None:
             continue
-        t0, t1 = a["ts"], a["ts"] + a["dur"]
+        t0 = a["ts"]
+        t_next = starts[starts.index(t0) + 1]  # steps are synchronised: a step's kernels are launched before the next
         rows = []
         for k in kernels:
             lau = by_corr_launch.get(k.get("args", {}).get("correlation"))
-            if lau is None or not (t0 <= lau["ts"] <= t1 + 50_000):
+            if lau is None or not (t0 <= lau["ts"] < t_next):
                 continue
-            if lau["ts"] > t1 and lau["tid"] == a["tid"]:
-                continue  # launched after the step returned (the next step's zero())
+            if lau["ts"] > t0 + a["dur"] and lau["tid"] == a["tid"]:
+                continue  # launched by the caller after the step returned (the next step's zero())
             inner, node = _container(ranges.get(lau["tid"], []), lau["ts"])
             rows.append(dict(kernel=k["name"][:60], launch=lau["ts"] - t0, start=k["ts"] - t0, dur=k["dur"],
                              op=inner, node=node, tid=lau["tid"]))
@@ -126,7 +128,7 @@ def main():
     args = ap.parse_args()
     from bench_moe_block import SHAPES, build_block
 
-    from host_plugin_scattermoe import experts, lora, ops
+    from host_plugin_scattermoe import experts, lora, ops, router
 
     experts.register()
     family, E, H, I, k = SHAPES[args.shape]
@@ -135,7 +137,9 @@ def main():
         holder, cfg = build_block(family, E, H, I, k, args.rank, lora=True)
         if impl.startswith("scattermoe"):
             lora.attach(holder)
+            router.install(holder)
         ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
+        ops.SETTINGS["fused_router"] = impl != "scattermoe+torchrouter"
         cfg._experts_implementation = impl.split("+")[0]
         mlp = holder.mlp
         gate = getattr(mlp, "gate", None) or getattr(mlp, "router", None)

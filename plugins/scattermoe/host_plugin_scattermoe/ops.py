@@ -67,6 +67,9 @@ SETTINGS: dict = {
     # one launch, bitwise the separate launches'); env SCATTERMOE_GLU_EPILOGUE=1 turns it on, 0: the up projection,
     # then silu_glu_fwd. Off by default until a GPU run (triton 3.6, sm_90) has checked and timed it.
     "glu_epilogue": os.environ.get("SCATTERMOE_GLU_EPILOGUE", "0") == "1",
+    # the router as one node with fused softmax/top-k/renormalise kernels (router.py; env SCATTERMOE_FUSED_ROUTER=0: the
+    # model's own router, for before/after measurements)
+    "fused_router": os.environ.get("SCATTERMOE_FUSED_ROUTER", "1") == "1",
     "backend": "auto",
 }
 

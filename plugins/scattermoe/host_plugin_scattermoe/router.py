@@ -1,0 +1,173 @@
+"""The MoE router as one autograd node: the logits GEMM, then one Triton kernel for softmax, top-k, renormalisation and
+cast; its backward is one kernel (``router_kernels``) for the input gradient (``scattermoe_fused_router``, on by default).
+
+Why: a synchronised block step waits on the host until the first expert GEMM is enqueued, and transformers' router
+(linear, softmax, top-k, sum, divide, cast: 9 kernels, ~14 more in the backward) is most of that wait
+(``bench/trace_step.py``). The results are the model's own: the same logits (``F.linear`` as the model calls it), the
+same experts (the top-k picks the lowest id among equal values, as ``torch.topk`` does), the same weights to a few
+ulps, and the gradients of the same formula.
+
+Which routers: the classes in :data:`SPECS`, whose ``forward`` this module's formulas reproduce (transformers 5.x):
+
+* ``"softmax"``: fp32 softmax of the logits, top-k of the probabilities, divided by their sum when ``norm`` (a bool,
+  or the name of the module's flag), cast back to the logits' dtype unless ``scores`` is ``"float32"`` (Mixtral);
+* ``"topk_softmax"``: top-k of the logits (bias included), softmax over the k in the logits' dtype (gpt-oss).
+
+:func:`install` gives each such module this forward. A module's first fused call is checked against its class's own
+``forward`` on up to 256 tokens (without gradients); a class whose output differs (a transformers release that changed
+its router) keeps its own forward, with a warning. Everything else runs the module's own forward too: the switch off,
+the experts' torch backend (``scattermoe_backend``: ``auto`` fuses on CUDA, ``triton`` also under the interpreter), autocast, mismatched dtypes, a parametrised (peft) or sharded router
+weight, more than ``router_kernels.MAX_EXPERTS`` experts, or ``torch.compile`` tracing.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+#: class name: (kind, norm: bool or the module's flag attribute, scores dtype: "logits" or "float32")
+SPECS: dict[str, tuple[str, bool | str, str]] = {
+    "Qwen2MoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    "Qwen3MoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    "Qwen3NextTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    "Qwen3_5MoeTopKRouter": ("softmax", True, "logits"),
+    "OlmoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    "MixtralTopKRouter": ("softmax", True, "float32"),
+    "GptOssTopKRouter": ("topk_softmax", True, "logits"),
+}
+_ORIGINAL = "_scattermoe_router_forward"
+#: class name -> whether its first fused call matched the class's own forward
+CHECKED: dict[str, bool] = {}
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def install(model) -> int:
+    """Give every router module of a class in :data:`SPECS` the fused forward; returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ in SPECS and _ORIGINAL not in m.__dict__ and isinstance(getattr(m, "weight", None), torch.Tensor):
+            m.__dict__[_ORIGINAL] = m.forward
+            m.forward = types.MethodType(fused_forward, m)
+            n += 1
+    return n
+
+
+def _spec(module):
+    kind, norm, scores = SPECS[type(module).__name__]
+    if isinstance(norm, str):
+        norm = bool(getattr(module, norm))
+    return kind, norm, scores
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    return not hasattr(t, "_local_tensor")  # a DTensor (FSDP2, tensor parallel) keeps the module's forward
+
+
+def applies(module, x: torch.Tensor) -> bool:
+    from host_plugin_scattermoe import ops
+    from host_plugin_scattermoe.router_kernels import MAX_EXPERTS, MAX_TOP_K
+
+    W = module.weight
+    b = getattr(module, "bias", None)
+    backend = ops.SETTINGS["backend"]  # as the experts: auto runs Triton on CUDA, triton also under the interpreter
+    return (
+        ops.SETTINGS.get("fused_router", True)
+        and (x.is_cuda if backend == "auto" else backend == "triton" and (x.is_cuda or _INTERPRET))
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and x.dtype == W.dtype
+        and (b is None or b.dtype == W.dtype)
+        and W.dim() == 2 and W.shape[0] <= MAX_EXPERTS
+        and 0 < int(module.top_k) <= min(MAX_TOP_K, W.shape[0])
+        and not torch.is_autocast_enabled(x.device.type)
+        and not parametrize.is_parametrized(module)
+        and _is_plain(W)
+        and not torch.compiler.is_compiling()
+        and CHECKED.get(type(module).__name__, True)
+    )
+
+
+def fused_forward(self, hidden_states: torch.Tensor):
+    """``(router_logits [T, E], router_scores [T, k], router_indices [T, k])``, as the module's own forward returns."""
+    own = self.__dict__[_ORIGINAL]
+    if not applies(self, hidden_states):
+        return own(hidden_states)
+    name = type(self).__name__
+    if name not in CHECKED:
+        CHECKED[name] = _matches(self, own, hidden_states)
+        if not CHECKED[name]:
+            return own(hidden_states)
+    return _route(self, hidden_states)
+
+
+def _route(self, hidden_states):
+    kind, norm, scores = _spec(self)
+    x = hidden_states.reshape(-1, self.weight.shape[1])
+    sdt = torch.float32 if scores == "float32" else x.dtype
+    return _RouterFunction.apply(x, self.weight, getattr(self, "bias", None), kind == "topk_softmax", norm, int(self.top_k), sdt)
+
+
+def _matches(module, own, hidden_states) -> bool:
+    """The first fused call of a class, checked against the class's own forward on up to 256 tokens."""
+    x = hidden_states.reshape(-1, module.weight.shape[1])[:256].detach()
+    with torch.no_grad():
+        ref_l, ref_s, ref_i = own(x)
+        got_l, got_s, got_i = _route(module, x)
+    tol = 1e-5 if x.dtype == torch.float32 else 2e-2
+    ok = (
+        ref_s.dtype == got_s.dtype and ref_s.shape == got_s.shape and ref_i.shape == got_i.shape
+        and torch.equal(ref_l, got_l)
+        # the chosen experts' logits (equal ones may be chosen in another order) and the weights
+        and torch.equal(ref_l.gather(1, ref_i).sort(1).values, got_l.gather(1, got_i).sort(1).values)
+        and torch.allclose(ref_s.float().sort(1).values, got_s.float().sort(1).values, rtol=tol, atol=tol * 1e-2)
+    )
+    if not ok:
+        warnings.warn(
+            f"scattermoe: {type(module).__name__}'s forward no longer matches the fused router's formula (transformers "
+            f"{_tf_version()}); it keeps its own forward. Set scattermoe_fused_router: false to silence this.",
+            stacklevel=3,
+        )
+    return ok
+
+
+def _tf_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+class _RouterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, b, topk_first: bool, norm: bool, k: int, scores_dtype):
+        from host_plugin_scattermoe import router_kernels as RK
+
+        logits = F.linear(x, W, b)
+        scores, ids = RK.topk(logits, k, 1 if topk_first else 0, norm, scores_dtype)
+        ctx.save_for_backward(x, W, logits, ids)
+        ctx.conf = (1 if topk_first else 0, norm)
+        ctx.mark_non_differentiable(ids)
+        return logits, scores, ids
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logits, g_scores, _g_ids):
+        from host_plugin_scattermoe import router_kernels as RK
+
+        x, W, logits, ids = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if g_scores is None:
+            if g_logits is None:
+                return None, None, None, None, None, None, None
+            g_scores = torch.zeros(ids.shape, device=ids.device, dtype=logits.dtype)
+        mode, norm = ctx.conf
+        dx, dl = RK.backward(logits, g_scores, ids, g_logits, W, mode, norm, need_x, need_w or need_b)
+        dW = dl.t().mm(x) if need_w else None
+        db = dl.sum(0) if need_b else None
+        return dx, dW, db, None, None, None, None
