@@ -403,6 +403,10 @@ class _GluExpertsFunction(torch.autograd.Function):
         # the separate nodes'. Hence one backward only (no retain_graph), and the caller keeps the separate nodes
         # under saved-tensor hooks and CUDA graph capture (experts.py).
         keep_act = need[2] or need[5] or (ctx.light == "gemm" and need[7])
+        # each sorted row's routing weight for the light tail's LoRA gradients, made here, where the host is ahead of
+        # the GPU, rather than before the backward's first GEMM (a synchronised step waits for that launch)
+        ctx.g_sorted = _sorted_gates(gates, ssi) if light and _wants_sorted_gates(B2, need[5], need[6], split2,
+                                                                                   ctx.light) else None
         ctx.acts = [h, act if keep_act else None, None if light else y]
         ctx.k, ctx.s1, ctx.s2, ctx.split1, ctx.split2, ctx.clamp = k, s1, s2, split1, split2, clamp
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -432,7 +436,8 @@ class _GluExpertsFunction(torch.autograd.Function):
             if b2 is not None:
                 dg_bias = K.bias_dg(dout, b2, K.flat_experts(sei, ssi), ctx.k)
             dact, dA2, dB2, dg = _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, ctx.k,
-                                                      ctx.s2, ctx.split2, nA2, nB2, ng, ctx.light)
+                                                      ctx.s2, ctx.split2, nA2, nB2, ng, ctx.light, ctx.g_sorted)
+            ctx.g_sorted = None
             if dg is not None and dg_bias is not None:  # "gemm": dg [T, k] from the dX epilogue
                 dg = dg + dg_bias.view(dg.shape)
             del act, xa2
@@ -489,16 +494,26 @@ def _light_mode():
     raise ValueError(f"scattermoe: light_tail / SCATTERMOE_LIGHT_TAIL must be 0, 1, glu or gemm, got {m!r}")
 
 
-def _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, k, s, split, nA2, nB2, ng, mode):
+def _wants_sorted_gates(B2, nA2: bool, nB2: bool, split: bool, mode) -> bool:
+    """Whether the light tail's backward reads each sorted row's routing weight (its LoRA gradients)."""
+    return B2 is not None and (nB2 or ((split or mode == "glu") and nA2))
+
+
+def _sorted_gates(gates: torch.Tensor, ssi: torch.Tensor) -> torch.Tensor:
+    """``[L, 1]`` fp32: the routing weight of each expert-sorted row."""
+    return gates.reshape(-1).index_select(0, ssi).float()[:, None]
+
+
+def _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, k, s, split, nA2, nB2, ng, mode,
+                         g_sorted=None):
     """The light tail's down-projection backward (see :class:`_GluExpertsFunction`): ``(dact [L, I] grouped, dA2,
     dB2, dg [T, k] fp32)``, ``None`` where not needed; ``dout [T, H]`` contiguous, ``A2``/``B2`` in kernel layout.
     ``mode == "glu"``: a plain dX launch, so ``dact`` is ``d(act) / g`` and ``dg`` None (both left to
     ``K.silu_glu_gate_bwd``); ``"gemm"``: the dX epilogue applies ``g`` and reduces ``dg`` against ``act``."""
     Wt = W2.transpose(1, 2)
     dA2 = dB2 = None
-    g_sorted = None
-    if B2 is not None and (nB2 or ((split or mode == "glu") and nA2)):
-        g_sorted = gates.reshape(-1).index_select(0, ssi).float()[:, None]  # [L, 1]: each row's routing weight
+    if g_sorted is None and _wants_sorted_gates(B2, nA2, nB2, split, mode):
+        g_sorted = _sorted_gates(gates, ssi)
     gyb = None  # g·(dout·B2) [L, r] fp32, grouped
     if mode == "glu":
         # the dX launch of the separate nodes' down projection, fed dout [T, H] gathered (ssi // k) instead of dy

@@ -148,6 +148,7 @@ class _RouterFunction(torch.autograd.Function):
     def forward(ctx, x, W, b, topk_first: bool, norm: bool, k: int, scores_dtype):
         from host_plugin_scattermoe import router_kernels as RK
 
+        ctx.set_materialize_grads(False)  # an unused output (the logits, mostly) gets no zero-filled gradient
         logits = F.linear(x, W, b)
         scores, ids = RK.topk(logits, k, 1 if topk_first else 0, norm, scores_dtype)
         ctx.save_for_backward(x, W, logits, ids)

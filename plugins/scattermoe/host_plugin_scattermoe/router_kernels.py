@@ -152,8 +152,10 @@ def _plan(kind: str, T: int, E: int, H: int, k: int, dtype, flags: tuple):
         kw.update(MODE=mode, NORM=norm)
     else:
         mode, norm, has_gl, write_dx, write_dl = flags
-        kw.update(MODE=mode, NORM=norm, HAS_GL=has_gl, WRITE_DX=write_dx, WRITE_DL=write_dl,
-                  BLOCK_H=32 if INTERPRET else 128, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+        # the W chunk [EP, BLOCK_H] is the shared-memory tile: at most 32 KB per stage, 2 stages
+        bh = 32 if INTERPRET else max(16, min(128, 32768 // (EP * dtype.itemsize)))
+        kw.update(MODE=mode, NORM=norm, HAS_GL=has_gl, WRITE_DX=write_dx, WRITE_DL=write_dl, BLOCK_H=bh,
+                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", num_stages=2)
     p = ((triton.cdiv(T, bt), 1, 1), kw, {})
     if len(_PLANS) > 256:
         _PLANS.clear()
