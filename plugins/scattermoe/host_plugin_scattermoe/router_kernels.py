@@ -1,14 +1,17 @@
-"""Triton kernels of the fused top-k router (``router.py``): one launch for the forward after the logits GEMM, one for
-the whole backward.
+"""Triton kernels of the fused top-k router (``router.py``): one launch for the whole forward (the logits GEMM included),
+one for the whole backward.
 
 Why: transformers' routers run softmax, top-k, the renormalisation and a cast as 6-9 small kernels, and autograd
 runs ~14 more in their backward. In a synchronised block step (issue 16) the GPU waits on the host through all of
-them, before the first expert GEMM (``bench/trace_step.py``, H100: ~250 µs of host time for ~50 µs of GPU work).
+them, before the first expert GEMM (``bench/trace_step.py``, H100: ~250 µs of host time for ~50 µs of GPU work), and
+cuBLAS's host cost for the small logits GEMM alone is ~100 µs per call there (cProfile of ``F.linear``).
 
-* ``_router_topk_kernel``: per block of ``BLOCK_T`` tokens, the ``[BLOCK_T, E]`` logits in registers; ``MODE`` 0 is
+* ``_router_fwd_kernel``: per block of ``BLOCK_T`` tokens, the ``[BLOCK_T, E]`` logits GEMM (fp32 accumulation over
+  ``H``, the bias added, rounded to the input dtype and written out: the model's logits, up to the last bit of an
+  element whose fp32 sum lands at a rounding boundary) stays in registers for the routing; ``MODE`` 0 is
   softmax (fp32), top-k of the probabilities, renormalised over the k when ``NORM`` (Qwen3-MoE, Qwen3.5, OLMoE,
   Mixtral); ``MODE`` 1 is top-k of the logits, softmax over those k (gpt-oss). The top-k is k rounds of arg-max, the
-  lowest expert id first among equal values (as ``torch.topk`` selects at a tie), values descending.
+  lowest expert id first among equal values, values descending.
 * ``_router_bwd_kernel``: per block of tokens, the logits' gradient from the scores' gradient (recomputed from the
   logits: ``dl = p·(g − Σ p·g)`` over all experts without ``NORM``, ``w·(g − Σ w·g)`` over the chosen k with it, and
   in ``MODE`` 1), plus the logits' own gradient (an auxiliary loss), rounded to the input dtype as autograd's
@@ -32,8 +35,10 @@ MAX_TOP_K = 32
 
 
 @triton.jit
-def _router_topk_kernel(Logits, Scores, Idx, T, E, stride_l, K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
-                        BLOCK_T: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr, INT64: tl.constexpr):
+def _router_fwd_kernel(X, W, Bias, Logits, Scores, Idx, T, E, H, stride_x, stride_w, K: tl.constexpr,
+                       KP: tl.constexpr, EP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                       MODE: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                       INT64: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     if INT64:
@@ -41,10 +46,20 @@ def _router_topk_kernel(Logits, Scores, Idx, T, E, stride_l, K: tl.constexpr, KP
     rmask = rows < T
     cols = tl.arange(0, EP)
     cmask = cols < E
-    # rows past T read 0 (no NaN from an all -inf row), padded experts -inf
-    lg = tl.load(Logits + rows[:, None] * stride_l + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                 other=0.0).to(tl.float32)
-    lg = tl.where(cmask[None, :], lg, float("-inf"))
+    # the logits GEMM: [BLOCK_T, H] x [H, EP], fp32 accumulation, every expert in one tile
+    acc = tl.zeros([BLOCK_T, EP], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < H
+        xt = tl.load(X + rows[:, None] * stride_x + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        wt = tl.load(W + cols[None, :] * stride_w + kk[:, None], mask=cmask[None, :] & km[:, None], other=0.0)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    lq = acc.to(Logits.dtype.element_ty)  # the logits in the input dtype, as the model's F.linear returns them
+    tl.store(Logits + rows[:, None] * E + cols[None, :], lq, mask=rmask[:, None] & cmask[None, :])
+    # rows past T hold 0 (no NaN from an all -inf row), padded experts -inf
+    lg = tl.where(cmask[None, :], tl.where(rmask[:, None], lq.to(tl.float32), 0.0), float("-inf"))
     if MODE == 0:
         mx = tl.max(lg, axis=1)
         ex = tl.where(cmask[None, :], tl.exp(lg - mx[:, None]), 0.0)
@@ -143,13 +158,16 @@ def _plan(kind: str, T: int, E: int, H: int, k: int, dtype, flags: tuple):
         return p
     EP = max(16, _next_pow2(E))
     KP = max(2, _next_pow2(k))
-    # a few [BLOCK_T, EP] fp32 tiles live in registers: ~4K elements per tile keeps them out of local memory
-    bt = 16 if INTERPRET else max(16, min(64, 4096 // EP))
+    # a few [BLOCK_T, EP] fp32 tiles live in registers: ~4K elements per tile keeps them out of local memory (and
+    # gives the forward's GEMM 128 programs at T = 4096, E = 128)
+    bt = 16 if INTERPRET else max(16, min(32, 4096 // EP))
     int64 = (T + bt) * max(E, k, H) >= INT32_LIMIT
     kw = dict(K=k, KP=KP, EP=EP, BLOCK_T=bt, INT64=int64, num_warps=4 if EP <= 128 else 8)
     if kind == "fwd":
-        mode, norm = flags
-        kw.update(MODE=mode, NORM=norm)
+        mode, norm, has_bias = flags
+        # the W chunk [BLOCK_K, EP] is the GEMM's shared-memory tile: 3 stages up to 128 experts, else 2
+        kw.update(MODE=mode, NORM=norm, HAS_BIAS=has_bias, BLOCK_K=32 if INTERPRET or dtype == torch.float32 else 64,
+                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", num_stages=3 if EP <= 128 else 2)
     else:
         mode, norm, has_gl, write_dx, write_dl = flags
         # the W chunk [EP, BLOCK_H] is the shared-memory tile: at most 32 KB per stage, 2 stages
@@ -163,16 +181,25 @@ def _plan(kind: str, T: int, E: int, H: int, k: int, dtype, flags: tuple):
     return p
 
 
-def topk(logits: torch.Tensor, k: int, mode: int, norm: bool, scores_dtype: torch.dtype):
-    """``(scores [T, k] scores_dtype, ids [T, k] int64)`` from the router logits ``[T, E]`` (row stride free,
-    column stride 1)."""
-    T, E = logits.shape
-    scores = torch.empty(T, k, device=logits.device, dtype=scores_dtype)
-    ids = torch.empty(T, k, device=logits.device, dtype=torch.int64)
+def route(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, k: int, mode: int, norm: bool,
+          scores_dtype: torch.dtype):
+    """``(logits [T, E] x.dtype, scores [T, k] scores_dtype, ids [T, k] int64)`` for ``x [T, H]`` and the router
+    weight ``W [E, H]`` (and bias ``[E]``), in one launch."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if W.stride(-1) != 1:
+        W = W.contiguous()
+    T, H = x.shape
+    E = W.shape[0]
+    dev = x.device
+    logits = torch.empty(T, E, device=dev, dtype=x.dtype)
+    scores = torch.empty(T, k, device=dev, dtype=scores_dtype)
+    ids = torch.empty(T, k, device=dev, dtype=torch.int64)
     if T:
-        g, kw, slot = _plan("fwd", T, E, 0, k, logits.dtype, (mode, norm))
-        _launch(_router_topk_kernel, g, (logits, scores, ids, T, E, logits.stride(0)), kw, slot)
-    return scores, ids
+        g, kw, slot = _plan("fwd", T, E, H, k, x.dtype, (mode, norm, b is not None))
+        args = (x, W, b if b is not None else W, logits, scores, ids, T, E, H, x.stride(0), W.stride(0))
+        _launch(_router_fwd_kernel, g, args, kw, slot)
+    return logits, scores, ids
 
 
 def backward(logits, g_scores, ids, g_logits, W, mode: int, norm: bool, need_dx: bool, need_dl: bool):

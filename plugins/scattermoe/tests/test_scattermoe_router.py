@@ -84,7 +84,7 @@ def test_fused_router_matches_the_model(family, aux):
     ref = run(r, x, gs, gl, fused=False)
     got = run(r, x, gs, gl, fused=True)
     assert router.CHECKED == {type(r).__name__: True}
-    assert torch.equal(got[0], ref[0])  # logits: the same F.linear
+    assert rel(got[0], ref[0]) < 1e-6  # logits: the same GEMM, another summation order
     assert torch.equal(got[2], ref[2])  # experts, in the same (descending) order
     assert got[1].dtype == ref[1].dtype
     assert rel(got[1], ref[1]) < 1e-6
@@ -99,7 +99,7 @@ def test_fused_router_fp16():
     gs = torch.randn(50, 12, device=DEV)
     ref = run(r, x, gs, None, fused=False)
     got = run(r, x, gs, None, fused=True)
-    assert torch.equal(got[0], ref[0])
+    assert torch.allclose(got[0], ref[0], rtol=2.0**-10, atol=1e-4)
     assert torch.equal(got[2].sort(1).values, ref[2].sort(1).values)
     assert rel(got[1], ref[1]) < 2e-3
     assert rel(got[3], ref[3]) < 5e-3
@@ -107,7 +107,8 @@ def test_fused_router_fp16():
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_ties_choose_the_lowest_ids(family):
-    """Tokens whose logits tie (here: all equal, a zero input) route to the lowest expert ids, weights equal."""
+    """Tokens whose logits tie (here: all equal, a zero input) route to the lowest expert ids, weights equal (torch.topk
+    leaves the order open: the CPU picks others)."""
     r = make_router(family)
     with torch.no_grad():
         if getattr(r, "bias", None) is not None:
@@ -128,6 +129,7 @@ def test_large_expert_count_and_k():
     gs = torch.randn(70, 256, device=DEV)
     ref = run(r, x, gs, None, fused=False)
     got = run(r, x, gs, None, fused=True)
+    assert rel(got[0], ref[0]) < 1e-6
     assert torch.equal(got[2], ref[2])
     assert rel(got[1], ref[1]) < 1e-6
     assert rel(got[3], ref[3]) < 1e-5
@@ -231,11 +233,13 @@ def test_fused_router_bf16_real_shapes(family, E, k):
     gs = torch.randn(4096, E, device=DEV)
     ref = run(r, x, gs, None, fused=False)
     got = run(r, x, gs, None, fused=True)
-    assert torch.equal(got[0], ref[0])
+    # logits: fp32 sums in another order, rounded to bf16: equal, or 1 ulp apart where a sum sits at a boundary
+    assert torch.allclose(got[0].float(), ref[0].float(), rtol=2.0**-7, atol=1e-6)
+    assert (got[0] == ref[0]).float().mean() > 0.99
     # bf16 logits tie often: equal values may be chosen in another slot order, or (at the k-th) another of them
-    assert torch.equal(ref[0].gather(1, ref[2]).sort(1).values, got[0].gather(1, got[2]).sort(1).values)
-    assert (got[2].sort(1).values == ref[2].sort(1).values).all(1).float().mean() > 0.99
-    assert rel(got[1].float().sort(1).values, ref[1].float().sort(1).values) < 1e-2
+    same = (got[2].sort(1).values == ref[2].sort(1).values).all(1)
+    assert same.float().mean() > 0.99
+    assert rel(got[1][same].float().sort(1).values, ref[1][same].float().sort(1).values) < 1e-2
     assert rel(got[3], ref[3]) < 2e-2
     assert rel(got[4]["weight"], ref[4]["weight"]) < 2e-2
 
