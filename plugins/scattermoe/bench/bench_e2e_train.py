@@ -26,6 +26,7 @@ RUNS = {
     "scattermoe-relayout": (["scattermoe"], {}, {"SCATTERMOE_TILED_RELAYOUT": "0"}),
     "scattermoe-light": (["scattermoe"], {}, {"SCATTERMOE_LIGHT_TAIL": "0"}),
     "scattermoe+gluepi": (["scattermoe"], {}, {"SCATTERMOE_GLU_EPILOGUE": "1"}),
+    "scattermoe-router": (["scattermoe"], {"scattermoe_fused_router": False}, {}),  # the model's own router
 }
 
 

@@ -17,9 +17,11 @@ Which routers: the classes in :data:`SPECS`, whose ``forward`` this module's for
 
 :func:`install` gives each such module this forward. A module's first fused call is checked against its class's own
 ``forward`` on up to 256 tokens (without gradients); a class whose output differs (a transformers release that changed
-its router) keeps its own forward, with a warning. Everything else runs the module's own forward too: the switch off,
-the experts' torch backend (``scattermoe_backend``: ``auto`` fuses on CUDA, ``triton`` also under the interpreter), autocast, mismatched dtypes, a parametrised (peft) or sharded router
-weight, more than ``router_kernels.MAX_EXPERTS`` experts, or ``torch.compile`` tracing.
+its router) keeps its own forward, with a warning. Under autocast (HF Trainer's ``bf16: true``) it computes in
+autocast's dtype, as the module's ``F.linear`` does. Everything else runs the module's own forward: the switch off, the
+experts' torch backend (``scattermoe_backend``: ``auto`` fuses on CUDA, ``triton`` also under the interpreter),
+mismatched dtypes outside autocast, a parametrised (peft) or sharded router weight, more than
+``router_kernels.MAX_EXPERTS`` experts, or ``torch.compile`` tracing.
 """
 
 from __future__ import annotations
@@ -69,22 +71,31 @@ def _is_plain(t: torch.Tensor) -> bool:
     return not hasattr(t, "_local_tensor")  # a DTensor (FSDP2, tensor parallel) keeps the module's forward
 
 
+def compute_dtype(module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the module's ``F.linear`` computes the logits in: autocast's (HF Trainer's ``bf16: true`` runs the
+    forward under autocast), else the input's when the weight (and bias) share it; None when the kernels take neither."""
+    W = module.weight
+    b = getattr(module, "bias", None)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return dt if dt in (torch.float16, torch.bfloat16) else None
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.dtype == W.dtype and (b is None or b.dtype == W.dtype):
+        return x.dtype
+    return None
+
+
 def applies(module, x: torch.Tensor) -> bool:
     from host_plugin_scattermoe import ops
     from host_plugin_scattermoe.router_kernels import MAX_EXPERTS, MAX_TOP_K
 
     W = module.weight
-    b = getattr(module, "bias", None)
     backend = ops.SETTINGS["backend"]  # as the experts: auto runs Triton on CUDA, triton also under the interpreter
     return (
         ops.SETTINGS.get("fused_router", True)
         and (x.is_cuda if backend == "auto" else backend == "triton" and (x.is_cuda or _INTERPRET))
-        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and x.dtype == W.dtype
-        and (b is None or b.dtype == W.dtype)
         and W.dim() == 2 and W.shape[0] <= MAX_EXPERTS
         and 0 < int(module.top_k) <= min(MAX_TOP_K, W.shape[0])
-        and not torch.is_autocast_enabled(x.device.type)
+        and compute_dtype(module, x) is not None
         and not parametrize.is_parametrized(module)
         and _is_plain(W)
         and not torch.compiler.is_compiling()
@@ -107,9 +118,15 @@ def fused_forward(self, hidden_states: torch.Tensor):
 
 def _route(self, hidden_states):
     kind, norm, scores = _spec(self)
+    dt = compute_dtype(self, hidden_states)
     x = hidden_states.reshape(-1, self.weight.shape[1])
-    sdt = torch.float32 if scores == "float32" else x.dtype
-    return _RouterFunction.apply(x, self.weight, getattr(self, "bias", None), kind == "topk_softmax", norm, int(self.top_k), sdt)
+    W, b = self.weight, getattr(self, "bias", None)
+    # autocast's casts of F.linear, as differentiable ops outside the node (a no-op where the dtypes agree)
+    x, W = x.to(dt), W.to(dt)
+    b = b.to(dt) if b is not None else None
+    sdt = torch.float32 if scores == "float32" else dt
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return _RouterFunction.apply(x, W, b, kind == "topk_softmax", norm, int(self.top_k), sdt)
 
 
 def _matches(module, own, hidden_states) -> bool:

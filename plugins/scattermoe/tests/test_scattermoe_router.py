@@ -136,8 +136,8 @@ def test_large_expert_count_and_k():
 
 
 def test_install_and_fallbacks(monkeypatch):
-    """install() replaces the forward of known router classes only; the switch, autocast and the torch backend keep
-    the model's own forward (no fused kernel runs)."""
+    """install() replaces the forward of known router classes only; the switch, the torch backend and the auto backend
+    on a CPU tensor keep the model's own forward (no fused kernel runs)."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -156,12 +156,33 @@ def test_install_and_fallbacks(monkeypatch):
     monkeypatch.setitem(ops.SETTINGS, "fused_router", True)
     monkeypatch.setitem(ops.SETTINGS, "backend", "torch")
     block.gate(x)
-    monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
-    with torch.autocast(DEV, dtype=torch.bfloat16):
+    if DEV == "cpu":  # auto: the Triton kernels on CUDA only, the interpreter never
+        monkeypatch.setitem(ops.SETTINGS, "backend", "auto")
         block.gate(x)
-    assert len(calls) == 2
+        assert len(calls) == 2
+    monkeypatch.setitem(ops.SETTINGS, "backend", "triton")
     block.gate(x)
     assert len(calls) == 3
+
+
+def test_autocast_computes_in_its_dtype():
+    """HF Trainer's ``bf16: true`` runs the forward under autocast: fp32 weights and input, logits in autocast's
+    dtype, as the module's F.linear computes them; the gradients reach the fp32 input and weight."""
+    r = make_router("qwen3_moe", hidden=64)
+    r.weight.requires_grad_(True)
+    x = torch.randn(33, 64, device=DEV)
+    gs = torch.randn(33, 12, device=DEV)
+    out = []
+    for fused in (False, True):
+        with torch.autocast(DEV, dtype=torch.float16):
+            out.append(run(r, x, gs, None, fused=fused))
+    ref, got = out
+    assert got[0].dtype == ref[0].dtype == torch.float16 and got[1].dtype == ref[1].dtype == torch.float16
+    assert router.CHECKED == {"Qwen3MoeTopKRouter": True}
+    assert torch.allclose(got[0], ref[0], rtol=2.0**-10, atol=1e-3)
+    assert torch.equal(got[2].sort(1).values, ref[2].sort(1).values)
+    assert got[3].dtype == torch.float32 and rel(got[3], ref[3]) < 5e-3
+    assert got[4]["weight"].dtype == torch.float32 and rel(got[4]["weight"], ref[4]["weight"]) < 5e-3
 
 
 def test_a_changed_router_keeps_its_own_forward(monkeypatch):
