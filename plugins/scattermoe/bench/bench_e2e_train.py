@@ -93,6 +93,9 @@ def main():
             print(name, "FAILED", rc.stdout[-2000:], rc.stderr[-3000:])
             results[name] = None
             continue
+        for line in rc.stderr.splitlines():  # what the plugins report on the way (e.g. the fused router taking over)
+            if "scattermoe:" in line:
+                print(f"  {name}: {line[-150:]}")
         if name == "warmup":
             continue
         summary = json.loads((out / "run_summary.json").read_text())

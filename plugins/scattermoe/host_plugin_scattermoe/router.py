@@ -26,6 +26,7 @@ mismatched dtypes outside autocast, a parametrised (peft) or sharded router weig
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 import warnings
@@ -47,6 +48,7 @@ _ORIGINAL = "_scattermoe_router_forward"
 #: class name -> whether its first fused call matched the class's own forward
 CHECKED: dict[str, bool] = {}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+log = logging.getLogger("host_plugin_scattermoe")
 
 
 def install(model) -> int:
@@ -113,6 +115,7 @@ def fused_forward(self, hidden_states: torch.Tensor):
         CHECKED[name] = _matches(self, own, hidden_states)
         if not CHECKED[name]:
             return own(hidden_states)
+        log.info("scattermoe: fused router on for %s (%s, matched its own forward)", name, compute_dtype(self, hidden_states))
     return _route(self, hidden_states)
 
 
