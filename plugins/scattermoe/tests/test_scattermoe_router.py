@@ -278,3 +278,46 @@ def test_gradient_through_the_logits_alone():
         (logits.float() ** 2).sum().backward()
         out.append(xx.grad)
     assert rel(out[1], out[0]) < 1e-5
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("qwen3_moe", {}),
+    ("olmoe", {}),
+    ("mixtral", {}),
+    ("gpt_oss", {"num_local_experts": 5, "intermediate_size": 24, "layer_types": ["sliding_attention", "full_attention"]}),
+])
+def test_model_training_loss_with_aux_loss(model_type, extra, monkeypatch):
+    """A tiny model of the family with peft LoRA on the experts and the load-balancing loss on
+    (``output_router_logits``: transformers collects the router logits through hooks, so the logits' gradient comes
+    back into the fused node): the same loss, aux loss and gradients with the fused router as with the model's own."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from host.testing import tiny_config
+    from host_plugin_scattermoe import experts
+
+    experts.register()
+    cfg = tiny_config(model_type, 96, output_router_logits=True, router_aux_loss_coef=0.5, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(DEV)
+    model.set_experts_implementation("scattermoe")
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                                          init_lora_weights=False))
+    assert router.install(pm) == 2
+    calls = []
+    real = router._RouterFunction.apply
+    monkeypatch.setattr(router._RouterFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1)).to(DEV)
+    res = []
+    for fused in (False, True):
+        monkeypatch.setitem(ops.SETTINGS, "fused_router", fused)
+        pm.zero_grad(set_to_none=True)
+        out = pm(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+        res.append((out.loss.detach(), out.aux_loss.detach(), grads))
+    assert len(calls) >= 2  # both layers' routers ran fused (plus the first call's check)
+    (l0, a0, g0), (l1, a1, g1) = res
+    assert rel(l1, l0) < 1e-5 and rel(a1, a0) < 1e-5
+    for n in g0:
+        assert rel(g1[n], g0[n]) < 1e-4, n
