@@ -6,7 +6,7 @@ spills and the MMA instructions (wgmma = Hopper's async warpgroup MMA), per vari
 ``bn/2`` gate and ``bn/2`` up columns, two W tiles / TMA boxes of ``bn/2`` per K step).
 
 A check that costs no device time: a variant that does not compile, spills, or falls back from
-wgmma shows here before a GPU run. Usage: python bench/sm90_compile_check.py [--glu] [--light] [--glu-fwd] [--tma] [--tiles 128,128,64,8,3 ...]
+wgmma shows here before a GPU run. Usage: python bench/sm90_compile_check.py [--glu] [--light] [--glu-fwd] [--tma] [--router] [--tiles 128,128,64,8,3 ...]
 """
 
 from __future__ import annotations
@@ -79,9 +79,15 @@ def compile_variant(glu: int, lora: int, gin: bool, gout: bool, dx: bool, bm, bn
         W_DESC=(2 if dx else 1) if tma else 0, X_DESC=bool(tma and gin), PERSISTENT=persistent,
         HALF_TAIL=half_tail, GLU_FWD=glu_fwd, WS=ws,
     )
+    return compile_stats(fn, sig, const, w, s, attrs)
+
+
+def compile_stats(fn, sig: dict, const: dict, w: int, s: int, attrs: dict | None = None) -> dict:
+    """Compile ``fn`` for sm_90a (``sig``: the runtime arguments' types, ``const``: the constexprs) and read ptxas's
+    registers and spills and the PTX's MMA / copy instruction counts."""
     for k2 in const:
         sig[k2] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs or {})
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": w, "num_stages": s})
     ptx = ck.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
@@ -115,8 +121,12 @@ def main():
     ap.add_argument("--persistent", action="store_true", help="the persistent grid (one program per SM, flattened loop)")
     ap.add_argument("--ws", action="store_true", help="the warp-specialised tile of the grouped-input launches (TMA, "
                     "split LoRA epilogue; Triton's Hopper pass: give num_warps 4, it adds a producer warp group)")
+    ap.add_argument("--router", action="store_true", help="the fused router's kernels (router_kernels.py) at the "
+                    "bench's expert counts, with the launch plan's tiles and warps")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90a")
+    if args.router:
+        return router_check()
     print(f"{'variant':<34}{'tile bm,bn,bk,w,s':<20}{'regs':>6}{'spill B':>9}{'wgmma':>7}{'mma.sync':>9}{'cp.async':>9}{'tma':>5}{'smem':>8}")
     variants = [("fwd up (gather, LoRA fused)", False, 1, False, True, False),
                 ("fwd up (gather, split epilogue)", False, 2, False, True, False),
@@ -152,6 +162,33 @@ def main():
                       f"{r['cp_async']:>9}{r['tma']:>5}{r['shared']:>8}{r['setmaxnreg']:>4}{r['warps']:>4}")
             except Exception as e:  # noqa: BLE001
                 print(f"{label:<34}{t:<20} failed: {repr(e)[:200]}")
+
+
+def router_check():
+    import torch
+
+    from host_plugin_scattermoe import router_kernels as RK
+
+    print(f"{'router kernel':<12}{'E':>5}{'k':>4}{'H':>6}{'dtype':>7}{'regs':>6}{'spill B':>9}{'mma':>5}{'smem':>8}{'warps':>6}")
+    for E, k, H, mode, bias in [(128, 8, 2048, 0, False), (256, 8, 2048, 0, False), (64, 8, 2048, 0, False),
+                                (8, 2, 4096, 0, False), (32, 4, 2880, 1, True), (512, 10, 4096, 0, False)]:
+        for dt, tn in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            for kind in ("fwd", "bwd"):
+                flags = (mode, True, bias) if kind == "fwd" else (mode, True, False, True, False)
+                _, kw, _ = RK._plan(kind, 4096, E, H, k, dt, flags)
+                kw = dict(kw)
+                w, st = kw.pop("num_warps"), kw.pop("num_stages", 3)
+                if kind == "fwd":
+                    fn, names = RK._router_fwd_kernel, "X W Bias Logits Scores Idx"
+                    ints = "T E H stride_x stride_w"
+                else:
+                    fn, names = RK._router_bwd_kernel, "Logits GScores Idx GLogits W DX DL"
+                    ints = "T E H stride_l stride_w stride_dx"
+                sig = {n: ("*i64" if n == "Idx" else f"*{tn}") for n in names.split()}
+                sig.update({n: "i32" for n in ints.split()})
+                r = compile_stats(fn, sig, kw, w, st)
+                print(f"{kind:<12}{E:>5}{k:>4}{H:>6}{tn:>7}{r['regs']!s:>6}{r['spill_stores']!s:>9}"
+                      f"{r['wgmma'] + r['mma_sync']:>5}{r['shared']:>8}{r['warps']:>6}")
 
 
 if __name__ == "__main__":

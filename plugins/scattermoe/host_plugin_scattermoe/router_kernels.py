@@ -35,17 +35,21 @@ MAX_TOP_K = 32
 
 
 @triton.jit
+def _token_block(T, E, BLOCK_T: tl.constexpr, EP: tl.constexpr, INT64: tl.constexpr):
+    """This program's token rows and the expert columns, with their masks."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if INT64:
+        rows = rows.to(tl.int64)
+    cols = tl.arange(0, EP)
+    return rows, rows < T, cols, cols < E
+
+
+@triton.jit
 def _router_fwd_kernel(X, W, Bias, Logits, Scores, Idx, T, E, H, stride_x, stride_w, K: tl.constexpr,
                        KP: tl.constexpr, EP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                        MODE: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
                        INT64: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < T
-    cols = tl.arange(0, EP)
-    cmask = cols < E
+    rows, rmask, cols, cmask = _token_block(T, E, BLOCK_T, EP, INT64)
     # the logits GEMM: [BLOCK_T, H] x [H, EP], fp32 accumulation, every expert in one tile
     acc = tl.zeros([BLOCK_T, EP], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -98,13 +102,7 @@ def _router_bwd_kernel(Logits, GScores, Idx, GLogits, W, DX, DL, T, E, H, stride
                        K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_H: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr, HAS_GL: tl.constexpr,
                        WRITE_DX: tl.constexpr, WRITE_DL: tl.constexpr, DOT_PREC: tl.constexpr, INT64: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    if INT64:
-        rows = rows.to(tl.int64)
-    rmask = rows < T
-    cols = tl.arange(0, EP)
-    cmask = cols < E
+    rows, rmask, cols, cmask = _token_block(T, E, BLOCK_T, EP, INT64)
     lm = rmask[:, None] & cmask[None, :]
     lg = tl.load(Logits + rows[:, None] * stride_l + cols[None, :], mask=lm, other=0.0).to(tl.float32)
     lg = tl.where(cmask[None, :], lg, float("-inf"))
@@ -172,8 +170,10 @@ def _plan(kind: str, T: int, E: int, H: int, k: int, dtype, flags: tuple):
         mode, norm, has_gl, write_dx, write_dl = flags
         # the W chunk [EP, BLOCK_H] is the shared-memory tile: at most 32 KB per stage, 2 stages
         bh = 32 if INTERPRET else max(16, min(128, 32768 // (EP * dtype.itemsize)))
+        # its [BLOCK_T, EP] tiles (logits, probabilities, gradients, the dot's accumulator) spill at 4 warps from 64
+        # experts on (ptxas, sm_90a): 8 warps there
         kw.update(MODE=mode, NORM=norm, HAS_GL=has_gl, WRITE_DX=write_dx, WRITE_DL=write_dl, BLOCK_H=bh,
-                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", num_stages=2)
+                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", num_stages=2, num_warps=8 if EP >= 64 else 4)
     p = ((triton.cdiv(T, bt), 1, 1), kw, {})
     if len(_PLANS) > 256:
         _PLANS.clear()
