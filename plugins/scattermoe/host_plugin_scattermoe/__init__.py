@@ -107,8 +107,14 @@ def validate_config(cfg):
 
 @hookimpl
 def patched_targets(cfg):
-    """The plugin computes every MoE layer's expert MLPs (as transformers' experts implementation)."""
-    return {"moe.experts.forward": ""}
+    """The plugin computes every MoE layer's expert MLPs (as transformers' experts implementation) and, with
+    ``scattermoe_fused_router``, the forward of the router classes it fuses."""
+    targets = {"moe.experts.forward": ""}
+    if cfg.scattermoe_fused_router:
+        from host_plugin_scattermoe.router import SPECS
+
+        targets.update({f"{path}.forward": "scattermoe_fused_router" for path in SPECS})
+    return targets
 
 
 @hookimpl

@@ -34,28 +34,34 @@ import warnings
 import torch
 from torch.nn.utils import parametrize
 
-#: class name: (kind, norm: bool or the module's flag attribute, scores dtype: "logits" or "float32")
+_TM = "transformers.models"
+#: router class (dotted path): (kind, norm: bool or the module's flag attribute, scores dtype: "logits" or "float32")
 SPECS: dict[str, tuple[str, bool | str, str]] = {
-    "Qwen2MoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
-    "Qwen3MoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
-    "Qwen3NextTopKRouter": ("softmax", "norm_topk_prob", "logits"),
-    "Qwen3_5MoeTopKRouter": ("softmax", True, "logits"),
-    "OlmoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
-    "MixtralTopKRouter": ("softmax", True, "float32"),
-    "GptOssTopKRouter": ("topk_softmax", True, "logits"),
+    f"{_TM}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    f"{_TM}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    f"{_TM}.qwen3_next.modeling_qwen3_next.Qwen3NextTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    f"{_TM}.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeTopKRouter": ("softmax", True, "logits"),
+    f"{_TM}.olmoe.modeling_olmoe.OlmoeTopKRouter": ("softmax", "norm_topk_prob", "logits"),
+    f"{_TM}.mixtral.modeling_mixtral.MixtralTopKRouter": ("softmax", True, "float32"),
+    f"{_TM}.gpt_oss.modeling_gpt_oss.GptOssTopKRouter": ("topk_softmax", True, "logits"),
 }
 _ORIGINAL = "_scattermoe_router_forward"
-#: class name -> whether its first fused call matched the class's own forward
+#: router class (dotted path) -> whether its first fused call matched the class's own forward
 CHECKED: dict[str, bool] = {}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 log = logging.getLogger("host_plugin_scattermoe")
+
+
+def class_path(module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def install(model) -> int:
     """Give every router module of a class in :data:`SPECS` the fused forward; returns how many."""
     n = 0
     for m in model.modules():
-        if type(m).__name__ in SPECS and _ORIGINAL not in m.__dict__ and isinstance(getattr(m, "weight", None), torch.Tensor):
+        if (class_path(m) in SPECS and _ORIGINAL not in m.__dict__
+                and isinstance(getattr(m, "weight", None), torch.Tensor)):
             m.__dict__[_ORIGINAL] = m.forward
             m.forward = types.MethodType(fused_forward, m)
             n += 1
@@ -63,7 +69,7 @@ def install(model) -> int:
 
 
 def _spec(module):
-    kind, norm, scores = SPECS[type(module).__name__]
+    kind, norm, scores = SPECS[class_path(module)]
     if isinstance(norm, str):
         norm = bool(getattr(module, norm))
     return kind, norm, scores
@@ -75,13 +81,15 @@ def _is_plain(t: torch.Tensor) -> bool:
 
 def compute_dtype(module, x: torch.Tensor) -> torch.dtype | None:
     """The dtype the module's ``F.linear`` computes the logits in: autocast's (HF Trainer's ``bf16: true`` runs the
-    forward under autocast), else the input's when the weight (and bias) share it; None when the kernels take neither."""
+    forward under autocast), else the input's when the weight (and bias) share it; None when the kernels take
+    neither."""
     W = module.weight
     b = getattr(module, "bias", None)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         return dt if dt in (torch.float16, torch.bfloat16) else None
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.dtype == W.dtype and (b is None or b.dtype == W.dtype):
+    same = x.dtype == W.dtype and (b is None or b.dtype == W.dtype)
+    if same and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return x.dtype
     return None
 
@@ -101,7 +109,7 @@ def applies(module, x: torch.Tensor) -> bool:
         and not parametrize.is_parametrized(module)
         and _is_plain(W)
         and not torch.compiler.is_compiling()
-        and CHECKED.get(type(module).__name__, True)
+        and CHECKED.get(class_path(module), True)
     )
 
 
@@ -110,12 +118,13 @@ def fused_forward(self, hidden_states: torch.Tensor):
     own = self.__dict__[_ORIGINAL]
     if not applies(self, hidden_states):
         return own(hidden_states)
-    name = type(self).__name__
+    name = class_path(self)
     if name not in CHECKED:
         CHECKED[name] = _matches(self, own, hidden_states)
         if not CHECKED[name]:
             return own(hidden_states)
-        log.info("scattermoe: fused router on for %s (%s, matched its own forward)", name, compute_dtype(self, hidden_states))
+        log.info("scattermoe: fused router on for %s (%s, matched its own forward)", type(self).__name__,
+                 compute_dtype(self, hidden_states))
     return _route(self, hidden_states)
 
 
@@ -151,7 +160,8 @@ def _matches(module, own, hidden_states) -> bool:
             close(ref_l, got_l, ulp)
             # the chosen experts are a top-k of the module's logits (at a tie either one is), weights alike
             and close(ref_l.gather(1, got_i).sort(1).values, ref_l.gather(1, ref_i).sort(1).values, ulp)
-            and torch.allclose(ref_s.float().sort(1).values, got_s.float().sort(1).values, rtol=4 * ulp, atol=ulp * 1e-2)
+            and torch.allclose(ref_s.float().sort(1).values, got_s.float().sort(1).values, rtol=4 * ulp,
+                               atol=ulp * 1e-2)
         )
     if not ok:
         warnings.warn(

@@ -53,6 +53,23 @@ def test_pre_model_load_registers_and_selects(make_plugin_manager, tmp_path):
     ops.SETTINGS.update(fused_lora=True, fused_tail=False)
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_fused_router_key(make_plugin_manager, tmp_path, monkeypatch, on):
+    """``scattermoe_fused_router`` sets the switch and declares the fused router classes' forwards as patched targets
+    (another plugin patching one of them is then a config error naming this key)."""
+    from host_plugin_scattermoe import ops, router
+
+    monkeypatch.setitem(ops.SETTINGS, "fused_router", not on)
+    pm = make_plugin_manager(["scattermoe"])
+    cfg = validate(_cfg(tmp_path, scattermoe_fused_router=on), pm)
+    (declared,) = pm.hook.patched_targets(cfg=cfg)
+    assert declared.pop("moe.experts.forward") == ""
+    assert declared == ({f"{path}.forward": "scattermoe_fused_router" for path in router.SPECS} if on else {})
+    assert all(path.startswith("transformers.models.") for path in router.SPECS)
+    pm.hook.pre_model_load(cfg=cfg)
+    assert ops.SETTINGS["fused_router"] is on
+
+
 @pytest.mark.parametrize("value,setting", [("off", None), ("gemm", "gemm"), ("glu", "glu"), (False, None), (True, "glu")])
 def test_light_tail_key_sets_the_backward(make_plugin_manager, tmp_path, monkeypatch, value, setting):
     """``scattermoe_light_tail`` picks the merged node's backward (YAML's unquoted ``off`` arrives as False); unset, the
