@@ -59,7 +59,7 @@ step profile "${PROFILE_S:-30}" python3 $B/profile_block.py Qwen3-30B-A3B
 step host_overhead "${HOST_S:-0}" python3 $B/host_overhead.py --json "$OUT/host_overhead.json"
 step cprofile "${HOST_S:-0}" python3 $B/diagnose_gap.py --impls scattermoe --iters 20 --cprofile
 step e2e "${E2E_S:-90}" python3 $B/bench_e2e_train.py --steps 10 --work /tmp/e2e \
-  --runs ${E2E_RUNS:-grouped_mm+peft scattermoe scattermoe+graph}
+  --runs ${E2E_RUNS:-grouped_mm+peft scattermoe scattermoe+graph} --repeats ${E2E_REPEATS:-1}
 step bench_mxfp4 "${MXBENCH_S:-0}" python3 plugins/mxfp4/bench/bench_mxfp4.py ${MXBENCH_ARGS:---skip-fused --skip-load} \
   --shapes ${MXBENCH_SHAPES:-Qwen3-30B-A3B,Qwen3.5-35B-A3B}
 step probe_dot_scaled "${PROBE_S:-0}" python3 plugins/mxfp4/bench/probe_dot_scaled.py
@@ -74,7 +74,7 @@ grep -A 6 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
 grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
 grep -E "(down fwd|up dX) +(rule|ws)" "$OUT/bench_gemm_ws.log" 2>/dev/null | cut -c1-80
 grep -E "total|_s2s|outer|silu|combine|sort|copy|topk" "$OUT/profile.log" | head -14 | cut -c1-110
-grep -A 9 "^run" "$OUT/e2e.log" | cut -c1-100; grep "^speed-up" "$OUT/e2e.log"
+grep -A 9 "^run" "$OUT/e2e.log" | cut -c1-100; grep "^speed-up" "$OUT/e2e.log"; grep -A 8 "alternating passes" "$OUT/e2e.log" 2>/dev/null
 grep -E "^\| (Qwen|gpt).*(scattermoe bf16|auto|grouped|B \(fused)" "$OUT/bench_mxfp4.log" 2>/dev/null | cut -c1-110
 grep -E "^\| Qwen" "$OUT/probe_dot_scaled.log" 2>/dev/null | grep -E "bf16|decode" | cut -c1-110
 cat "$OUT/summary.txt"; grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | cut -c1-220 | head -30

@@ -1,7 +1,8 @@
 """End-to-end `host train` tokens/s: a 2-layer, real-width Qwen3-MoE (E=128, H=2048, I=768, k=8,
 random weights), LoRA r=16 on attention and experts, bf16, with and without the scattermoe plugin (and with ``scattermoe_cuda_graph``).
 
-Usage: python bench/bench_e2e_train.py [--steps 12] [--seq 1024] [--batch 4]   (needs host + plugin installed)
+Usage: python bench/bench_e2e_train.py [--steps 12] [--seq 1024] [--batch 4] [--runs A B ...] [--repeats 3]
+(needs host + plugin installed)
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ def main():
     ap.add_argument("--warmup-steps", type=int, default=3,
                     help="an unreported scattermoe run first (0: none): in two 2026-12-06 calls the first scattermoe "
                          "run of the call read 8-25%% below the next ones (Triton's cold compiles, GPU clocks)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the list this many times, every other pass in reverse order (A B, B A, A B, ...), and "
+                         "report each run's mean: throughput drifts along a call (2026-12-07: the earlier run of a "
+                         "pair read faster whichever setting it held), which the alternating order cancels to first "
+                         "order")
     args = ap.parse_args()
+    if args.repeats > 1:
+        args.runs = [f"{r}#{i + 1}" if i else r for i in range(args.repeats)
+                     for r in (args.runs if i % 2 == 0 else args.runs[::-1])]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     import torch
@@ -112,6 +121,17 @@ def main():
         b = results.get(name)
         if a and b:
             print(f"speed-up {name} ({key}) {b[key] / a[key]:.2f}x")
+    if args.repeats > 1:
+        by_run: dict = {}
+        for name, r in results.items():
+            if r and r.get(key):
+                by_run.setdefault(name.split("#")[0], []).append(r[key])
+        base = by_run.get("grouped_mm+peft")
+        print(f"\nover {args.repeats} alternating passes ({key}): mean, min, max, speed-up of the means")
+        for name, v in by_run.items():
+            mean = sum(v) / len(v)
+            sp = f"{mean / (sum(base) / len(base)):.2f}x" if base else "-"
+            print(f"{name:<22}{mean:>12.0f}{min(v):>12.0f}{max(v):>12.0f}{sp:>8}")
     out = Path(os.environ.get("OUT", str(work))) / "bench_e2e_train.json"
     out.write_text(json.dumps({"bench": "bench_e2e_train.py", "runs": results}, indent=1))
 
