@@ -211,7 +211,7 @@ def backward(logits, g_scores, ids, g_logits, W, mode: int, norm: bool, need_dx:
     dx = torch.empty(T, H, device=dev, dtype=dt) if need_dx else None
     dl = torch.empty(T, E, device=dev, dtype=dt) if need_dl else None
     if T:
-        logits = logits.contiguous()  # F.linear's output already is: the gradients share its row stride E
+        logits = logits.contiguous()  # the forward's already is: the gradients share its row stride E
         if g_logits is not None:
             g_logits = g_logits.contiguous()
         if W.stride(1) != 1:
