@@ -106,6 +106,8 @@ def applies(module, x: torch.Tensor) -> bool:
         and W.dim() == 2 and W.shape[0] <= MAX_EXPERTS
         and 0 < int(module.top_k) <= min(MAX_TOP_K, W.shape[0])
         and compute_dtype(module, x) is not None
+        # the Qwen/OLMoE/Mixtral routers flatten their input; gpt-oss's keeps its shape (its MLP passes [T, H])
+        and (x.dim() == 2 or SPECS[class_path(module)][0] == "softmax")
         and not parametrize.is_parametrized(module)
         and _is_plain(W)
         and not torch.compiler.is_compiling()

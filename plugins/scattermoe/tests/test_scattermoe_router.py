@@ -331,3 +331,18 @@ def test_specs_name_the_routers_install_finds():
     for family in FAMILIES:
         r = make_router(family)
         assert router.install(r) == 1, family
+
+
+def test_gpt_oss_router_keeps_a_3d_input_to_its_own_forward():
+    """gpt-oss's router does not flatten its input (its MLP passes ``[T, H]``): a 3-D input keeps the module's forward
+    and the module's output shapes; the Qwen routers flatten, so theirs is fused either way."""
+    r = make_router("gpt_oss")
+    router.install(r)
+    x = torch.randn(2, 5, 40, device=DEV)
+    logits, scores, ids = r(x)
+    assert logits.shape == (2, 5, 12) and scores.shape == (2, 5, 3)
+    assert router.CHECKED == {}  # never fused: no first-call check ran
+    q = make_router("qwen3_moe")
+    router.install(q)
+    logits, scores, _ = q(x)
+    assert logits.shape == (10, 12) and router.CHECKED == {router.class_path(q): True}
