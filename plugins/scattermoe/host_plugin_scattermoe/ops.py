@@ -67,8 +67,8 @@ SETTINGS: dict = {
     # one launch, bitwise the separate launches'); env SCATTERMOE_GLU_EPILOGUE=1 turns it on, 0: the up projection,
     # then silu_glu_fwd. Off by default until a GPU run (triton 3.6, sm_90) has checked and timed it.
     "glu_epilogue": os.environ.get("SCATTERMOE_GLU_EPILOGUE", "0") == "1",
-    # the router as one node with fused softmax/top-k/renormalise kernels (router.py; env SCATTERMOE_FUSED_ROUTER=0: the
-    # model's own router, for before/after measurements)
+    # the router as one node: logits GEMM, softmax, top-k and renormalisation in one kernel (router.py; env
+    # SCATTERMOE_FUSED_ROUTER=0: the model's own router, for before/after measurements)
     "fused_router": os.environ.get("SCATTERMOE_FUSED_ROUTER", "1") == "1",
     "backend": "auto",
 }
@@ -405,8 +405,9 @@ class _GluExpertsFunction(torch.autograd.Function):
         keep_act = need[2] or need[5] or (ctx.light == "gemm" and need[7])
         # each sorted row's routing weight for the light tail's LoRA gradients, made here, where the host is ahead of
         # the GPU, rather than before the backward's first GEMM (a synchronised step waits for that launch)
-        ctx.g_sorted = _sorted_gates(gates, ssi) if light and _wants_sorted_gates(B2, need[5], need[6], split2,
-                                                                                   ctx.light) else None
+        ctx.g_sorted = None  # [L, 1] fp32
+        if light and _wants_sorted_gates(B2, need[5], need[6], split2, ctx.light):
+            ctx.g_sorted = gates.reshape(-1).index_select(0, ssi).float()[:, None]
         ctx.acts = [h, act if keep_act else None, None if light else y]
         ctx.k, ctx.s1, ctx.s2, ctx.split1, ctx.split2, ctx.clamp = k, s1, s2, split1, split2, clamp
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -499,21 +500,14 @@ def _wants_sorted_gates(B2, nA2: bool, nB2: bool, split: bool, mode) -> bool:
     return B2 is not None and (nB2 or ((split or mode == "glu") and nA2))
 
 
-def _sorted_gates(gates: torch.Tensor, ssi: torch.Tensor) -> torch.Tensor:
-    """``[L, 1]`` fp32: the routing weight of each expert-sorted row."""
-    return gates.reshape(-1).index_select(0, ssi).float()[:, None]
-
-
-def _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, k, s, split, nA2, nB2, ng, mode,
-                         g_sorted=None):
+def _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, k, s, split, nA2, nB2, ng, mode, g_sorted):
     """The light tail's down-projection backward (see :class:`_GluExpertsFunction`): ``(dact [L, I] grouped, dA2,
-    dB2, dg [T, k] fp32)``, ``None`` where not needed; ``dout [T, H]`` contiguous, ``A2``/``B2`` in kernel layout.
+    dB2, dg [T, k] fp32)``, ``None`` where not needed; ``dout [T, H]`` contiguous, ``A2``/``B2`` in kernel layout,
+    ``g_sorted [L, 1]`` each sorted row's routing weight (made in the forward) where :func:`_wants_sorted_gates`.
     ``mode == "glu"``: a plain dX launch, so ``dact`` is ``d(act) / g`` and ``dg`` None (both left to
     ``K.silu_glu_gate_bwd``); ``"gemm"``: the dX epilogue applies ``g`` and reduces ``dg`` against ``act``."""
     Wt = W2.transpose(1, 2)
     dA2 = dB2 = None
-    if g_sorted is None and _wants_sorted_gates(B2, nA2, nB2, split, mode):
-        g_sorted = _sorted_gates(gates, ssi)
     gyb = None  # g·(dout·B2) [L, r] fp32, grouped
     if mode == "glu":
         # the dX launch of the separate nodes' down projection, fed dout [T, H] gathered (ssi // k) instead of dy
