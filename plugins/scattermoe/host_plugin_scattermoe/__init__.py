@@ -62,9 +62,10 @@ class ScatterMoEConfig(StrictModel):
     )
     scattermoe_fused_router: bool = Field(
         True,
-        description="Run the MoE router (softmax, top-k, renormalisation) of Qwen2/3-MoE, Qwen3-Next, Qwen3.5, OLMoE, "
-        "Mixtral and gpt-oss as one autograd node: one kernel after the logits GEMM and one for its backward instead "
-        "of ~23 small ones. Same logits, experts and weights as the model's own router (checked on the first call).",
+        description="Run the MoE router (logits GEMM, softmax, top-k, renormalisation) of Qwen2/3-MoE, Qwen3-Next, "
+        "Qwen3.5, OLMoE, Mixtral and gpt-oss as one autograd node: one kernel forward and one backward instead of ~23 "
+        "small ones. The model's own math (a logit may round 1 ulp apart from cuBLAS's), checked against the model's "
+        "router on each class's first call.",
     )
     scattermoe_backend: Literal["auto", "triton", "torch"] = Field(
         "auto", description="auto: Triton on CUDA, torch reference on CPU."

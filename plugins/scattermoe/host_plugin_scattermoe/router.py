@@ -68,13 +68,6 @@ def install(model) -> int:
     return n
 
 
-def _spec(module):
-    kind, norm, scores = SPECS[class_path(module)]
-    if isinstance(norm, str):
-        norm = bool(getattr(module, norm))
-    return kind, norm, scores
-
-
 def _is_plain(t: torch.Tensor) -> bool:
     return not hasattr(t, "_local_tensor")  # a DTensor (FSDP2, tensor parallel) keeps the module's forward
 
@@ -94,45 +87,48 @@ def compute_dtype(module, x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def applies(module, x: torch.Tensor) -> bool:
+def fused_dtype(module, x: torch.Tensor, path: str) -> torch.dtype | None:
+    """The dtype the fused router computes this call in (:func:`compute_dtype`), or None where the module's own forward
+    runs (see the module docstring). ``path``: the module's :func:`class_path`."""
     from host_plugin_scattermoe import ops
     from host_plugin_scattermoe.router_kernels import MAX_EXPERTS, MAX_TOP_K
 
     W = module.weight
     backend = ops.SETTINGS["backend"]  # as the experts: auto runs Triton on CUDA, triton also under the interpreter
-    return (
+    runs = (
         ops.SETTINGS.get("fused_router", True)
         and (x.is_cuda if backend == "auto" else backend == "triton" and (x.is_cuda or _INTERPRET))
         and W.dim() == 2 and W.shape[0] <= MAX_EXPERTS
         and 0 < int(module.top_k) <= min(MAX_TOP_K, W.shape[0])
-        and compute_dtype(module, x) is not None
         # the Qwen/OLMoE/Mixtral routers flatten their input; gpt-oss's keeps its shape (its MLP passes [T, H])
-        and (x.dim() == 2 or SPECS[class_path(module)][0] == "softmax")
+        and (x.dim() == 2 or SPECS[path][0] == "softmax")
         and not parametrize.is_parametrized(module)
         and _is_plain(W)
         and not torch.compiler.is_compiling()
-        and CHECKED.get(class_path(module), True)
+        and CHECKED.get(path, True)
     )
+    return compute_dtype(module, x) if runs else None
 
 
 def fused_forward(self, hidden_states: torch.Tensor):
     """``(router_logits [T, E], router_scores [T, k], router_indices [T, k])``, as the module's own forward returns."""
     own = self.__dict__[_ORIGINAL]
-    if not applies(self, hidden_states):
+    path = class_path(self)
+    dt = fused_dtype(self, hidden_states, path)
+    if dt is None:
         return own(hidden_states)
-    name = class_path(self)
-    if name not in CHECKED:
-        CHECKED[name] = _matches(self, own, hidden_states)
-        if not CHECKED[name]:
+    if path not in CHECKED:
+        CHECKED[path] = _matches(self, own, hidden_states, path, dt)
+        if not CHECKED[path]:
             return own(hidden_states)
-        log.info("scattermoe: fused router on for %s (%s, matched its own forward)", type(self).__name__,
-                 compute_dtype(self, hidden_states))
-    return _route(self, hidden_states)
+        log.info("scattermoe: fused router on for %s (%s, matched its own forward)", type(self).__name__, dt)
+    return _route(self, hidden_states, path, dt)
 
 
-def _route(self, hidden_states):
-    kind, norm, scores = _spec(self)
-    dt = compute_dtype(self, hidden_states)
+def _route(self, hidden_states, path: str, dt: torch.dtype):
+    kind, norm, scores = SPECS[path]
+    if isinstance(norm, str):
+        norm = bool(getattr(self, norm))
     x = hidden_states.reshape(-1, self.weight.shape[1])
     W, b = self.weight, getattr(self, "bias", None)
     # autocast's casts of F.linear, as differentiable ops outside the node (a no-op where the dtypes agree)
@@ -143,13 +139,13 @@ def _route(self, hidden_states):
         return _RouterFunction.apply(x, W, b, kind == "topk_softmax", norm, int(self.top_k), sdt)
 
 
-def _matches(module, own, hidden_states) -> bool:
+def _matches(module, own, hidden_states, path: str, dt: torch.dtype) -> bool:
     """The first fused call of a class, checked against the class's own forward on up to 256 tokens: logits within an
     ulp, the chosen experts a top-k of the module's logits, the same weights."""
     x = hidden_states.reshape(-1, module.weight.shape[1])[:256].detach()
     with torch.no_grad():
         ref_l, ref_s, ref_i = own(x)
-        got_l, got_s, got_i = _route(module, x)
+        got_l, got_s, got_i = _route(module, x, path, dt)
     ulp = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[x.dtype]
     ok = ref_s.dtype == got_s.dtype and ref_s.shape == got_s.shape and ref_i.shape == got_i.shape
     if ok:
