@@ -84,10 +84,10 @@ def _merged_applies(module, x: torch.Tensor) -> bool:
     """The experts call runs as one autograd node (``ops.glu_experts``): ``scattermoe_merged`` on (env
     ``SCATTERMOE_MERGED=0`` turns it off), the Triton path, fused gates on, a gate with a fused kernel (transformers'
     default SiLU gate, or gpt-oss's clamped sigmoid-GLU; with or without the projections' biases), no post-expert
-    norm, not the opt-in fused tail; and neither saved-tensor hooks (non-reentrant
-    checkpointing, offloading: the merged node holds its activations on ctx, out of the hooks' reach) nor a CUDA
-    graph capture (graphs.py keeps every saved activation alive; the merged node frees them in its backward).
-    Everything else keeps the separate nodes."""
+    norm, not the opt-in fused tail; no saved-tensor hooks (non-reentrant checkpointing, offloading: the merged node
+    holds its activations on ctx, out of the hooks' reach); and no CUDA graph capture but graphs.py's (whose replays
+    the merged node's captured forward serves by keeping its activations; another capture's handling of them is
+    unknown). Everything else keeps the separate nodes."""
     S = ops.SETTINGS
     return (
         S.get("merged", True)
@@ -97,8 +97,7 @@ def _merged_applies(module, x: torch.Tensor) -> bool:
         and bool(getattr(module, "has_gate", True))
         and ops._use_triton(x, None)
         and (_is_default_silu_gate(module) or _is_clamped_glu_gate(module))
-        and not graphs.capturing()
-        and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        and (graphs.capturing() or not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         and not graphs._saved_tensor_hooks_active()
     )
 

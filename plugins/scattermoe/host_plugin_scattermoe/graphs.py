@@ -19,7 +19,9 @@ How it stays correct:
 * A second forward of the same graph before the first one's backward (two forwards, then one
   backward) would overwrite the saved activations: it runs eagerly instead.
 * All graphs share one private memory pool. The forward's saved activations are kept alive
-  (``retain_graph``), so only capture-time temporaries are ever reused by a later capture; a replay
+  (``retain_graph``; the merged experts node, ``ops.glu_experts``, which is captured like the eager path's and
+  frees its ctx-held activations in an eager backward, keeps them when its forward was captured), so only
+  capture-time temporaries are ever reused by a later capture; a replay
   can then only clobber memory of a graph that was captured later and is not between its own forward
   and backward, which holds for forward-then-reverse-backward order and for reentrant activation
   checkpointing's recompute-then-backward order.

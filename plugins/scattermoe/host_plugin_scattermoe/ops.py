@@ -401,7 +401,9 @@ class _GluExpertsFunction(torch.autograd.Function):
         # routing weights' gradient), y for the combine unless light) are held on ctx, not saved, so the backward
         # frees each one after its last use, as the separate nodes' release does: the step's peak memory is at most
         # the separate nodes'. Hence one backward only (no retain_graph), and the caller keeps the separate nodes
-        # under saved-tensor hooks and CUDA graph capture (experts.py).
+        # under saved-tensor hooks (experts.py). A forward captured into a CUDA graph (graphs.py) keeps them instead:
+        # its replays write and read them where the capture put them, so no later capture may be given that memory.
+        ctx.keep = x.is_cuda and torch.cuda.is_current_stream_capturing()
         keep_act = need[2] or need[5] or (ctx.light == "gemm" and need[7])
         # each sorted row's routing weight for the light tail's LoRA gradients, made here, where the host is ahead of
         # the GPU, rather than before the backward's first GEMM (a synchronised step waits for that launch)
@@ -424,7 +426,8 @@ class _GluExpertsFunction(torch.autograd.Function):
                 "already; for a second backward through the same graph (retain_graph=True) set SCATTERMOE_MERGED=0"
             )
         h, act, y = ctx.acts
-        ctx.acts = None
+        if not ctx.keep:
+            ctx.acts = None
         nx, nW1, nW2, nA1, nB1, nA2, nB2, ng = ctx.needs_input_grad[:8]
         nb1 = ctx.has_b1 and ctx.needs_input_grad[16]
         nb2 = ctx.has_b2 and ctx.needs_input_grad[17]
@@ -438,7 +441,8 @@ class _GluExpertsFunction(torch.autograd.Function):
                 dg_bias = K.bias_dg(dout, b2, K.flat_experts(sei, ssi), ctx.k)
             dact, dA2, dB2, dg = _light_tail_backward(dout, act, gates, W2, A2, B2, xa2, ssi, offs, ctx.k,
                                                       ctx.s2, ctx.split2, nA2, nB2, ng, ctx.light, ctx.g_sorted)
-            ctx.g_sorted = None
+            if not ctx.keep:
+                ctx.g_sorted = None
             if dg is not None and dg_bias is not None:  # "gemm": dg [T, k] from the dX epilogue
                 dg = dg + dg_bias.view(dg.shape)
             del act, xa2

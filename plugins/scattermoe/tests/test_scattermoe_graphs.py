@@ -82,6 +82,9 @@ def test_graph_matches_eager_over_steps(monkeypatch):
     assert graphs.REPLAYS["bwd"] - before["bwd"] == n_layers * len(batches)
     ex = [m for m in model.modules() if hasattr(m, graphs._GRAPHS_ATTR)]
     assert len(ex) == n_layers and all(len(m.__dict__[graphs._GRAPHS_ATTR]) == 2 for m in ex)
+    # the graphs hold the eager path's node (the merged one, with its light tail), not the separate nodes
+    nodes = {type(e.out.grad_fn).__name__ for m in ex for e in m.__dict__[graphs._GRAPHS_ATTR].values()}
+    assert nodes == {"_GluExpertsFunctionBackward"}, nodes
 
 
 @cuda
