@@ -4,6 +4,8 @@ Each test runs the real lifecycle (``host.model.build``: pre_model_load, from_pr
 post_model_build) and compares loss and gradients against the same weights without the plugin.
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -87,7 +89,7 @@ def test_only_requested_patches_happen(make_plugin_manager, tiny_model):
 
 
 @pytest.mark.parametrize("target", ["lora", "frozen"])
-def test_fused_loss_with_lora_on_lm_head_or_frozen_head(make_plugin_manager, tiny_model, target):
+def test_fused_loss_with_lora_on_lm_head_or_frozen_head(make_plugin_manager, tiny_model, target, monkeypatch):
     """LoRA on lm_head: the fused loss must see W + B·A and give lora_B/lora_A of lm_head their gradient."""
     path = tiny_model("qwen3")
     modules = ["q_proj", "v_proj"] + (["lm_head"] if target == "lora" else [])
@@ -98,8 +100,9 @@ def test_fused_loss_with_lora_on_lm_head_or_frozen_head(make_plugin_manager, tin
         torch.manual_seed(0)
         model = _build(make_plugin_manager, path, plugins, **lora, **keys)
         for n, p in model.named_parameters():  # lora_B starts at zero: make the update visible
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 2**31))
+            if "lora_B" in n:  # seeded by name (crc32: str hash() changes per process), lm_head's update large
+                std = 0.5 if "lm_head" in n else 0.02
+                torch.nn.init.normal_(p, std=std, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
         return model
 
     plain = _loss_and_grads(run([]), batch)
@@ -110,10 +113,10 @@ def test_fused_loss_with_lora_on_lm_head_or_frozen_head(make_plugin_manager, tin
         assert any("lm_head.lora_B" in n for n in fused[1])
         # liger-kernel alone reads the base weight: the LoRA update would be lost from the loss
         head = fused_model.get_base_model().lm_head
-        type(head).weight = property(lambda self: self.get_base_layer().weight)
+        monkeypatch.setattr(type(head), "weight", property(lambda self: self.get_base_layer().weight))
         fused_model.zero_grad(set_to_none=True)
         loss = fused_model(**batch).loss
-        assert not torch.allclose(loss, plain[0], rtol=1e-4, atol=1e-5)
+        assert abs(loss.item() - plain[0].item()) > 1e-2, (loss.item(), plain[0].item())
 
 
 def test_gradient_checkpointing_and_lora_on_experts(make_plugin_manager, tiny_model):
