@@ -146,7 +146,8 @@ def _matches(module, own, hidden_states, path: str, dt: torch.dtype) -> bool:
     with torch.no_grad():
         ref_l, ref_s, ref_i = own(x)
         got_l, got_s, got_i = _route(module, x, path, dt)
-    ulp = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[x.dtype]
+    # the logits' ulp is that of the dtype they are computed in (autocast's, for an fp32 model), not the input's
+    ulp = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dt]
     ok = ref_s.dtype == got_s.dtype and ref_s.shape == got_s.shape and ref_i.shape == got_i.shape
     if ok:
         scale = ref_l.float().abs().max().item()

@@ -185,6 +185,25 @@ def test_autocast_computes_in_its_dtype():
     assert got[4]["weight"].dtype == torch.float32 and rel(got[4]["weight"], ref[4]["weight"]) < 5e-3
 
 
+def test_autocast_check_allows_an_ulp_of_the_compute_dtype(monkeypatch):
+    """The first call's check under autocast with an fp32 model: the kernel's half-precision logits may round 1 ulp
+    away from cuBLAS's (a GPU does, the interpreter does not), which is 1 ulp of fp16, not of the fp32 input. The
+    fused logits here are nudged by one fp16 ulp where they differ from the reference: the fused router stays on."""
+    r = make_router("qwen3_moe", hidden=64)
+    x = torch.randn(33, 64, device=DEV)
+    route = router._route
+
+    def nudged(self, hidden_states, path, dt):
+        logits, scores, ids = route(self, hidden_states, path, dt)
+        return torch.nextafter(logits, torch.full_like(logits, float("inf"))), scores, ids
+
+    monkeypatch.setattr(router, "_route", nudged)
+    with torch.autocast(DEV, dtype=torch.float16), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        run(r, x, torch.randn(33, 12, device=DEV), None, fused=True)
+    assert list(router.CHECKED.values()) == [True]
+
+
 def test_a_changed_router_keeps_its_own_forward(monkeypatch):
     """A transformers release whose router no longer matches the formula: the first call's check falls back, warns."""
     r = make_router("qwen3_moe")
@@ -262,6 +281,30 @@ def test_fused_router_bf16_real_shapes(family, E, k):
     assert same.float().mean() > 0.99
     assert rel(got[1][same].float().sort(1).values, ref[1][same].float().sort(1).values) < 1e-2
     assert rel(got[3], ref[3]) < 2e-2
+    assert rel(got[4]["weight"], ref[4]["weight"]) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs the compiled kernels (CUDA)")
+def test_fp32_model_under_bf16_autocast_real_shape():
+    """HF Trainer's ``bf16: true`` with an fp32 model at Qwen3-30B-A3B's router shape: the first call's check passes
+    (the fused router stays on) and the results match the module's own forward under the same autocast."""
+    r = make_router("qwen3_moe", hidden=2048, top_k=8, experts=128)
+    with torch.no_grad():
+        r.weight.mul_(0.05)
+    r.weight.requires_grad_(True)
+    x = torch.randn(4096, 2048, device=DEV)
+    gs = torch.randn(4096, 128, device=DEV)
+    out = []
+    for fused in (False, True):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            out.append(run(r, x, gs, None, fused=fused))
+    ref, got = out
+    assert list(router.CHECKED.values()) == [True]
+    assert got[0].dtype == ref[0].dtype == torch.bfloat16
+    assert (got[0] == ref[0]).float().mean() > 0.99
+    same = (got[2].sort(1).values == ref[2].sort(1).values).all(1)
+    assert same.float().mean() > 0.99
+    assert got[3].dtype == torch.float32 and rel(got[3], ref[3]) < 2e-2
     assert rel(got[4]["weight"], ref[4]["weight"]) < 2e-2
 
 
