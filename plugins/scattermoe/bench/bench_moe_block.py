@@ -223,7 +223,7 @@ def main():
     if args.isolate:
         return isolated(args)
 
-    from host_plugin_scattermoe import experts, lora, router
+    from host_plugin_scattermoe import experts, graphs, lora, router
     from host_plugin_scattermoe import ops as _ops
 
     glu_default = _ops.SETTINGS["glu_epilogue"]  # the plugin's default (env SCATTERMOE_GLU_EPILOGUE)
@@ -249,6 +249,7 @@ def main():
             if impl.startswith("scattermoe"):
                 lora.attach(holder)
                 router.install(holder)
+                graphs.install(holder)
             from host_plugin_scattermoe import ops
 
             from host_plugin_scattermoe import kernels as K

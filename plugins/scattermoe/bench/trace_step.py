@@ -128,7 +128,7 @@ def main():
     args = ap.parse_args()
     from bench_moe_block import SHAPES, build_block
 
-    from host_plugin_scattermoe import experts, lora, ops, router
+    from host_plugin_scattermoe import experts, graphs, lora, ops, router
 
     experts.register()
     family, E, H, I, k = SHAPES[args.shape]
@@ -138,6 +138,7 @@ def main():
         if impl.startswith("scattermoe"):
             lora.attach(holder)
             router.install(holder)
+            graphs.install(holder)
         ops.SETTINGS["cuda_graph"] = impl == "scattermoe+graph"
         ops.SETTINGS["fused_router"] = impl != "scattermoe+torchrouter"
         cfg._experts_implementation = impl.split("+")[0]

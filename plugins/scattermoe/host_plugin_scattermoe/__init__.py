@@ -55,10 +55,11 @@ class ScatterMoEConfig(StrictModel):
 
     scattermoe_cuda_graph: bool = Field(
         False,
-        description="Replay each experts call (forward and backward) as a CUDA graph captured once per token count: "
-        "two replays instead of ~16 launches, for steps whose host enqueue is slower than the GPU. Costs the first "
-        "call of each shape a capture, and keeps each layer's activations, temporaries and three [tokens, hidden] "
-        "buffers resident (graphs.py).",
+        description="Replay each MoE block (router, experts, shared expert; forward and backward) as CUDA graphs "
+        "captured once per token count: two replays instead of ~20 launches and their Python, for steps whose host "
+        "enqueue is slower than the GPU. A block with forward hooks inside (e.g. output_router_logits' recorder) "
+        "replays its experts call alone. Costs the first call of each shape a capture, and keeps each layer's "
+        "activations, temporaries and three [tokens, hidden] buffers resident (graphs.py).",
     )
     scattermoe_fused_router: bool = Field(
         True,
@@ -145,7 +146,8 @@ def pre_model_load(cfg):
 
 @hookimpl
 def post_model_build(cfg, model):
-    from host_plugin_scattermoe import lora, router
+    from host_plugin_scattermoe import graphs, lora, router
 
     lora.attach(model)
     router.install(model)
+    graphs.install(model)

@@ -1,15 +1,22 @@
-"""The experts forward and backward as two CUDA graph replays (``scattermoe_cuda_graph``, off by default).
+"""The MoE block's forward and backward as two CUDA graph replays (``scattermoe_cuda_graph``, off by default).
 
 Why: at the small-expert shapes one MoE block's ~2.3 ms of GPU work takes the host 3-6 ms to enqueue
 (Python autograd glue, ~16 kernel launches, cub's sort passes; ``bench/diagnose_gap.py``), so a
-synchronised step waits on the CPU. Captured once per input shape, the experts call becomes: copy the
-three inputs into static buffers, replay the forward graph, clone the output; its backward: copy the
-output gradient, replay the backward graph, clone the gradients. Two replays instead of ~16 launches.
+synchronised step waits on the CPU. Captured once per input shape, the call becomes: copy the inputs
+into static buffers, replay the forward graph, clone the outputs; its backward: copy the output
+gradients, replay the backward graph, clone the gradients. Two replays instead of ~16 launches.
+
+What is captured: the whole MoE block (the module whose child is the experts: router, experts, a shared
+expert, the glue between them; :func:`install`), so the GPU's first kernel is the replay's, not the router's
+after the block's Python. Where the block cannot be captured (a forward hook or pre-hook on any module
+inside it, e.g. transformers' ``output_router_logits`` recorder once installed; keyword or non-tensor
+arguments; a peft wrapper scattermoe has not linked; another experts implementation), the block runs its
+own forward and the experts call alone is replayed, as below.
 
 How it stays correct:
 
-* One capture per ``(tokens, top_k, dtypes, requires_grad flags, parameter addresses, adapter
-  state)``, at most ``MAX_GRAPHS_PER_MODULE`` per experts module; anything else (CPU, no grad,
+* One capture per ``(input shapes, dtypes, requires_grad flags, parameter addresses, adapter state,
+  autocast state, train/eval)``, at most ``MAX_GRAPHS_PER_MODULE`` per module; anything else (CPU, no grad,
   peft's unattached parametrisations, saved-tensor hooks, i.e. non-reentrant activation
   checkpointing or offloading, a capture underway, a new shape past the limit) runs the eager
   path. Reentrant checkpointing replays: its recompute runs with grad enabled and no hooks. Routing never syncs with the host (``routing.sort_tokens``), so expert loads may
@@ -33,6 +40,7 @@ output gradient) resident, ~50 MB per MoE layer at T = 4096, H = 2048 on top of 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -42,6 +50,7 @@ from torch.nn.utils import parametrize
 
 from host_plugin_scattermoe.lora import _WRAPPERS_ATTR
 
+log = logging.getLogger("host_plugin_scattermoe")
 MAX_GRAPHS_PER_MODULE = int(os.environ.get("SCATTERMOE_MAX_GRAPHS", "4"))
 _GRAPHS_ATTR = "_scattermoe_graphs"
 _PARAMS_ATTR = "_scattermoe_graph_params"
@@ -49,6 +58,7 @@ _POOL = None
 #: Replays so far (forward, backward): lets tests and benches see that the graphs ran.
 REPLAYS = {"fwd": 0, "bwd": 0}
 _LOCAL = threading.local()
+_SAID: set = set()
 
 
 class _Token:
@@ -92,12 +102,12 @@ def _saved_tensor_hooks_active() -> bool:
         return True
 
 
-def _adapter_state(module) -> tuple:
-    wrappers = getattr(module, _WRAPPERS_ATTR, None) or {}
+def _adapter_state(tuners) -> tuple:
+    """What a capture depends on in each peft layer: enabled, merged, the active adapters and their scalings."""
     return tuple(
-        (name, bool(getattr(w, "disable_adapters", False)), bool(getattr(w, "merged", False)),
+        (bool(getattr(w, "disable_adapters", False)), bool(getattr(w, "merged", False)),
          tuple(w.active_adapters), tuple(sorted((a, float(s)) for a, s in w.scaling.items())))
-        for name, w in sorted(wrappers.items())
+        for w in tuners
     )
 
 
@@ -109,6 +119,7 @@ def applies(module, hidden_states: torch.Tensor) -> bool:
         and hidden_states.is_cuda
         and torch.is_grad_enabled()
         and not capturing()
+        and not getattr(_LOCAL, "eager", False)
         and not torch.cuda.is_current_stream_capturing()
         and not parametrize.is_parametrized(module)
         and not _saved_tensor_hooks_active()
@@ -116,41 +127,46 @@ def applies(module, hidden_states: torch.Tensor) -> bool:
 
 
 class _Entry:
-    def __init__(self, module, eager, x, idx, gates, leaves):
+    """One captured pair of graphs: ``fn(*args)`` forward, and its backward to the args and ``leaves``."""
+
+    def __init__(self, fn, args, leaves, autocast):
         self.leaves = leaves
-        self.sx = x.detach().clone().requires_grad_(x.requires_grad)
-        self.sidx = idx.detach().clone()
-        self.sg = gates.detach().clone().requires_grad_(gates.requires_grad)
-        self.diff = [t for t in (self.sx, self.sg, *leaves) if t.requires_grad]
+        self.args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        self.diff = [t for t in (*self.args, *leaves) if t.requires_grad]
         self.pending = None
         torch.cuda.synchronize()
         _LOCAL.capturing = True
-        # the experts path casts explicitly; autocast stays out of the captured work (and its cache)
-        with torch.autocast("cuda", enabled=False):
-            self._capture(module, eager, x)
+        # autocast as the caller's (None: off, for the experts path, which casts explicitly), without its weight-cast
+        # cache: a cached cast made inside a capture would live in the graph's pool
+        dt = autocast or torch.get_autocast_dtype("cuda")
+        with torch.autocast("cuda", dtype=dt, enabled=autocast is not None, cache_enabled=False):
+            self._capture(fn)
 
-    def _capture(self, module, eager, x):
+    def _capture(self, fn):
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm up: Triton compiles, cub/cuBLAS workspaces, tile picks
                 for _ in range(2):
-                    out = eager(module, self.sx, self.sidx, self.sg)
-                    if self.diff and out.requires_grad:
-                        torch.autograd.grad(out, self.diff, torch.ones_like(out), allow_unused=True)
-                    del out
+                    outs = [o for o in _flat(fn(*self.args))[0] if o is not None and o.requires_grad]
+                    if self.diff and outs:
+                        torch.autograd.grad(outs, self.diff, [torch.ones_like(o) for o in outs], allow_unused=True)
+                    del outs
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             self.fwd = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.fwd, pool=_pool(), capture_error_mode="thread_local"):
-                self.out = eager(module, self.sx, self.sidx, self.sg)
-            self.gout = torch.empty_like(self.out)
+                self.outs, self.spec = _flat(fn(*self.args))
+            self.out_diff = [o is not None and o.requires_grad for o in self.outs]
+            diff_outs = [o for o, d in zip(self.outs, self.out_diff) if d]
+            self.gouts = [torch.empty_like(o) for o in diff_outs]
             self.grads = None
-            if self.diff and self.out.requires_grad:
+            if self.diff and diff_outs:
                 self.bwd = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.bwd, pool=_pool(), capture_error_mode="thread_local"):
                     # retain_graph: the saved activations stay allocated, so no later capture reuses them
-                    self.grads = torch.autograd.grad(self.out, self.diff, self.gout, retain_graph=True, allow_unused=True)
+                    self.grads = torch.autograd.grad(diff_outs, self.diff, self.gouts, retain_graph=True,
+                                                     allow_unused=True)
         finally:
             _LOCAL.capturing = False
 
@@ -158,25 +174,40 @@ class _Entry:
         return self.pending is not None and self.pending() is not None
 
 
+def _flat(out):
+    """``(tensors, rebuild)``: a tensor, or a tuple/list of tensors and Nones (e.g. gpt-oss's ``(out, scores)``)."""
+    if isinstance(out, torch.Tensor):
+        return [out], None
+    if isinstance(out, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in out):
+        return list(out), type(out)
+    raise _NotCapturable(f"an output of type {type(out).__name__}")
+
+
+class _NotCapturable(Exception):
+    """The forward returned something a replay cannot hand back: that module runs eagerly from then on."""
+
+
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, entry, x, idx, gates, *leaves):
-        entry.sx.copy_(x)
-        entry.sidx.copy_(idx)
-        entry.sg.copy_(gates)
+    def forward(ctx, entry, *tensors):
+        for static, t in zip(entry.args, tensors):
+            static.copy_(t)
         entry.fwd.replay()
         REPLAYS["fwd"] += 1
 
         ctx.token = _Token()
         entry.pending = weakref.ref(ctx.token)
         ctx.entry = entry
-        return entry.out.detach().clone()
+        outs = tuple(None if o is None else o.detach().clone() for o in entry.outs)
+        ctx.mark_non_differentiable(*(o for o, d in zip(outs, entry.out_diff) if o is not None and not d))
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gout):
+    def backward(ctx, *gouts):
         entry = ctx.entry
-        entry.gout.copy_(gout)
+        for buf, g in zip(entry.gouts, (g for g, d in zip(gouts, entry.out_diff) if d)):
+            buf.copy_(g)
         entry.bwd.replay()
         REPLAYS["bwd"] += 1
         entry.pending = None
@@ -186,29 +217,57 @@ class _Replay(torch.autograd.Function):
             g = by_id.get(id(t))
             return None if g is None else g.clone()
 
-        return (None, grad(entry.sx), None, grad(entry.sg), *(grad(p) for p in entry.leaves))
+        return (None, *(grad(t) for t in (*entry.args, *entry.leaves)))
 
 
-def run(module, eager, hidden_states, top_k_index, top_k_weights):
-    """``eager(module, x, idx, gates)`` through a cached pair of CUDA graphs, or eagerly when a graph
-    cannot be used (see the module docstring)."""
-    state = _adapter_state(module)
-    params = _params(module, state)
+def _replay(module, fn, args, params, state, autocast):
+    """``fn(*args)`` through the module's cached graphs, or None where it must run eagerly."""
     leaves = [p for p in params if p.requires_grad]
     key = (
-        tuple(hidden_states.shape), tuple(top_k_index.shape), hidden_states.dtype, top_k_weights.dtype,
-        top_k_index.dtype, hidden_states.requires_grad, top_k_weights.requires_grad,
-        tuple((p.data_ptr(), p.requires_grad) for p in params), state, _settings_key(),
+        tuple((tuple(a.shape), a.dtype, a.requires_grad) for a in args),
+        tuple((p.data_ptr(), p.requires_grad) for p in params), state, _settings_key(), autocast, module.training,
     )
     graphs = module.__dict__.setdefault(_GRAPHS_ATTR, {})
     entry = graphs.get(key)
     if entry is None:
         if len(graphs) >= MAX_GRAPHS_PER_MODULE:
-            return eager(module, hidden_states, top_k_index, top_k_weights)
-        entry = graphs[key] = _Entry(module, eager, hidden_states, top_k_index, top_k_weights, leaves)
-    if entry.busy() or (entry.grads is None and (hidden_states.requires_grad or top_k_weights.requires_grad or leaves)):
-        return eager(module, hidden_states, top_k_index, top_k_weights)
-    return _Replay.apply(entry, hidden_states, top_k_index, top_k_weights, *leaves)
+            return None
+        try:
+            entry = _Entry(fn, args, leaves, autocast)
+        except _NotCapturable:
+            module.__dict__[_GRAPHS_ATTR] = _NEVER
+            return None
+        graphs[key] = entry
+        said = (type(module).__name__, key[0])
+        if said not in _SAID:  # once per class and input shape, not per layer
+            _SAID.add(said)
+            log.info("scattermoe: CUDA graphs captured for each %s, inputs %s (a module holds at most %d)", said[0],
+                     [tuple(a.shape) for a in args], MAX_GRAPHS_PER_MODULE)
+    if entry.busy() or (entry.grads is None and any(a.requires_grad for a in (*args, *leaves))):
+        return None
+    outs = _Replay.apply(entry, *args, *leaves)
+    return outs[0] if entry.spec is None else entry.spec(outs)
+
+
+class _Never(dict):
+    """A module whose forward cannot be replayed: its graph dict is always full."""
+
+    def __len__(self):
+        return MAX_GRAPHS_PER_MODULE
+
+
+_NEVER = _Never()
+
+
+def run(module, eager, hidden_states, top_k_index, top_k_weights):
+    """``eager(module, x, idx, gates)`` (the experts call) through a cached pair of CUDA graphs, or eagerly when a
+    graph cannot be used (see the module docstring)."""
+    wrappers = getattr(module, _WRAPPERS_ATTR, None) or {}
+    state = _adapter_state(w for _, w in sorted(wrappers.items()))
+    params = _params(module, state)
+    args = (hidden_states, top_k_index, top_k_weights)
+    out = _replay(module, lambda *a: eager(module, *a), args, params, state, None)
+    return eager(module, *args) if out is None else out
 
 
 def _settings_key() -> tuple:
@@ -221,3 +280,93 @@ def release(module) -> None:
     """Drop a module's captured graphs (their memory returns to the pool)."""
     module.__dict__.pop(_GRAPHS_ATTR, None)
     module.__dict__.pop(_PARAMS_ATTR, None)
+    module.__dict__.pop(_BLOCK_ATTR, None)
+
+
+# ---- the MoE block -------------------------------------------------------------------------------------------------
+
+_OWN_FORWARD = "_scattermoe_own_forward"
+_EXPERTS_ATTR = "_scattermoe_block_experts"
+_BLOCK_ATTR = "_scattermoe_block_walk"
+
+
+def install(model) -> int:
+    """Give every MoE block (a module with an experts child, peft-wrapped or not) the graph-replaying forward; it
+    runs the block's own forward unless ``ops.SETTINGS["cuda_graph"]`` is on and the block can be captured. Returns
+    how many blocks it wrapped."""
+    import types
+
+    from host_plugin_scattermoe.lora import _chain, _is_experts_module
+
+    n = 0
+    for block in model.modules():
+        if _chain(block):  # peft's wrappers around the experts are not the block
+            continue
+        for child in block.children():
+            chain = _chain(child)
+            base = chain[-1].base_layer if chain else child
+            if _is_experts_module(base) and _OWN_FORWARD not in block.__dict__:
+                block.__dict__[_EXPERTS_ATTR] = base
+                block.__dict__[_OWN_FORWARD] = block.forward
+                block.forward = types.MethodType(block_forward, block)
+                n += 1
+    return n
+
+
+def _walk(block):
+    """``(modules, tuner layers, parameters)`` inside the block, cached until its children change."""
+    from host_plugin_scattermoe.lora import _param_wrapper_cls
+
+    children = tuple(map(id, block.children()))
+    cached = block.__dict__.get(_BLOCK_ATTR)
+    if cached is not None and cached[0] == children:
+        return cached[1]
+    modules = list(block.modules())[1:]
+    tuners = [m for m in modules if hasattr(m, "active_adapters") and hasattr(m, "scaling")]
+    seen, params = set(), []
+    for p in block.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    PW = _param_wrapper_cls()
+    # a peft ParamWrapper that lora.attach did not link runs peft's own forward (parametrisations made per call)
+    unlinked = PW is not None and any(isinstance(m, PW) and "forward" not in m.__dict__ for m in modules)
+    walk = (modules, tuners, params, unlinked)
+    block.__dict__[_BLOCK_ATTR] = (children, walk)
+    return walk
+
+
+def _hooked(modules) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(
+        nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+        or getattr(nn_module, "_global_backward_pre_hooks", None)
+        or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+    )
+
+
+def block_forward(self, *args, **kwargs):
+    """The block's forward, replayed from CUDA graphs where it can be (module docstring)."""
+    own = self.__dict__[_OWN_FORWARD]
+    if (
+        kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args)
+        or not applies(self, args[0])
+        or getattr(self.__dict__[_EXPERTS_ATTR].config, "_experts_implementation", None) != "scattermoe"
+    ):
+        return own(*args, **kwargs)
+    modules, tuners, params, unlinked = _walk(self)
+    if unlinked or _hooked(modules):
+        return own(*args)
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    out = _replay(self, own, args, params, _adapter_state(tuners), autocast)
+    if out is not None:
+        return out
+    # busy (a second forward before the first one's backward) or past the graph limit: all eager, no experts graph,
+    # whose capture could take memory that this block's graphs use as temporaries while it is still needed
+    _LOCAL.eager = True
+    try:
+        return own(*args)
+    finally:
+        _LOCAL.eager = False

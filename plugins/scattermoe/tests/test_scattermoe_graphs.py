@@ -1,7 +1,8 @@
-"""``scattermoe_cuda_graph``: the experts call replayed as CUDA graphs gives the eager path's loss and
-gradients step after step (new inputs every step, gradient accumulation, two forwards before one
-backward, a second token count, activation checkpointing with trainable expert weights). GPU only,
-except the check that the CPU path never captures."""
+"""``scattermoe_cuda_graph``: the MoE block (or, where the block cannot be captured, the experts call) replayed as
+CUDA graphs gives the eager path's loss and gradients step after step (new inputs every step, gradient accumulation,
+two forwards before one backward, a second token count, activation checkpointing with trainable expert weights, a
+shared expert with its own LoRA, autocast, a forward hook inside the block). GPU only, except the checks that the CPU
+path never captures and that install wraps each block once."""
 
 import pytest
 import torch
@@ -23,12 +24,32 @@ def _model(model_type="qwen3_moe", lora_on=True):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to("cuda")
     if lora_on:
+        # qwen2_moe: LoRA on its shared expert's Linear layers too (the experts' are parameters, not modules)
+        shared = ["up_proj", "down_proj"] if model_type == "qwen2_moe" else None
         lcfg = LoraConfig(r=4, lora_alpha=8, target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-                          init_lora_weights=False)
+                          target_modules=shared, init_lora_weights=False)
         model = get_peft_model(model, lcfg)
         lora.attach(model)
     (model.base_model.model if lora_on else model).set_experts_implementation("scattermoe")
+    graphs.install(model)
     return model
+
+
+def _nodes(entry) -> set:
+    """The autograd node names reachable from a captured graph's outputs."""
+    seen, todo = set(), [o.grad_fn for o in entry.outs if o is not None and o.grad_fn is not None]
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        todo.extend(f for f, _ in n.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def _captured(model) -> list:
+    """The modules holding captured graphs (the blocks, or the experts where a block could not be captured)."""
+    return [m for m in model.modules() if m.__dict__.get(graphs._GRAPHS_ATTR)]
 
 
 def _run(model, batches, graph, monkeypatch, zero_each=True, two_forwards=False):
@@ -69,9 +90,34 @@ def test_cpu_never_captures(monkeypatch):
     assert graphs.applies(m, torch.zeros(2, 2)) is False
 
 
+def test_install_wraps_each_block_once(monkeypatch):
+    """The module whose child is the experts (peft-wrapped or not) gets the replaying forward, once; on the CPU it
+    runs the block's own forward, with the same result."""
+    from host.testing import tiny_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    experts.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", 96))
+    model.set_experts_implementation("scattermoe")
+    lcfg = LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    model = get_peft_model(model, lcfg)
+    lora.attach(model)
+    ids = torch.randint(0, 96, (2, 7))
+    ref = model(input_ids=ids).logits
+    monkeypatch.setitem(ops.SETTINGS, "cuda_graph", True)
+    assert graphs.install(model) == 2 and graphs.install(model) == 0
+    blocks = [m for m in model.modules() if "forward" in m.__dict__ and graphs._OWN_FORWARD in m.__dict__]
+    assert [type(b).__name__ for b in blocks] == ["Qwen3MoeSparseMoeBlock"] * 2
+    assert torch.equal(model(input_ids=ids).logits, ref)
+
+
 @cuda
-def test_graph_matches_eager_over_steps(monkeypatch):
-    model = _model()
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+def test_graph_matches_eager_over_steps(monkeypatch, model_type):
+    """The whole block is captured (qwen2_moe: with its gated shared expert, LoRA on it too), router included."""
+    model = _model(model_type)
     batches = _batches() + _batches((2, 8), 2, seed=2)  # a second token count: a second capture
     eager = _run(model, batches, False, monkeypatch)
     before = dict(graphs.REPLAYS)
@@ -80,11 +126,50 @@ def test_graph_matches_eager_over_steps(monkeypatch):
     n_layers = 2
     assert graphs.REPLAYS["fwd"] - before["fwd"] == n_layers * len(batches)
     assert graphs.REPLAYS["bwd"] - before["bwd"] == n_layers * len(batches)
-    ex = [m for m in model.modules() if hasattr(m, graphs._GRAPHS_ATTR)]
-    assert len(ex) == n_layers and all(len(m.__dict__[graphs._GRAPHS_ATTR]) == 2 for m in ex)
-    # the graphs hold the eager path's node (the merged one, with its light tail), not the separate nodes
-    nodes = {type(e.out.grad_fn).__name__ for m in ex for e in m.__dict__[graphs._GRAPHS_ATTR].values()}
-    assert nodes == {"_GluExpertsFunctionBackward"}, nodes
+    held = _captured(model)
+    assert [type(m).__name__.endswith("SparseMoeBlock") for m in held] == [True] * n_layers
+    assert all(len(m.__dict__[graphs._GRAPHS_ATTR]) == 2 for m in held)
+    # the graphs hold the fused router and the eager path's merged experts node (with its light tail)
+    for m in held:
+        for e in m.__dict__[graphs._GRAPHS_ATTR].values():
+            nodes = _nodes(e)
+            assert {"_GluExpertsFunctionBackward", "_RouterFunctionBackward"} <= nodes, nodes
+
+
+@cuda
+def test_a_hook_inside_the_block_replays_the_experts_alone(monkeypatch):
+    """transformers' output recorders are forward hooks on the router: a replayed block would skip them, so the block
+    runs its own forward (the hook sees every call) and only the experts call is replayed."""
+    model = _model()
+    batches = _batches(n=2, seed=5)
+    eager = _run(model, batches, False, monkeypatch)
+    seen = []
+    gates = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    handles = [g.register_forward_hook(lambda mod, a, out: seen.append(out[0].shape)) for g in gates]
+    try:
+        got = _run(model, batches, True, monkeypatch)
+    finally:
+        for h in handles:
+            h.remove()
+    _same(got, eager)
+    assert len(seen) == len(gates) * len(batches)
+    held = _captured(model)
+    assert held and all(type(m).__name__.endswith("Experts") for m in held)
+
+
+@cuda
+def test_graph_under_autocast(monkeypatch):
+    """An fp32 model under bf16 autocast (HF Trainer's ``bf16: true``): the block is captured under the same autocast,
+    and gives the eager path's loss and gradients."""
+    model = _model()
+
+    def run(graph):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _run(model, _batches(n=3, seed=6), graph, monkeypatch)
+
+    eager = run(False)
+    _same(run(True), eager, tol=1e-3)
+    assert any(type(m).__name__.endswith("SparseMoeBlock") for m in _captured(model))
 
 
 @cuda
@@ -96,6 +181,8 @@ def test_graph_gradient_accumulation_and_two_forwards(monkeypatch):
     got = _run(model, batches, True, monkeypatch, two_forwards=True)
     _same(got, _run(model, batches, False, monkeypatch, two_forwards=True))
     assert graphs.REPLAYS["fwd"] > before["fwd"]  # the first forward of each step replays, the second runs eagerly
+    # eagerly all through: no experts graph is captured beside the busy block's
+    assert all(type(m).__name__.endswith("SparseMoeBlock") for m in _captured(model))
 
 
 @cuda
