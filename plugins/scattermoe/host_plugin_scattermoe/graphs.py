@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 import weakref
 
 import torch
@@ -58,6 +59,8 @@ _POOL = None
 #: Replays so far (forward, backward): lets tests and benches see that the graphs ran.
 REPLAYS = {"fwd": 0, "bwd": 0}
 _LOCAL = threading.local()
+#: Why a capture failed (then nothing is captured any more), or None.
+_FAILED: str | None = None
 _SAID: set = set()
 
 
@@ -120,6 +123,7 @@ def applies(module, hidden_states: torch.Tensor) -> bool:
         and torch.is_grad_enabled()
         and not capturing()
         and not getattr(_LOCAL, "eager", False)
+        and _FAILED is None
         and not torch.cuda.is_current_stream_capturing()
         and not parametrize.is_parametrized(module)
         and not _saved_tensor_hooks_active()
@@ -236,6 +240,15 @@ def _replay(module, fn, args, params, state, autocast):
             entry = _Entry(fn, args, leaves, autocast)
         except _NotCapturable:
             module.__dict__[_GRAPHS_ATTR] = _NEVER
+            return None
+        except RuntimeError as exc:
+            # a capture CUDA refused: the step goes on eagerly, and so does every later call (a failed capture can
+            # leave the graph pool unusable for the next one)
+            global _FAILED
+            _FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"scattermoe: the CUDA graph capture of {type(module).__name__} failed ({_FAILED}); every "
+                          "MoE layer runs eagerly from now on. Set scattermoe_cuda_graph: false to skip the attempt.",
+                          stacklevel=3)
             return None
         graphs[key] = entry
         said = (type(module).__name__, key[0])

@@ -91,6 +91,30 @@ def test_cpu_never_captures(monkeypatch):
     assert graphs.applies(m, torch.zeros(2, 2)) is False
 
 
+def test_a_failed_capture_runs_eagerly_from_then_on(monkeypatch):
+    """A capture that CUDA refuses (a RuntimeError from the capture) is not the user's problem: one warning, that call
+    and every later one eager (the first is the caller's fallback: ``_replay`` returns None)."""
+
+    class Refused:
+        def __init__(self, *a):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(graphs, "_Entry", Refused)
+    monkeypatch.setattr(graphs, "_FAILED", None)
+    monkeypatch.setitem(ops.SETTINGS, "cuda_graph", True)
+    m = torch.nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="capture of Linear failed .*runs eagerly"):
+        assert graphs._replay(m, m, (torch.zeros(1, 2),), list(m.parameters()), (), None) is None
+    assert "previous error during capture" in graphs._FAILED
+    x = torch.zeros(2, 2)
+    # applies() past its CPU checks
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert graphs.applies(m, x) is False
+    monkeypatch.setattr(graphs, "_FAILED", None)
+    assert graphs.applies(m, x) is True
+
+
 def test_install_wraps_each_block_once(monkeypatch):
     """The module whose child is the experts (peft-wrapped or not) gets the replaying forward, once; on the CPU it
     runs the block's own forward, with the same result."""
