@@ -74,7 +74,8 @@ grep -A 6 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
 grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
 grep -E "(down fwd|up dX) +(rule|ws)" "$OUT/bench_gemm_ws.log" 2>/dev/null | cut -c1-80
 grep -E "total|_s2s|outer|silu|combine|sort|copy|topk" "$OUT/profile.log" | head -14 | cut -c1-110
-grep -A 9 "^run" "$OUT/e2e.log" | cut -c1-100; grep "^speed-up" "$OUT/e2e.log"; grep -A 8 "alternating passes" "$OUT/e2e.log" 2>/dev/null
+sed -n '/^run /,/^$/p' "$OUT/e2e.log" 2>/dev/null | grep -v "^speed-up" | cut -c1-100
+grep "^speed-up" "$OUT/e2e.log" 2>/dev/null | awk '!seen[$0]++'; grep -A 8 "alternating passes" "$OUT/e2e.log" 2>/dev/null
 grep -E "^\| (Qwen|gpt).*(scattermoe bf16|auto|grouped|B \(fused)" "$OUT/bench_mxfp4.log" 2>/dev/null | cut -c1-110
 grep -E "^\| Qwen" "$OUT/probe_dot_scaled.log" 2>/dev/null | grep -E "bf16|decode" | cut -c1-110
 cat "$OUT/summary.txt"; grep -hE "^(FAILED|ERROR)" "$OUT"/test_*.log | cut -c1-220 | head -30
