@@ -24,7 +24,9 @@ How it stays correct:
 * Outputs and gradients are cloned out of the graph's buffers, so ``.grad`` never aliases a buffer the
   next replay overwrites (gradient accumulation stays right).
 * A second forward of the same graph before the first one's backward (two forwards, then one
-  backward) would overwrite the saved activations: it runs eagerly instead.
+  backward) would overwrite the saved activations: it runs eagerly instead (a block's: all of it,
+  with no experts graph captured inside it).
+* A capture that CUDA refuses warns once; every later call then runs eagerly.
 * All graphs share one private memory pool. The forward's saved activations are kept alive
   (``retain_graph``; the merged experts node, ``ops.glu_experts``, which is captured like the eager path's and
   frees its ctx-held activations in an eager backward, keeps them when its forward was captured), so only
@@ -294,6 +296,7 @@ def release(module) -> None:
     module.__dict__.pop(_GRAPHS_ATTR, None)
     module.__dict__.pop(_PARAMS_ATTR, None)
     module.__dict__.pop(_BLOCK_ATTR, None)
+    module.__dict__.pop(_STATE_ATTR, None)
 
 
 # ---- the MoE block -------------------------------------------------------------------------------------------------
@@ -301,6 +304,7 @@ def release(module) -> None:
 _OWN_FORWARD = "_scattermoe_own_forward"
 _EXPERTS_ATTR = "_scattermoe_block_experts"
 _BLOCK_ATTR = "_scattermoe_block_walk"
+_STATE_ATTR = "_scattermoe_block_state"
 
 
 def install(model) -> int:
@@ -326,13 +330,15 @@ def install(model) -> int:
     return n
 
 
-def _walk(block):
-    """``(modules, tuner layers, parameters)`` inside the block, cached until its children change."""
+def _walk(block, fresh: bool = False):
+    """``(modules, tuner layers, parameters, unlinked)`` inside the block, cached until its children change or
+    ``fresh`` (its adapter state changed: peft's ``add_adapter`` adds parameters inside the same modules). A module
+    that peft wraps deeper inside the block after its first capture needs :func:`release`."""
     from host_plugin_scattermoe.lora import _param_wrapper_cls
 
     children = tuple(map(id, block.children()))
     cached = block.__dict__.get(_BLOCK_ATTR)
-    if cached is not None and cached[0] == children:
+    if cached is not None and cached[0] == children and not fresh:
         return cached[1]
     modules = list(block.modules())[1:]
     tuners = [m for m in modules if hasattr(m, "active_adapters") and hasattr(m, "scaling")]
@@ -370,10 +376,14 @@ def block_forward(self, *args, **kwargs):
     ):
         return own(*args, **kwargs)
     modules, tuners, params, unlinked = _walk(self)
+    state = _adapter_state(tuners)
+    if self.__dict__.get(_STATE_ATTR, state) != state:
+        modules, tuners, params, unlinked = _walk(self, fresh=True)
+    self.__dict__[_STATE_ATTR] = state
     if unlinked or _hooked(modules):
         return own(*args)
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    out = _replay(self, own, args, params, _adapter_state(tuners), autocast)
+    out = _replay(self, own, args, params, state, autocast)
     if out is not None:
         return out
     # busy (a second forward before the first one's backward) or past the graph limit: all eager, no experts graph,

@@ -138,6 +138,41 @@ def test_install_wraps_each_block_once(monkeypatch):
     assert torch.equal(model(input_ids=ids).logits, ref)
 
 
+def test_block_forward_hands_over_every_adapter_parameter(monkeypatch):
+    """What the block's forward passes to a capture, on the CPU (the capture itself recorded, not run): the block's
+    parameters, again after peft's ``add_adapter`` put new ones inside the same modules; with a forward hook inside the
+    block only the experts call is offered."""
+    from host.testing import tiny_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    experts.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", 96))
+    model.set_experts_implementation("scattermoe")
+    lcfg = LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    model = get_peft_model(model, lcfg)
+    lora.attach(model)
+    graphs.install(model)
+    offered = []
+    monkeypatch.setattr(graphs, "applies", lambda m, x: True)
+    monkeypatch.setattr(graphs, "_replay", lambda m, fn, args, params, *a: offered.append((type(m).__name__, len(params))))
+    ids = torch.randint(0, 96, (1, 5))
+    model(input_ids=ids)
+    blocks = [n for n, k in offered if n.endswith("Block")]
+    assert blocks and all(k == 7 for n, k in offered if n.endswith("Block"))  # gate, 2 expert weights, 4 LoRA factors
+    offered.clear()
+    model.add_adapter("second", lcfg)
+    model(input_ids=ids)
+    assert all(k == 11 for n, k in offered if n.endswith("Block")) and len(offered) >= len(blocks)
+    offered.clear()
+    gate = next(m for m in model.modules() if type(m).__name__.endswith("TopKRouter"))
+    gate.register_forward_hook(lambda *a: None)
+    model(input_ids=ids)
+    names = [n for n, _ in offered]
+    assert names.count("Qwen3MoeSparseMoeBlock") == len(blocks) - 1 and "Qwen3MoeExperts" in names
+
+
 @cuda
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
 def test_graph_matches_eager_over_steps(monkeypatch, model_type):
