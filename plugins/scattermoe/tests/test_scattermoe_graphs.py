@@ -13,7 +13,7 @@ from host_plugin_scattermoe.testing import rel
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def _model(model_type="qwen3_moe", lora_on=True):
+def _model(model_type="qwen3_moe", lora_on=True, device="cuda"):
     from host.testing import tiny_config
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -22,7 +22,7 @@ def _model(model_type="qwen3_moe", lora_on=True):
     extra = {"num_local_experts": 5, "intermediate_size": 24, "layer_types": ["sliding_attention", "full_attention"]}
     cfg = tiny_config(model_type, 96, **(extra if model_type == "gpt_oss" else {}))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to("cuda")
+    model = AutoModelForCausalLM.from_config(cfg).to(device)
     if lora_on:
         # qwen2_moe: LoRA on its shared expert's Linear layers too (the experts' are parameters, not modules)
         shared = ["up_proj", "down_proj"] if model_type == "qwen2_moe" else None
@@ -118,23 +118,15 @@ def test_a_failed_capture_runs_eagerly_from_then_on(monkeypatch):
 def test_install_wraps_each_block_once(monkeypatch):
     """The module whose child is the experts (peft-wrapped or not) gets the replaying forward, once; on the CPU it
     runs the block's own forward, with the same result."""
-    from host.testing import tiny_config
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    experts.register()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", 96))
-    model.set_experts_implementation("scattermoe")
-    lcfg = LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    model = get_peft_model(model, lcfg)
-    lora.attach(model)
-    ids = torch.randint(0, 96, (2, 7))
-    ref = model(input_ids=ids).logits
-    monkeypatch.setitem(ops.SETTINGS, "cuda_graph", True)
-    assert graphs.install(model) == 2 and graphs.install(model) == 0
+    model = _model(device="cpu")
+    assert graphs.install(model) == 0
     blocks = [m for m in model.modules() if "forward" in m.__dict__ and graphs._OWN_FORWARD in m.__dict__]
     assert [type(b).__name__ for b in blocks] == ["Qwen3MoeSparseMoeBlock"] * 2
+    ids = torch.randint(0, 96, (2, 7))
+    ref = model(input_ids=ids).logits
+    for b in blocks:
+        b.__dict__.pop("forward")  # the class's forward again
+    monkeypatch.setitem(ops.SETTINGS, "cuda_graph", True)
     assert torch.equal(model(input_ids=ids).logits, ref)
 
 
@@ -142,18 +134,9 @@ def test_block_forward_hands_over_every_adapter_parameter(monkeypatch):
     """What the block's forward passes to a capture, on the CPU (the capture itself recorded, not run): the block's
     parameters, again after peft's ``add_adapter`` put new ones inside the same modules; with a forward hook inside the
     block only the experts call is offered."""
-    from host.testing import tiny_config
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig
 
-    experts.register()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", 96))
-    model.set_experts_implementation("scattermoe")
-    lcfg = LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
-    model = get_peft_model(model, lcfg)
-    lora.attach(model)
-    graphs.install(model)
+    model = _model(device="cpu")
     offered = []
     monkeypatch.setattr(graphs, "applies", lambda m, x: True)
     monkeypatch.setattr(graphs, "_replay", lambda m, fn, args, params, *a: offered.append((type(m).__name__, len(params))))
@@ -162,7 +145,7 @@ def test_block_forward_hands_over_every_adapter_parameter(monkeypatch):
     blocks = [n for n, k in offered if n.endswith("Block")]
     assert blocks and all(k == 7 for n, k in offered if n.endswith("Block"))  # gate, 2 expert weights, 4 LoRA factors
     offered.clear()
-    model.add_adapter("second", lcfg)
+    model.add_adapter("second", LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
     model(input_ids=ids)
     assert all(k == 11 for n, k in offered if n.endswith("Block")) and len(offered) >= len(blocks)
     offered.clear()
