@@ -19,8 +19,9 @@ How it stays correct:
   autocast state, train/eval)``, at most ``MAX_GRAPHS_PER_MODULE`` per module; anything else (CPU, no grad,
   peft's unattached parametrisations, saved-tensor hooks, i.e. non-reentrant activation
   checkpointing or offloading, a capture underway, a new shape past the limit) runs the eager
-  path. Reentrant checkpointing replays: its recompute runs with grad enabled and no hooks. Routing never syncs with the host (``routing.sort_tokens``), so expert loads may
-  change freely between replays: only the token count fixes a graph.
+  path. Reentrant checkpointing replays: its recompute runs with grad enabled and no hooks. Routing never
+  syncs with the host (``routing.sort_tokens``), so expert loads may change freely between replays: only
+  the token count fixes a graph.
 * Outputs and gradients are cloned out of the graph's buffers, so ``.grad`` never aliases a buffer the
   next replay overwrites (gradient accumulation stays right).
 * A second forward of the same graph before the first one's backward (two forwards, then one
@@ -369,10 +370,9 @@ def _hooked(modules) -> bool:
 def block_forward(self, *args, **kwargs):
     """The block's forward, replayed from CUDA graphs where it can be (module docstring)."""
     own = self.__dict__[_OWN_FORWARD]
-    if (
-        kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args)
-        or not applies(self, args[0])
-        or getattr(self.__dict__[_EXPERTS_ATTR].config, "_experts_implementation", None) != "scattermoe"
+    impl = getattr(getattr(self.__dict__[_EXPERTS_ATTR], "config", None), "_experts_implementation", None)
+    if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args) or not applies(self, args[0]) or (
+        impl != "scattermoe"
     ):
         return own(*args, **kwargs)
     modules, tuners, params, unlinked = _walk(self)
