@@ -237,7 +237,7 @@ def _replay(module, fn, args, params, state, autocast):
     graphs = module.__dict__.setdefault(_GRAPHS_ATTR, {})
     entry = graphs.get(key)
     if entry is None:
-        if len(graphs) >= MAX_GRAPHS_PER_MODULE:
+        if graphs is _NEVER or len(graphs) >= MAX_GRAPHS_PER_MODULE:
             return None
         try:
             entry = _Entry(fn, args, leaves, autocast)
@@ -265,14 +265,8 @@ def _replay(module, fn, args, params, state, autocast):
     return outs[0] if entry.spec is None else entry.spec(outs)
 
 
-class _Never(dict):
-    """A module whose forward cannot be replayed: its graph dict is always full."""
-
-    def __len__(self):
-        return MAX_GRAPHS_PER_MODULE
-
-
-_NEVER = _Never()
+#: The graph dict of a module whose forward cannot be replayed (nothing is ever added to it).
+_NEVER: dict = {}
 
 
 def run(module, eager, hidden_states, top_k_index, top_k_weights):
@@ -297,7 +291,6 @@ def release(module) -> None:
     module.__dict__.pop(_GRAPHS_ATTR, None)
     module.__dict__.pop(_PARAMS_ATTR, None)
     module.__dict__.pop(_BLOCK_ATTR, None)
-    module.__dict__.pop(_STATE_ATTR, None)
 
 
 # ---- the MoE block -------------------------------------------------------------------------------------------------
@@ -305,7 +298,6 @@ def release(module) -> None:
 _OWN_FORWARD = "_scattermoe_own_forward"
 _EXPERTS_ATTR = "_scattermoe_block_experts"
 _BLOCK_ATTR = "_scattermoe_block_walk"
-_STATE_ATTR = "_scattermoe_block_state"
 
 
 def install(model) -> int:
@@ -331,28 +323,25 @@ def install(model) -> int:
     return n
 
 
-def _walk(block, fresh: bool = False):
-    """``(modules, tuner layers, parameters, unlinked)`` inside the block, cached until its children change or
-    ``fresh`` (its adapter state changed: peft's ``add_adapter`` adds parameters inside the same modules). A module
-    that peft wraps deeper inside the block after its first capture needs :func:`release`."""
+def _walk(block):
+    """``(modules, parameters, unlinked, adapter state)`` inside the block, cached until its children or its adapter
+    state change (peft's ``add_adapter`` adds parameters inside the same modules). A module that peft wraps deeper
+    inside the block after its first capture needs :func:`release`."""
     from host_plugin_scattermoe.lora import _param_wrapper_cls
 
     children = tuple(map(id, block.children()))
     cached = block.__dict__.get(_BLOCK_ATTR)
-    if cached is not None and cached[0] == children and not fresh:
-        return cached[1]
+    if cached is not None and cached[0] == children:
+        tuners, walk = cached[1], cached[2]
+        if _adapter_state(tuners) == walk[3]:
+            return walk
     modules = list(block.modules())[1:]
     tuners = [m for m in modules if hasattr(m, "active_adapters") and hasattr(m, "scaling")]
-    seen, params = set(), []
-    for p in block.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
     PW = _param_wrapper_cls()
     # a peft ParamWrapper that lora.attach did not link runs peft's own forward (parametrisations made per call)
     unlinked = PW is not None and any(isinstance(m, PW) and "forward" not in m.__dict__ for m in modules)
-    walk = (modules, tuners, params, unlinked)
-    block.__dict__[_BLOCK_ATTR] = (children, walk)
+    walk = (modules, list(block.parameters()), unlinked, _adapter_state(tuners))
+    block.__dict__[_BLOCK_ATTR] = (children, tuners, walk)
     return walk
 
 
@@ -370,16 +359,14 @@ def _hooked(modules) -> bool:
 def block_forward(self, *args, **kwargs):
     """The block's forward, replayed from CUDA graphs where it can be (module docstring)."""
     own = self.__dict__[_OWN_FORWARD]
-    impl = getattr(getattr(self.__dict__[_EXPERTS_ATTR], "config", None), "_experts_implementation", None)
-    if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args) or not applies(self, args[0]) or (
-        impl != "scattermoe"
+    if (
+        kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args)
+        or not applies(self, args[0])  # first: with scattermoe_cuda_graph off it returns at its first check
+        or getattr(getattr(self.__dict__[_EXPERTS_ATTR], "config", None), "_experts_implementation", None)
+        != "scattermoe"
     ):
         return own(*args, **kwargs)
-    modules, tuners, params, unlinked = _walk(self)
-    state = _adapter_state(tuners)
-    if self.__dict__.get(_STATE_ATTR, state) != state:
-        modules, tuners, params, unlinked = _walk(self, fresh=True)
-    self.__dict__[_STATE_ATTR] = state
+    modules, params, unlinked, state = _walk(self)
     if unlinked or _hooked(modules):
         return own(*args)
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
