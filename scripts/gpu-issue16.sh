@@ -49,6 +49,17 @@ if [ "${TESTS_S:-240}" != 0 ]; then
   done
 fi
 wait
+# PATHS_S: bench_gemm.py --paths (LoRA fused/split/none, persistent grids, gather-first TMA per launch, PATHS_SHAPES),
+# its compiles first in 8 parallel processes
+if [ "${PATHS_S:-0}" != 0 ]; then
+  for i in 0 1 2 3 4 5 6 7; do
+    timeout "$PATHS_S" python3 $B/bench_gemm.py --paths --shapes ${PATHS_SHAPES:-Qwen3-30B-A3B} --part $i/8 --compile-only \
+      > "$OUT/paths_compile$i.log" 2>&1 &
+  done
+  wait
+fi
+step bench_gemm_paths "${PATHS_S:-0}" python3 $B/bench_gemm.py --paths --shapes ${PATHS_SHAPES:-Qwen3-30B-A3B} \
+  --json "$OUT/bench_gemm_paths.json"
 step bench_moe_block "${BLOCK_S:-230}" python3 $B/bench_moe_block.py --iters 20 ${BLOCK_SHAPES:+--shapes $BLOCK_SHAPES} \
   --impls ${BLOCK_IMPLS:-grouped_mm scattermoe scattermoe+before} --json "$OUT/bench_moe_block.json"
 step bench_moe_block2 "${BLOCK2_S:-0}" python3 $B/bench_moe_block.py --iters 20 --shapes ${BLOCK2_SHAPES:-gpt-oss-20b} \
@@ -69,7 +80,8 @@ step bench_gemm_ws "${WSGEMM_S:-0}" python3 $B/bench_gemm.py --ws --shapes ${WSG
   --json "$OUT/bench_gemm_ws.json"
 cat "$OUT/device.txt"
 grep -A 12 "^device" "$OUT/trace.log" 2>/dev/null
-grep -A 24 "^device" "$OUT/bench_moe_block.log" | cut -c1-128
+sed -n '/per launch: best variant/,$p' "$OUT/bench_gemm_paths.log" 2>/dev/null
+grep -A 40 "^device" "$OUT/bench_moe_block.log" | cut -c1-128
 grep -A 6 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
 grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
 grep -E "(down fwd|up dX) +(rule|ws)" "$OUT/bench_gemm_ws.log" 2>/dev/null | cut -c1-80

@@ -77,14 +77,18 @@ def launches(name, T, r, dev, dt):
     def spec(inp, W, fan, gin, gout, A, B, bias, gather_fan):
         split = ops.use_split(E, W.shape[1], W.shape[2])
 
-        def run(force, gather_first=False):
+        def run(force, gather_first=False, lora="rule"):
+            """``lora``: "rule" (as the block runs it), "fused", "split" (its rank GEMM timed in) or "none"."""
             K.FORCE.clear()
             if force is not None:
                 K.FORCE["s2s"] = force
             src, f, gi = inp, fan, gin
             if gather_first:
                 src, f, gi = inp.index_select(0, ssi // gather_fan), 1, True
-            kw = dict(B=B, xa_in=xa) if split else dict(A=A, B=B, write_xa=True)
+            path = {"rule": "split" if split else "fused"}.get(lora, lora)
+            kw = {"none": {}, "fused": dict(A=A, B=B, write_xa=True)}.get(path)
+            if kw is None:  # split: x·Aᵀ as its own rank GEMM (timed in), then the base GEMM with the ·Bᵀ epilogue
+                kw = dict(B=B, xa_in=K.rank_xa(src, A, ssi, offs, f, gi) if lora == "split" else xa)
             return K.scatter2scatter(src, W, ssi, offs, f, scaling=2.0, bias=bias, grouped_in=gi, grouped_out=gout, **kw)
 
         return 2 * L * W.shape[1] * W.shape[2], run, split
@@ -95,6 +99,12 @@ def launches(name, T, r, dev, dt):
         ("down dX", *spec(dy, W2.transpose(1, 2), 1, False, True, B2.transpose(1, 2), A2.transpose(1, 2), None, 1), 1),
         ("up dX", *spec(dh, W1.transpose(1, 2), 1, True, False, B1.transpose(1, 2), A1.transpose(1, 2), None, 1), None),
     ]
+
+
+def W_shape(launch, name):
+    """``(K, N)`` of one launch's base GEMM."""
+    _, _, H, I, _ = SHAPES[name]
+    return {"up fwd": (H, 2 * I), "down fwd": (I, H), "down dX": (H, I), "up dX": (2 * I, H)}[launch]
 
 
 def glu_rows(name, T, r, dev, dt):
@@ -183,6 +193,8 @@ def main():
     ap.add_argument("--glu", action="store_true", help="the up projection with and without the SiLU-GLU epilogue")
     ap.add_argument("--ws", action="store_true",
                     help="the grouped-input launches: the rule's tile vs the warp-specialised one (SCATTERMOE_WS=1)")
+    ap.add_argument("--paths", action="store_true",
+                    help="LoRA fused/split/none, persistent grids (flattened or not) and gather-first TMA, rule tiles")
     ap.add_argument("--persist", action="store_true",
                     help="the current rule vs the persistent grid at PERSIST_TILES, and torch._grouped_mm (no LoRA)")
     args = ap.parse_args()
@@ -211,7 +223,27 @@ def main():
         tiles = TILES["small" if L / E < 160 else "big"]
         for launch, flops, run, split, gather_fan in specs:
             variants = [("rule", None, False, "0")]
-            if args.ws:
+            if args.paths:
+                # LoRA fused / split / none with the rule's tiles, then the rule's TMA tile on a persistent grid (with
+                # half-height tails; flattened or not) and, for a gathered launch, its rows copied into sorted order
+                # first (timed in) so x also comes through TMA
+                rule0 = K.s2s_rule(L, E, W_shape(launch, name)[0], W_shape(launch, name)[1], 2 if split else 1,
+                                   gather_fan is None, launch in ("up fwd", "down dX"), False, True)[0]
+                tma = bool(rule0.get("TMA"))
+                variants = [("rule", None, False, "rule"), ("lora fused", None, False, "rule", "fused"),
+                            ("lora split", None, False, "rule", "split"), ("no LoRA", None, False, "rule", "none"),
+                            ("rule+half", "rule+half", False, "rule")]
+                if tma:
+                    base = {k_: v for k_, v in rule0.items() if k_ != "HALF_TAIL"}
+                    variants += [
+                        ("persist+half s3", {**base, "num_stages": 3, "PERSISTENT": True, "HALF_TAIL": True}, False, "rule"),
+                        ("persist noflat s4", {**base, "PERSISTENT": True, "FLATTEN": False}, False, "rule"),
+                        ("persist noflat+half s4", {**base, "PERSISTENT": True, "FLATTEN": False, "HALF_TAIL": True},
+                         False, "rule"),
+                    ]
+                    if gather_fan is not None:
+                        variants.append(("gather+tma", {**base, "HALF_TAIL": bool(rule0.get("HALF_TAIL"))}, True, "rule"))
+            elif args.ws:
                 # the rule's plain tile vs the warp-specialised one (SCATTERMOE_WS=1 on the grouped-input launches, =2
                 # on the gathered ones; fused LoRA timed with its rank GEMM, as the block runs it)
                 variants = [("rule", None, False, "rule"), ("ws rule", "ws2" if gather_fan else "ws", False, "rule")]
@@ -229,10 +261,10 @@ def main():
             else:
                 variants.append(("rule+tma", "rule", False, "1"))
                 variants += [("tma " + "x".join(map(str, t[:3])) + f" w{t[4]}s{t[5]}", cfg(t, True), False, "rule") for t in tiles]
-            if gather_fan is not None and not (args.final or args.persist or args.ws):
+            if gather_fan is not None and not (args.final or args.persist or args.ws or args.paths):
                 variants += [("gather+tma " + "x".join(map(str, t[:3])) + f" s{t[5]}", cfg(t, True), True, "rule")
                              for t in (tiles[0], (128, 128, 64, 8, 8, 3))]
-            for vname, force, gather_first, tma_mode in variants:
+            for vname, force, gather_first, tma_mode, *lora in variants:
                 idx += 1
                 if (idx - 1) % nparts != part:
                     continue
@@ -245,11 +277,12 @@ def main():
                     K._PLANS.clear()
                 force_cfg = None if force in (None, "rule", "rule+half", "ws", "ws2") else force
                 try:
-                    run(force_cfg, gather_first)
+                    lmode = lora[0] if lora else "rule"
+                    run(force_cfg, gather_first, lmode)
                     torch.cuda.synchronize()
                     if args.compile_only:
                         continue
-                    ms = triton.testing.do_bench(lambda: run(force_cfg, gather_first), warmup=10, rep=40)
+                    ms = triton.testing.do_bench(lambda: run(force_cfg, gather_first, lmode), warmup=10, rep=40)
                 except Exception as e:  # noqa: BLE001 - report, keep going
                     print(name, launch, vname, "failed:", repr(e)[:300], flush=True)
                     continue

@@ -255,8 +255,11 @@ def main():
             from host_plugin_scattermoe import kernels as K
 
             K.TMA_MODE = "0" if impl == "scattermoe+ptr" else os.environ.get("SCATTERMOE_TMA", "rule")
-            persist = {"scattermoe+persist": "1", "scattermoe+flat": "0"}.get(impl, os.environ.get("SCATTERMOE_PERSISTENT", "rule"))
-            half = {"scattermoe+half": "1", "scattermoe+full": "0"}.get(impl, os.environ.get("SCATTERMOE_HALF_TAIL", "rule"))
+            # +ph: persistent grid (flattened) with half-height tails; +pnf / +pnfh: persistent, tile loop not flattened
+            persist = {"scattermoe+persist": "1", "scattermoe+flat": "0", "scattermoe+ph": "1", "scattermoe+pnf": "noflat",
+                       "scattermoe+pnfh": "noflat"}.get(impl, os.environ.get("SCATTERMOE_PERSISTENT", "rule"))
+            half = {"scattermoe+half": "1", "scattermoe+full": "0", "scattermoe+ph": "1", "scattermoe+pnfh": "1"}.get(
+                impl, os.environ.get("SCATTERMOE_HALF_TAIL", "rule"))
             ws = {"scattermoe+ws": "1", "scattermoe+ws2": "2"}.get(impl, os.environ.get("SCATTERMOE_WS", "0"))
             if (persist, half, ws) != (K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE):  # the rule reads them
                 K.PERSISTENT_MODE, K.HALF_TAIL_MODE, K.WS_MODE = persist, half, ws
@@ -268,6 +271,9 @@ def main():
             from host_plugin_scattermoe import relayout
             # (b+torchcopy): the LoRA factors' re-layout by torch's copies (SCATTERMOE_TILED_RELAYOUT=0), same process
             relayout.ENABLED = impl not in ("scattermoe+torchcopy", "scattermoe+before") and os.environ.get("SCATTERMOE_TILED_RELAYOUT", "1") != "0"
+            # +split: every LoRA forward on the split path; +fused: never (the default picks by expert count and size)
+            ops.SETTINGS["fused_lora"] = impl != "scattermoe+split"
+            ops.SETTINGS["split_max_experts"] = 0 if impl == "scattermoe+fused" else 32
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
             ops.SETTINGS["light_tail"] = {"scattermoe+oldtail": "0", "scattermoe+before": "0", "scattermoe+gemmtail": "gemm"}.get(
                 impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))

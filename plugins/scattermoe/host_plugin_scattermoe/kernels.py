@@ -575,7 +575,7 @@ def _s2s_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GLU_BWD: tl.constexpr,
     W_DESC: tl.constexpr = 0, X_DESC: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    HALF_TAIL: tl.constexpr = False, GLU_FWD: tl.constexpr = 0, WS: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False, GLU_FWD: tl.constexpr = 0, WS: tl.constexpr = False, FLATTEN: tl.constexpr = True,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
@@ -589,7 +589,8 @@ def _s2s_kernel(
         nblk = tl.where(emask, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
         cum = tl.cumsum(nblk, 0)
         num_pid_m = tl.sum(nblk, 0)
-        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+        # FLATTEN=False: each tile's K loop pipelined on its own (the tile loop is not flattened into it)
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=FLATTEN):
             pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
             e = tl.sum((cum <= pid_m).to(tl.int32), 0)
             sel = eidx == e
@@ -941,6 +942,8 @@ def s2s_rule(
             # persistent: the flattened loop keeps the next tile's buffers beside this one's (4 stages would need
             # 237 KB of shared memory, over the 227 KB a block may have)
             out.append({**_cfg(128, 256, 64, 8, 8, 3), "TMA": True, "PERSISTENT": True})
+        elif PERSISTENT_MODE == "noflat":
+            out.append({**_cfg(128, 256, 64, 8, 8, 4), "TMA": True, "PERSISTENT": True, "FLATTEN": False})
         out.append({**_cfg(128, 256, 64, 8, 8, 4), "TMA": True})
     if grouped_in and not grouped_out and N >= 2048:
         out.append(_cfg(128, 256, 64, 8, 8, 3))
@@ -991,7 +994,8 @@ def use_tma(want: bool, x: torch.Tensor) -> bool:
 
 #: Persistent grid for the TMA tiles (``_s2s_kernel``'s ``PERSISTENT``: one program per SM walks the output tiles in a
 #: flattened loop, so a tile's epilogue overlaps the next tile's first loads): ``"rule"`` (default) where ``s2s_rule``
-#: asks for it, ``"1"`` on every TMA tile, ``"0"`` never. Env ``SCATTERMOE_PERSISTENT``; read by ``s2s_rule``, so a
+#: asks for it, ``"1"`` on every TMA tile, ``"noflat"`` on every TMA tile without flattening the tile loop into the K
+#: loop (each tile pipelined on its own), ``"0"`` never. Env ``SCATTERMOE_PERSISTENT``; read by ``s2s_rule``, so a
 #: script that changes it must clear ``_PICKED`` and ``_PLANS``.
 PERSISTENT_MODE = os.environ.get("SCATTERMOE_PERSISTENT", "rule")
 #: ``_s2s_kernel``'s ``HALF_TAIL``: an expert's last row block with at most ``BLOCK_M / 2`` rows runs as a half-height

@@ -242,7 +242,7 @@ def test_tma_descriptor_path_matches_reference(monkeypatch, dtype, w_layout):
 @pytest.mark.parametrize(
     "mode,tma,dtype",
     [(m, t, torch.float32) for m in ("persistent", "half_tail", "persistent+half_tail") for t in (False, True)]
-    + [("persistent+half_tail", True, torch.float16)],
+    + [("persistent+half_tail", True, torch.float16), ("persistent+noflat+half_tail", True, torch.float32)],
     ids=lambda v: {False: "ptr", True: "tma"}.get(v, str(v).replace("torch.", "")) if not isinstance(v, str) else v,
 )
 def test_persistent_grid_and_half_tail_match_reference(monkeypatch, dtype, tma, mode):
@@ -252,6 +252,8 @@ def test_persistent_grid_and_half_tail_match_reference(monkeypatch, dtype, tma, 
     half a tile in the last one), idle experts, K and N not multiples of the tile, pointer loads or TMA descriptors."""
     persistent = []
     flags = {"PERSISTENT": "persistent" in mode, "HALF_TAIL": "half_tail" in mode}
+    if "noflat" in mode:
+        flags["FLATTEN"] = False
     if K.INTERPRET:
         monkeypatch.setattr(K, "INTERP_S2S", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3, **flags})
     else:
@@ -417,6 +419,9 @@ def test_tile_rule_persistent_and_half_tail_modes(monkeypatch):
     first = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)[0]
     assert first["PERSISTENT"] and first["TMA"] and first["num_stages"] == 3
     assert not any(c.get("PERSISTENT") for c in K.s2s_rule(32768, 128, 2048, 1536, 1, tma=False))
+    monkeypatch.setattr(K, "PERSISTENT_MODE", "noflat")  # the tile loop not flattened: 4 stages fit
+    first = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)[0]
+    assert first["PERSISTENT"] and not first["FLATTEN"] and first["num_stages"] == 4
     monkeypatch.setattr(K, "PERSISTENT_MODE", "0")
     monkeypatch.setattr(K, "HALF_TAIL_MODE", "1")
     cands = K.s2s_rule(32768, 128, 2048, 1536, 1, tma=True)
