@@ -82,7 +82,7 @@ cat "$OUT/device.txt"
 grep -A 12 "^device" "$OUT/trace.log" 2>/dev/null
 sed -n '/per launch: best variant/,$p' "$OUT/bench_gemm_paths.log" 2>/dev/null
 grep -A 40 "^device" "$OUT/bench_moe_block.log" | cut -c1-128
-grep -A 6 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
+grep -A 12 "^device" "$OUT/bench_moe_block2.log" | cut -c1-128
 grep -A 5 "up projection (rule tiles)" "$OUT/bench_gemm_glu.log"
 grep -E "(down fwd|up dX) +(rule|ws)" "$OUT/bench_gemm_ws.log" 2>/dev/null | cut -c1-80
 grep -E "total|_s2s|outer|silu|combine|sort|copy|topk" "$OUT/profile.log" | head -14 | cut -c1-110

@@ -31,7 +31,7 @@ class ScatterMoEConfig(StrictModel):
         description="Fuse x·Aᵀ into the base GEMM's K loop (many small experts). False always uses the split path.",
     )
     scattermoe_split_threshold: int = Field(
-        20_000_000,
+        8_000_000,
         ge=0,
         description="Per-expert K*N at or above which (with E <= scattermoe_split_max_experts) the LoRA forward "
         "uses the split path: a rank-r grouped GEMM, then the base GEMM with ·Bᵀ in its epilogue.",

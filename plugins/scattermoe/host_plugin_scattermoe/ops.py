@@ -49,7 +49,7 @@ from host_plugin_scattermoe import reference, relayout
 #: Plugin-wide defaults, set from the config by ``pre_model_load``.
 SETTINGS: dict = {
     "fused_lora": True,
-    "split_threshold": 20_000_000,
+    "split_threshold": 8_000_000,
     "split_max_experts": 32,
     "fused_tail": os.environ.get("SCATTERMOE_FUSED_TAIL", "0") == "1",
     "cuda_graph": os.environ.get("SCATTERMOE_CUDA_GRAPH", "0") == "1",

@@ -16,7 +16,7 @@ def _cfg(tmp_path, **over):
 def test_config_keys_have_defaults(make_plugin_manager, tmp_path):
     cfg = validate(_cfg(tmp_path), make_plugin_manager(["scattermoe"]))
     assert cfg.scattermoe_fused_lora is True
-    assert cfg.scattermoe_split_threshold == 20_000_000 and cfg.scattermoe_backend == "auto"
+    assert cfg.scattermoe_split_threshold == 8_000_000 and cfg.scattermoe_backend == "auto"
     assert cfg.scattermoe_fused_tail is False and cfg.scattermoe_light_tail is None
 
 
