@@ -18,7 +18,12 @@ the default) and ``up alone`` (the launch without the GLU: what the epilogue add
 as the split epilogue, its rank GEMM timed in): ``SCATTERMOE_WS=1`` on the grouped-input launches (``down fwd``,
 ``up dX``), ``=2`` on the gathered ones, their rows copied into sorted order first (timed in).
 
+``--paths``: each launch with its LoRA fused, split (the rank GEMM timed in) or absent, the rule's tiles on the
+persistent grid (flattened or not, with and without half-height tails), and a gathered launch's rows copied into
+sorted order first so x also comes through TMA.
+
 Usage: python bench/bench_gemm.py [--shapes Mixtral-8x7B gpt-oss-20b ...] [--json out.json] [--final] [--glu] [--ws]
+       [--paths]
        [--part i/n --compile-only]  (compile a share of the variants, to fill Triton's cache in parallel)
 """
 

@@ -3,9 +3,9 @@
 quack-kernels (Dao-AILab; the CuTe-DSL library SonicMoE builds on) has a Hopper grouped GEMM with a varlen M dimension
 (``cu_seqlens_m``: one group per expert) and gathered A rows (``A_idx``, cp.async in a producer warp group), warp
 specialised, persistent and with ping-pong consumers: what Triton 3.6 cannot compile on sm_90 (``bench/probe_ws.py``).
-This bench times it at the block's real shapes, without LoRA (it has no LoRA epilogue), beside the plugin's launch on
-the same operands without and with LoRA, and checks that both compute the same product. It answers whether a CuTe-DSL
-fast path would pay, not how to build one.
+This bench times it at the block's real shapes, without LoRA (it has no LoRA epilogue), beside the plugin's launch
+on the same operands without and with (fused) LoRA, and checks that both compute the same product. It answers
+whether a CuTe-DSL fast path would pay, not how to build one.
 
 Launches (T tokens, bf16, transformers' weight layout ``[E, N, K]``):
 ``up fwd`` x gathered (``ssi // k``) → grouped ``[L, 2I]``; ``down fwd`` grouped ``[L, I]`` → ``[L, H]``;

@@ -1007,6 +1007,9 @@ HALF_TAIL_MODE = os.environ.get("SCATTERMOE_HALF_TAIL", "rule")
 #: ``bench/results/h100-2026-12-06-gemm1-*``): half-height tail tiles below 768 rows per expert (3-5% faster per
 #: launch at 128-512 rows per expert, block GPU time 2.34 -> 2.26 ms at Qwen3-30B-A3B; +1.6% at Mixtral's 1024);
 #: the persistent grid was slower in every block step (Qwen3-30B-A3B 2.34 -> 2.72 ms, Mixtral 10.43 -> 13.59), off.
+#: Not flattened (``"noflat"``, H100, 2026-12-07 thirteenth session, ``bench/results/h100-2026-12-07-s13call1-*``): 5%
+#: faster per launch at Mixtral's 1024 rows per expert, slower at 256-512, and slower in a block step at Mixtral whose
+#: rows ran in a fixed order; not in the rule until an alternating block measurement shows a gain.
 RULE_PERSISTENT = False
 RULE_HALF_TAIL = True
 #: Programs of a persistent launch under the interpreter (several, so the tile loop's stride is exercised).
