@@ -2,8 +2,10 @@
 # Issue 16: quack-kernels' CuTe-DSL grouped GEMM against the plugin's Triton launches (bench/cute_peer.py).
 # nvidia-cutlass-dsl's CUDA-13 library wheel (92 MB) is over a device call's 64 MiB transfer limit, so it travels
 # unpacked and recompressed (xz with the x86 filter: 50 MiB) in .cute1/cu13.tar.xz, the other wheels (cutlass-dsl,
-# its base and core libraries, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext) in .cute2/. Two calls on one warm
-# machine can carry them separately: the ignored .cute1 stays in the device's checkout between calls.
+# its base and core libraries, quack-kernels, apache-tvm-ffi, torch-c-dlpack-ext) in .cute2/ (both ignored through
+# .git/info/exclude). With the tree that is 62.7 MiB, so the host wheels (.whl) can't come too: install them to
+# /tmp/site in an earlier call, then carry .cute1 and .cute2 in the next call on the same warm machine (its /tmp
+# stays; an ignored folder of the checkout that the call does not carry does not).
 # Run from the repo root after the host wheels are installed to /tmp/site (device README).
 set -uo pipefail
 RESULTS=${OUT:-/tmp/gpu-cute}; mkdir -p "$RESULTS"
