@@ -6,6 +6,11 @@
 # .git/info/exclude). With the tree that is 62.7 MiB, so the host wheels (.whl) can't come too: install them to
 # /tmp/site in an earlier call, then carry .cute1 and .cute2 in the next call on the same warm machine (its /tmp
 # stays; an ignored folder of the checkout that the call does not carry does not).
+# To make them (here, 4 min of xz on one core): pip download --no-deps --only-binary=:all: --python-version 3.12
+#   --platform manylinux_2_28_x86_64 -d .cute2 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
+#   nvidia-cutlass-dsl-libs-core==4.8.1 quack-kernels==0.6.5 'apache-tvm-ffi<0.2' torch-c-dlpack-ext;
+#   the same for nvidia-cutlass-dsl-libs-cu13==4.8.1 into a scratch folder, unzip it, drop its lib/stubs, and
+#   tar cf - . | xz -T1 --x86 --lzma2=preset=9e,dict=192MiB > .cute1/cu13.tar.xz
 # Run from the repo root after the host wheels are installed to /tmp/site (device README).
 set -uo pipefail
 RESULTS=${OUT:-/tmp/gpu-cute}; mkdir -p "$RESULTS"
