@@ -167,8 +167,7 @@ def grouped_mm_ms(name, launch, T, dev, dt):
     """``torch._grouped_mm`` (torch's CUTLASS grouped GEMM) on the launch's base GEMM: rows already grouped, weights
     as the model stores them, no LoRA, no gather/scatter (a lower bound for a grouped_mm-based path)."""
     family, E, H, I, k = SHAPES[name]
-    N2 = 2 * I
-    Kd, N = {"up fwd": (H, N2), "down fwd": (I, H), "down dX": (H, I), "up dX": (N2, H)}[launch]
+    Kd, N = W_shape(launch, name)
     g = torch.Generator(device=dev).manual_seed(0)
     idx = torch.randn(T, E, device=dev, generator=g).topk(k, -1).indices.flatten()
     offs = torch.bincount(idx, minlength=E).cumsum(0).to(torch.int32)
@@ -232,8 +231,8 @@ def main():
                 # LoRA fused / split / none with the rule's tiles, then the rule's TMA tile on a persistent grid (with
                 # half-height tails; flattened or not) and, for a gathered launch, its rows copied into sorted order
                 # first (timed in) so x also comes through TMA
-                rule0 = K.s2s_rule(L, E, W_shape(launch, name)[0], W_shape(launch, name)[1], 2 if split else 1,
-                                   gather_fan is None, launch in ("up fwd", "down dX"), False, True)[0]
+                rule0 = K.s2s_rule(L, E, *W_shape(launch, name), 2 if split else 1, gather_fan is None,
+                                   launch in ("up fwd", "down dX"), False, True)[0]
                 tma = bool(rule0.get("TMA"))
                 variants = [("rule", None, False, "rule"), ("lora fused", None, False, "rule", "fused"),
                             ("lora split", None, False, "rule", "split"), ("no LoRA", None, False, "rule", "none"),

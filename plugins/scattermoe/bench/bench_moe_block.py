@@ -227,6 +227,7 @@ def main():
     from host_plugin_scattermoe import ops as _ops
 
     glu_default = _ops.SETTINGS["glu_epilogue"]  # the plugin's default (env SCATTERMOE_GLU_EPILOGUE)
+    lora_defaults = {k_: _ops.SETTINGS[k_] for k_ in ("fused_lora", "split_max_experts")}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import liger_peer
 
@@ -272,8 +273,8 @@ def main():
             # (b+torchcopy): the LoRA factors' re-layout by torch's copies (SCATTERMOE_TILED_RELAYOUT=0), same process
             relayout.ENABLED = impl not in ("scattermoe+torchcopy", "scattermoe+before") and os.environ.get("SCATTERMOE_TILED_RELAYOUT", "1") != "0"
             # +split: every LoRA forward on the split path; +fused: never (the default picks by expert count and size)
-            ops.SETTINGS["fused_lora"] = impl != "scattermoe+split"
-            ops.SETTINGS["split_max_experts"] = 0 if impl == "scattermoe+fused" else 32
+            ops.SETTINGS["fused_lora"] = lora_defaults["fused_lora"] and impl != "scattermoe+split"
+            ops.SETTINGS["split_max_experts"] = 0 if impl == "scattermoe+fused" else lora_defaults["split_max_experts"]
             ops.SETTINGS["fused_tail"] = impl == "scattermoe+tail"
             ops.SETTINGS["light_tail"] = {"scattermoe+oldtail": "0", "scattermoe+before": "0", "scattermoe+gemmtail": "gemm"}.get(
                 impl, os.environ.get("SCATTERMOE_LIGHT_TAIL", "glu"))
