@@ -130,8 +130,9 @@ def test_selective_is_bit_identical_to_scattermoe_on_dequantized(
     from host_plugin_mxfp4 import kernels
     from host_plugin_scattermoe import ops as sm_ops
 
-    if backend == "triton" and not (torch.cuda.is_available() or kernels.INTERPRET):
-        pytest.skip("needs TRITON_INTERPRET=1 (set before import) or CUDA")
+    if backend == "triton" and not kernels.INTERPRET:
+        # the model here is built on the CPU; on a GPU the same bit identity is test_mxfp4_gpu.py's, at real shapes
+        pytest.skip("the interpreter's case (TRITON_INTERPRET=1, set before import): CPU tensors")
     model, wrapper, base, x, idx, wts = _module_case(tiny_model, make_plugin_manager, tmp_path, model_type)
     monkeypatch.setitem(sm_ops.SETTINGS, "backend", backend)
     merged = []
