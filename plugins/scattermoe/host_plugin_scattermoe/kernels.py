@@ -1295,11 +1295,13 @@ def _ws_launch(x: torch.Tensor, L: int, E: int, grouped_in: bool, gmode: int) ->
 
 
 def _ws_pass_runs() -> bool:
-    """Whether Triton's warp specialisation runs here: under the interpreter, or a Triton newer than 3.6. Under 3.6
-    the tile compiled for sm_90a but every launch of it hung on an H100 (2026-12-07: its GPU test, the block bench's
-    ``+ws`` rows and ``bench_gemm.py --ws`` ran into their time limits; ``bench/probe_ws.py`` hung on a plain GEMM with
-    ``warp_specialize=True``), so there ``SCATTERMOE_WS`` changes nothing."""
-    return INTERPRET or _TRITON_VERSION > (3, 6)
+    """Whether Triton's warp specialisation runs this tile here: under the interpreter, or a Triton newer than 3.9.
+    No release up to 3.9 runs it on sm_90: under 3.6 every launch hung on an H100 (2026-12-07: its GPU test, the block
+    bench's ``+ws`` rows and ``bench_gemm.py --ws``; ``bench/probe_ws.py`` hung on a plain GEMM with
+    ``warp_specialize=True``); 3.9's pass rejects it when compiled for sm_90a (``bench/sm90_compile_check.py --ws``),
+    and on an H100 a persistent form it does compile gave wrong results (``bench/probe_ws_grouped.py``, fourteenth
+    session). So there ``SCATTERMOE_WS`` changes nothing."""
+    return INTERPRET or _TRITON_VERSION > (3, 9)
 
 
 def _ws_runs(x: torch.Tensor) -> bool:
