@@ -27,13 +27,9 @@ import time
 import torch
 import triton
 
-SHAPES = {  # name: (E, H, I, top_k)
-    "Qwen3-30B-A3B": (128, 2048, 768, 8),
-    "Qwen3.5-35B-A3B": (256, 2048, 512, 8),
-    "OLMoE-1B-7B": (64, 2048, 1024, 8),
-    "gpt-oss-20b": (32, 2880, 2880, 4),
-    "Mixtral-8x7B": (8, 4096, 14336, 2),
-}
+from bench_gemm import SHAPES as GEMM_SHAPES
+
+SHAPES = {name: spec[1:] for name, spec in GEMM_SHAPES.items()}  # name: (E, H, I, top_k)
 
 
 def quack_configs(names):

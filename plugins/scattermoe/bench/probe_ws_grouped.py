@@ -22,18 +22,12 @@ import os
 
 import triton
 import triton.language as tl
+from bench_gemm import SHAPES as GEMM_SHAPES
 
 #: the interpreter's CPU (TRITON_INTERPRET=1, a smoke run of this script) or the GPU
 DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-
-SHAPES = {  # name: (E, H, I, top_k), as bench_gemm.py
-    "Qwen3-30B-A3B": (128, 2048, 768, 8),
-    "Qwen3.5-35B-A3B": (256, 2048, 512, 8),
-    "OLMoE-1B-7B": (64, 2048, 1024, 8),
-    "gpt-oss-20b": (32, 2880, 2880, 4),
-    "Mixtral-8x7B": (8, 4096, 14336, 2),
-    "tiny": (4, 128, 64, 2),  # the interpreter's smoke run
-}
+#: name: (E, H, I, top_k), bench_gemm.py's shapes, and a tiny one for the interpreter's smoke run
+SHAPES = {name: spec[1:] for name, spec in GEMM_SHAPES.items()} | {"tiny": (4, 128, 64, 2)}
 VARIANTS = {  # name: (BM, BN, BK, warps, stages, WS, FLAT)
     "persist": (128, 256, 64, 8, 3, False, True),
     "persist nf": (128, 256, 64, 8, 4, False, False),
@@ -125,7 +119,7 @@ def reference(X, W, W_NK, counts):
     return torch.cat(out)
 
 
-def run_variant(name, X, W, W_NK, counts, tab, nblk, num_sms):
+def run_variant(name, X, W, W_NK, tab, nblk, num_sms):
     import torch
 
     BM, BN, BK, warps, stages, ws, flat = VARIANTS[name]
@@ -157,7 +151,6 @@ def main():
     import torch
 
     from host_plugin_scattermoe import kernels as K
-    from host_plugin_scattermoe.routing import sort_tokens
 
     triton.set_allocator(lambda size, align, stream: torch.empty(size, device=DEV, dtype=torch.int8))
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
@@ -174,7 +167,7 @@ def main():
                 BM = VARIANTS[v][0]
                 tab, nblk = block_table(counts, BM)
                 try:
-                    go, Y = run_variant(v, X, W, W_NK, counts, tab, nblk, num_sms)
+                    go, Y = run_variant(v, X, W, W_NK, tab, nblk, num_sms)
                     err = ((Y.float() - want).norm() / want.norm()).item()
                     ms = bench(go)
                     res[v] = dict(ms=ms, err=err)
@@ -183,7 +176,6 @@ def main():
                 print(shape, launch, v, res[v], flush=True)
             # the plugin's own launch: grouped in, grouped out, no LoRA (kernel view [E, K, N])
             E = W.shape[0]
-            idx_sorted = torch.repeat_interleave(torch.arange(E, device=DEV), counts)
             ssi = torch.arange(L, device=DEV)
             offs = counts.cumsum(0)
             Wk = W.transpose(1, 2) if W_NK else W
@@ -191,7 +183,6 @@ def main():
             Y, _ = go()
             res["plugin"] = dict(ms=bench(go),
                                  err=((Y.float() - want).norm() / want.norm()).item())
-            del idx_sorted
             a = torch.randn(L, Kd, device=DEV, dtype=X.dtype)
             b = torch.randn(Kd, N, device=DEV, dtype=X.dtype)
             res["cuBLAS dense"] = dict(ms=bench(lambda: a @ b), err=0.0)
@@ -207,7 +198,6 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
-    del sort_tokens
 
 
 def compile_check(variants):
